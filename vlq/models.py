@@ -1,0 +1,528 @@
+"""Stage 1 — load a Qwen2.5-VL and take it apart into the pieces the search needs.
+
+One code path serves three sources:
+
+* a local Hugging Face checkpoint folder (what real users pass);
+* ``qwen2.5-vl-3b-random``: the published Qwen2.5-VL-3B architecture with random weights, for
+  full-size work on a GPU without downloading weights;
+* ``tiny``: a small synthetic Qwen2.5-VL (the real ``Qwen2_5_VLForConditionalGeneration`` class)
+  with an offline-built tokenizer and image processor, saved with ``save_pretrained`` and loaded
+  back through the local-folder path, exactly like a user's checkpoint.
+
+No hub access happens here: every load passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _compat
+from .errors import ModelSourceError
+
+_compat.apply_torchvision_schema_shim()
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+QWEN25_VL_3B_CONFIG = DATA_DIR / "qwen2_5_vl_3b_config.json"
+CALIBRATION_CORPUS = DATA_DIR / "calibration_corpus.txt"
+
+TINY = "tiny"
+QWEN25_VL_3B_RANDOM = "qwen2.5-vl-3b-random"
+SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
+
+#: Bump when the tiny model's recipe changes so cached builds are not reused.
+TINY_RECIPE_VERSION = 1
+TINY_SEED = 0
+
+# Qwen's chat and vision markers; the tiny tokenizer carries them so the real processor works.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TINY_VOCAB_SIZE = 1024
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": TINY_VOCAB_SIZE,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    # head_dim 64 -> mrope sections must sum to 32, same proportions as the 3B model
+    "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+}
+TINY_VISION_CONFIG: dict[str, Any] = {
+    "depth": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_heads": 4,
+    "out_hidden_size": 256,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [1],
+    "tokens_per_second": 2,
+}
+# 56x56 .. 112x112 pixels: an image becomes 4..16 merged visual tokens.
+TINY_IMAGE_MIN_PIXELS = 56 * 56
+TINY_IMAGE_MAX_PIXELS = 112 * 112
+
+
+@dataclass(frozen=True)
+class VisionInventory:
+    """What the vision tower is made of, and a fingerprint of its weights as loaded.
+
+    ``root`` is the vision tower's module name in the VLM (``model.visual``); ``linear_names``
+    lists its linear layers; ``fingerprint`` hashes every vision parameter's bytes so a later
+    check can prove the tower was not changed.
+    """
+
+    root: str
+    module_names: tuple[str, ...]
+    linear_names: tuple[str, ...]
+    num_parameters: int
+    dtypes: tuple[str, ...]
+    fingerprint: str
+
+
+@dataclass
+class LoadedVLM:
+    """A loaded Qwen2.5-VL and its parts.
+
+    ``language_model`` is the extracted text model (``Qwen2_5_VLTextModel``), which returns hidden
+    states only; logits need the parent's ``lm_head``.  ``lm_path`` is its module name inside
+    ``vlm`` so names found in the extracted model can be mapped back to the full model.
+    """
+
+    vlm: nn.Module
+    language_model: nn.Module
+    lm_head: nn.Module
+    lm_path: str
+    vision: VisionInventory
+    source: str
+    path: Path | None
+    tokenizer: Any = None
+    processor: Any = None
+    tied_lm_head: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.vlm.config
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head.weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def lm_module_names(self) -> list[str]:
+        """Full-model names of the language model's linear layers (the searchable set)."""
+        return [
+            f"{self.lm_path}.{name}"
+            for name, module in self.language_model.named_modules()
+            if isinstance(module, nn.Linear) or _is_quant_linear(module)
+        ]
+
+
+def _is_quant_linear(module: nn.Module) -> bool:
+    return hasattr(module, "weight_quantizer") and hasattr(module, "weight")
+
+
+# --------------------------------------------------------------------------------------------
+# Inventory helpers
+# --------------------------------------------------------------------------------------------
+
+
+def vision_tower_root(vlm: nn.Module) -> str:
+    """Name of the vision tower inside the VLM (``model.visual`` for transformers 5.x)."""
+    for name, module in vlm.named_modules():
+        if name.endswith("visual") and name.count(".") <= 1:
+            return name
+    raise ModelSourceError(
+        "No vision tower found: expected a module named 'model.visual' in a "
+        f"Qwen2_5_VLForConditionalGeneration, got top-level modules {[n for n, _ in vlm.named_children()]}."
+    )
+
+
+def fingerprint_parameters(module: nn.Module) -> str:
+    """A SHA-256 over every parameter's name, dtype, shape and bytes (device-independent)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+        tensor = param.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def inventory_vision(vlm: nn.Module) -> VisionInventory:
+    root = vision_tower_root(vlm)
+    tower = vlm.get_submodule(root)
+    module_names = tuple(f"{root}.{n}" if n else root for n, _ in tower.named_modules())
+    linear_names = tuple(
+        f"{root}.{n}" for n, m in tower.named_modules() if isinstance(m, nn.Linear) or _is_quant_linear(m)
+    )
+    params = list(tower.parameters())
+    return VisionInventory(
+        root=root,
+        module_names=module_names,
+        linear_names=linear_names,
+        num_parameters=sum(p.numel() for p in params),
+        dtypes=tuple(sorted({str(p.dtype) for p in params})),
+        fingerprint=fingerprint_parameters(tower),
+    )
+
+
+def extract_language_model(vlm: nn.Module) -> tuple[nn.Module, str]:
+    """The text model of a VLM through ModelOpt's own lineage helper, and its module name."""
+    from modelopt.torch.export.model_utils import get_language_model_from_vl
+
+    lineage = get_language_model_from_vl(vlm)
+    if not lineage:
+        raise ModelSourceError(
+            f"ModelOpt's get_language_model_from_vl found no language model in {type(vlm).__name__}; "
+            "vlq needs a vision-language model whose text model it can extract."
+        )
+    language_model = lineage[-1]
+    for name, module in vlm.named_modules():
+        if module is language_model:
+            return language_model, name
+    raise ModelSourceError("The extracted language model is not a submodule of the VLM.")
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny synthetic model
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained offline on the shipped corpus, with Qwen's specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE - 24,  # leaves room below the model's vocab for specials
+        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = CALIBRATION_CORPUS.read_text().splitlines()
+    bpe.train_from_iterator(lines, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+        model_max_length=TINY_TEXT_CONFIG["max_position_embeddings"],
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=TINY_IMAGE_MIN_PIXELS,
+        max_pixels=TINY_IMAGE_MAX_PIXELS,
+        patch_size=TINY_VISION_CONFIG["patch_size"],
+        temporal_patch_size=TINY_VISION_CONFIG["temporal_patch_size"],
+        merge_size=TINY_VISION_CONFIG["spatial_merge_size"],
+    )
+    video_processor = None
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        video_processor = Qwen2VLVideoProcessor(
+            min_pixels=TINY_IMAGE_MIN_PIXELS,
+            max_pixels=TINY_IMAGE_MAX_PIXELS,
+            patch_size=TINY_VISION_CONFIG["patch_size"],
+            temporal_patch_size=TINY_VISION_CONFIG["temporal_patch_size"],
+            merge_size=TINY_VISION_CONFIG["spatial_merge_size"],
+        )
+    except (ImportError, ValueError, TypeError):  # video is optional for vlq
+        video_processor = None
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def tiny_config(tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
+    text = dict(TINY_TEXT_CONFIG)
+    text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    text["pad_token_id"] = ids["<|endoftext|>"]
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(TINY_VISION_CONFIG),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,  # like the 3B model, so tied-lm_head handling is exercised
+    )
+    config.bos_token_id = ids["<|endoftext|>"]
+    config.eos_token_id = ids["<|im_end|>"]
+    config.pad_token_id = ids["<|endoftext|>"]
+    return config
+
+
+def _init_weights_deterministically(model: nn.Module, seed: int) -> None:
+    """Weights drawn from one seeded generator in parameter order: same bytes on every machine."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            elif param.dim() == 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            else:
+                fan_in = int(torch.tensor(param.shape[1:]).prod())
+                std = 1.0 / (fan_in**0.5)
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = TINY_SEED) -> Path:
+    """Build the tiny Qwen2.5-VL and save it (model, tokenizer, processor) to ``dest``.
+
+    The folder appears complete or not at all: everything is written to a sibling temporary
+    folder and renamed into place.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise ModelSourceError(f"Refusing to build the tiny model into non-empty folder {dest}.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    processor = build_tiny_processor(tokenizer)
+    config = tiny_config(tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    _init_weights_deterministically(model, seed)
+    model = model.to(torch.bfloat16).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "vlq_tiny.json").write_text(
+            json.dumps({"recipe_version": TINY_RECIPE_VERSION, "seed": seed}, indent=2) + "\n"
+        )
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VLQ_CACHE_DIR", Path.home() / ".cache" / "vlq"))
+
+
+def tiny_checkpoint_path(cache_dir: str | os.PathLike | None = None, seed: int = TINY_SEED) -> Path:
+    """The cached tiny checkpoint, built on first use."""
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = base / f"tiny-qwen2.5-vl-v{TINY_RECIPE_VERSION}-seed{seed}"
+    if not (path / "config.json").exists():
+        if path.exists():
+            shutil.rmtree(path)
+        build_tiny_checkpoint(path, seed=seed)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
+    """Check, before any heavy work, that ``path`` is a Qwen2.5-VL checkpoint folder."""
+    if not path.exists():
+        raise ModelSourceError(
+            f"Model path {path} does not exist. Pass a local Qwen2.5-VL checkpoint folder, "
+            f"'{TINY}' for the embedded tiny model, or '{QWEN25_VL_3B_RANDOM}' for the 3B "
+            "architecture with random weights."
+        )
+    if not path.is_dir():
+        raise ModelSourceError(f"Model path {path} is a file; pass the checkpoint folder that holds config.json.")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelSourceError(
+            f"{path} has no config.json, so it is not a Hugging Face checkpoint folder. "
+            "Point vlq at the folder that holds config.json and the *.safetensors files."
+        )
+    if not os.access(config_file, os.R_OK):
+        raise ModelSourceError(f"{config_file} is not readable; fix its permissions.")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSourceError(f"{config_file} is not valid JSON ({exc}); the checkpoint is broken.") from exc
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{config_file} must hold a JSON object, got {type(config).__name__}.")
+    model_type = config.get("model_type")
+    if model_type != SUPPORTED_MODEL_TYPE:
+        kind = "a text-only LLM" if "vision_config" not in config else "another vision-language family"
+        raise ModelSourceError(
+            f"{path} holds model_type={model_type!r} ({kind}); vlq quantizes the language model of "
+            f"Qwen2.5-VL (model_type='{SUPPORTED_MODEL_TYPE}', architecture "
+            "Qwen2_5_VLForConditionalGeneration). Point it at a Qwen2.5-VL checkpoint."
+        )
+    if "quantization_config" in config:
+        raise ModelSourceError(
+            f"{path} is already quantized (config.json has quantization_config: "
+            f"{config['quantization_config'].get('quant_method', '?')}); search needs the BF16 original."
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelSourceError(f"{path} has config.json but no *.safetensors weights.")
+    return config
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in table:
+        raise ModelSourceError(f"Unknown dtype {dtype!r}; use one of {sorted(table)}.")
+    return table[dtype]
+
+
+def _finish(vlm: nn.Module, source: str, path: Path | None, tokenizer=None, processor=None) -> LoadedVLM:
+    vlm.eval()
+    language_model, lm_path = extract_language_model(vlm)
+    lm_head = vlm.get_output_embeddings()
+    embed = language_model.get_input_embeddings()
+    return LoadedVLM(
+        vlm=vlm,
+        language_model=language_model,
+        lm_head=lm_head,
+        lm_path=lm_path,
+        vision=inventory_vision(vlm),
+        source=source,
+        path=path,
+        tokenizer=tokenizer,
+        processor=processor,
+        tied_lm_head=lm_head.weight is embed.weight,
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    with_processor: bool = True,
+) -> LoadedVLM:
+    """Load a local Qwen2.5-VL checkpoint folder (never the hub)."""
+    from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path).expanduser().resolve()
+    validate_checkpoint_dir(path)
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path,
+        dtype=_dtype(dtype),
+        local_files_only=True,
+        trust_remote_code=trust_remote_code,
+        device_map={"": str(device)} if str(device) != "cpu" else None,
+    )
+    tokenizer = processor = None
+    if with_processor:
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+            tokenizer = processor.tokenizer
+        except (OSError, ValueError, TypeError, KeyError):
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    source = str(path)
+    if (path / "vlq_tiny.json").exists():
+        source = TINY
+    return _finish(vlm, source, path, tokenizer, processor)
+
+
+def build_3b_random(
+    *, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", seed: int = 0
+) -> LoadedVLM:
+    """The published Qwen2.5-VL-3B architecture with random weights, built directly on ``device``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(**json.loads(QWEN25_VL_3B_CONFIG.read_text()))
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(_dtype(dtype))
+    try:
+        with torch.device(device):
+            vlm = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return _finish(vlm.to(_dtype(dtype)), QWEN25_VL_3B_RANDOM, None)
+
+
+def load_vlm(
+    source: str | os.PathLike = TINY,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedVLM:
+    """Load a Qwen2.5-VL from a local folder, ``'tiny'`` or ``'qwen2.5-vl-3b-random'``."""
+    if str(source) == TINY:
+        return load_checkpoint(tiny_checkpoint_path(cache_dir), dtype=dtype, device=device)
+    if str(source) == QWEN25_VL_3B_RANDOM:
+        return build_3b_random(dtype=dtype, device=device)
+    return load_checkpoint(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def resolve_model_source(source: str | os.PathLike) -> str:
+    """Check a model source cheaply (no weights read) and return its canonical form."""
+    if str(source) in (TINY, QWEN25_VL_3B_RANDOM):
+        return str(source)
+    path = Path(source).expanduser().resolve()
+    validate_checkpoint_dir(path)
+    return str(path)
