@@ -1,0 +1,445 @@
+"""Stage 3 — named quantization formats, search schemes, and ModelOpt configs.
+
+A *format* is one ModelOpt quantization config under a short name (``fp8``, ``int4_awq``...).  A
+*scheme* is what a search is asked to do: candidate formats, effective-bits target, method,
+restriction strategy and step counts.  Schemes are frozen, validated on construction and round-trip
+through dicts and YAML with a version field.
+
+ModelOpt configs are ordered lists of ``{"quantizer_name": pattern, "cfg" | "enable", "parent_class"?}``
+entries where the last match wins.  Some entries match per layer (``*weight_quantizer``), others by a
+*global module name* (``*lm_head*``, ``*visual*``) or by parent class (``nn.Embedding``).  Inside
+``auto_quantize`` the name-based ones are ignored, which is why vlq passes exclusions as
+``disabled_layers``; :func:`pattern_entries` shows which entries of a config are name based and
+:func:`build_config` builds variants (all-layers FP8, LM-only FP8) from them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import SchemeError
+
+SCHEME_VERSION = 1
+
+METHODS = ("gradient", "kl_div")
+STRATEGIES = ("extract", "mask")
+
+# Per-layer quantizer-name patterns: they act on each searched layer, not on global names.
+_PER_LAYER_PATTERNS = frozenset(
+    {"*", "*weight_quantizer", "*input_quantizer", "*output_quantizer", "*[kv]_bmm_quantizer"}
+)
+
+# Module-name patterns that cover the vision tower of ModelOpt-known VLMs (Qwen2.5-VL: model.visual).
+VISION_NAME_PATTERNS = ("*visual*", "*vision_tower*", "*vision_model*", "*embed_vision*", "*multi_modal_projector*")
+LM_HEAD_PATTERNS = ("*lm_head*",)
+
+# What vLLM's ModelOpt loader accepts (quant_algo), and what it accepts inside MIXED_PRECISION.
+VLLM_SERVABLE_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8"})
+VLLM_SERVABLE_IN_MIXED = frozenset({"FP8", "NVFP4", "W4A16_NVFP4"})
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One quantization format: its ModelOpt config, export name and where it can run.
+
+    ``export_quant_algo`` is what ModelOpt's unified HF export writes as ``quant_algo`` for a
+    layer in this format; vLLM decides servability from it.
+    """
+
+    name: str
+    modelopt_config: str
+    export_quant_algo: str
+    needs_cuda: bool
+    description: str
+
+    @property
+    def config(self) -> dict[str, Any]:
+        from modelopt.torch.quantization import config as mtq_config
+
+        return copy.deepcopy(getattr(mtq_config, self.modelopt_config))
+
+    @property
+    def effective_bits(self) -> float:
+        """Bits per weight as AutoQuant's cost model counts them (NVFP4: 4.5 with its scales)."""
+        from modelopt.torch.quantization.algorithms import QuantRecipe
+
+        return QuantRecipe(self.modelopt_config).compression * 16
+
+    @property
+    def vllm_servable(self) -> bool:
+        return self.export_quant_algo in VLLM_SERVABLE_ALGOS
+
+    def quantizer_signature(self) -> "QuantizerSignature":
+        """What a layer quantized in this format looks like (see :func:`live_signature`)."""
+        weight = input_ = None
+        for entry in self.config["quant_cfg"]:
+            if entry.get("parent_class"):
+                continue
+            pattern = entry.get("quantizer_name")
+            if pattern == "*weight_quantizer":
+                weight = None if entry.get("enable") is False else _cfg_signature(entry.get("cfg"))
+            elif pattern == "*input_quantizer":
+                input_ = None if entry.get("enable") is False else _cfg_signature(entry.get("cfg"))
+        return QuantizerSignature(weight=weight, input=input_)
+
+
+@dataclass(frozen=True)
+class QuantizerSignature:
+    """Bits and block size of a layer's weight and input quantizers; ``None`` means disabled."""
+
+    weight: tuple | None
+    input: tuple | None
+
+
+def _bits(num_bits) -> Any:
+    return tuple(num_bits) if isinstance(num_bits, (list, tuple)) else num_bits
+
+
+def _block(block_sizes) -> int | None:
+    if not block_sizes:
+        return None
+    for key, value in dict(block_sizes).items():
+        if key in (-1, "-1"):
+            return int(value)
+    return None
+
+
+def _cfg_signature(cfg) -> tuple | None:
+    if cfg is None:
+        return None
+    if isinstance(cfg, list):  # sequential quantizer, e.g. W4A8 AWQ weights: int4 blocks then fp8
+        return tuple(_cfg_signature(c) for c in cfg)
+    if cfg.get("enable") is False:
+        return None
+    return (_bits(cfg.get("num_bits")), _block(cfg.get("block_sizes")))
+
+
+def _quantizer_signature(quantizer) -> tuple | None:
+    """Signature of a live ModelOpt TensorQuantizer or SequentialQuantizer."""
+    if quantizer is None:
+        return None
+    children = list(quantizer) if hasattr(quantizer, "__iter__") and not hasattr(quantizer, "num_bits") else None
+    if children is not None:
+        sigs = tuple(_quantizer_signature(q) for q in children)
+        return None if all(s is None for s in sigs) else sigs
+    if not getattr(quantizer, "is_enabled", False):
+        return None
+    return (_bits(quantizer.num_bits), _block(getattr(quantizer, "block_sizes", None)))
+
+
+def live_signature(module) -> QuantizerSignature:
+    """The quantizer signature of a live (ModelOpt-converted) linear layer."""
+    return QuantizerSignature(
+        weight=_quantizer_signature(getattr(module, "weight_quantizer", None)),
+        input=_quantizer_signature(getattr(module, "input_quantizer", None)),
+    )
+
+
+FORMATS: dict[str, QuantFormat] = {
+    f.name: f
+    for f in (
+        QuantFormat("fp8", "FP8_DEFAULT_CFG", "FP8", False, "FP8 E4M3 weights and activations, per-tensor scales"),
+        QuantFormat("int4_awq", "INT4_AWQ_CFG", "W4A16_AWQ", False, "INT4 weights in blocks of 128 (AWQ), BF16 activations"),
+        QuantFormat("w4a8_awq", "W4A8_AWQ_BETA_CFG", "W4A8_AWQ", False, "INT4 AWQ weights, FP8 activations"),
+        QuantFormat("int8_sq", "INT8_SMOOTHQUANT_CFG", "W8A8_SQ_PER_CHANNEL", False, "INT8 SmoothQuant, per-channel weights"),
+        QuantFormat("nvfp4", "NVFP4_DEFAULT_CFG", "NVFP4", True, "NVFP4 weights and activations, blocks of 16"),
+        QuantFormat("w4a16_nvfp4", "W4A16_NVFP4_CFG", "W4A16_NVFP4", True, "NVFP4 weights, BF16 activations"),
+        QuantFormat("mxfp8", "MXFP8_DEFAULT_CFG", "MXFP8", True, "MXFP8 weights and activations, blocks of 32"),
+    )
+}
+NO_QUANT = "none"  # the format name vlq gives AutoQuant's always-present "do not quantize" choice
+
+
+def get_format(name: str) -> QuantFormat:
+    key = name.strip().lower()
+    if key not in FORMATS:
+        raise SchemeError(f"Unknown format {name!r}. Known formats: {', '.join(FORMATS)}.")
+    return FORMATS[key]
+
+
+def format_for_modelopt_name(recipe_name: str) -> str:
+    """Map a ModelOpt recipe name (``FP8_DEFAULT_CFG``, ``NONE``) to vlq's format name."""
+    base = str(recipe_name).split("(")[0].strip()
+    if base == "NONE":
+        return NO_QUANT
+    for fmt in FORMATS.values():
+        if fmt.modelopt_config == base:
+            return fmt.name
+    raise SchemeError(f"ModelOpt recipe {recipe_name!r} is not one of vlq's formats ({', '.join(FORMATS)}).")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What an LM-only AutoQuant search is asked to do.
+
+    ``strategy='extract'`` searches the extracted text model (loss through the parent's lm_head);
+    ``strategy='mask'`` searches the whole VLM with vision tower and lm_head disabled *and*
+    cost-excluded so ``effective_bits`` counts the language model only.
+    """
+
+    formats: tuple[str, ...] = ("fp8", "int4_awq")
+    effective_bits: float = 6.0
+    method: str = "gradient"
+    strategy: str = "extract"
+    num_calib_steps: int = 4
+    num_score_steps: int = 4
+    batch_size: int = 1
+    seq_len: int = 64
+    kv_cache_fp8: bool = False
+    version: int = SCHEME_VERSION
+
+    def __post_init__(self):
+        formats = self.formats
+        if isinstance(formats, str):
+            formats = tuple(f for f in formats.replace(",", "+").split("+") if f)
+        formats = tuple(get_format(f).name for f in formats)
+        if not formats:
+            raise SchemeError("A scheme needs at least one format, e.g. formats=('fp8',).")
+        if len(set(formats)) != len(formats):
+            raise SchemeError(f"Formats repeat in {formats}; list each format once.")
+        object.__setattr__(self, "formats", formats)
+        if self.version != SCHEME_VERSION:
+            raise SchemeError(f"Scheme version {self.version} is not supported; this vlq reads version {SCHEME_VERSION}.")
+        if self.method not in METHODS:
+            raise SchemeError(f"Unknown method {self.method!r}; use one of {METHODS}.")
+        if self.strategy not in STRATEGIES:
+            raise SchemeError(f"Unknown strategy {self.strategy!r}; use one of {STRATEGIES}.")
+        bits = float(self.effective_bits)
+        if not math.isfinite(bits) or not 0 < bits <= 16:
+            raise SchemeError(f"effective_bits must be in (0, 16], got {self.effective_bits}.")
+        object.__setattr__(self, "effective_bits", bits)
+        minimum = self.minimum_effective_bits
+        if bits < minimum - 1e-9:
+            raise SchemeError(
+                f"effective_bits={bits} is infeasible for formats {'+'.join(formats)}: the minimum "
+                f"achievable over the language model is {minimum:.4f} (every layer in "
+                f"{self.most_compressed_format}). Raise effective_bits to at least {minimum:.4f} or add a "
+                "smaller format."
+            )
+        for label in ("num_calib_steps", "num_score_steps", "batch_size"):
+            if int(getattr(self, label)) < 1:
+                raise SchemeError(f"{label} must be at least 1, got {getattr(self, label)}.")
+        if int(self.seq_len) < 2:
+            raise SchemeError(f"seq_len must be at least 2, got {self.seq_len}.")
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def format_objects(self) -> tuple[QuantFormat, ...]:
+        return tuple(FORMATS[f] for f in self.formats)
+
+    @property
+    def most_compressed_format(self) -> str:
+        return min(self.format_objects, key=lambda f: f.effective_bits).name
+
+    @property
+    def minimum_effective_bits(self) -> float:
+        """Lowest LM-only effective bits these formats can reach (every group in the smallest)."""
+        return min(f.effective_bits for f in self.format_objects)
+
+    @property
+    def id(self) -> str:
+        """Readable id: ``fp8+int4_awq-6.0b-gradient-extract``."""
+        return f"{'+'.join(self.formats)}-{self.effective_bits:g}b-{self.method}-{self.strategy}"
+
+    def modelopt_formats(self) -> list[str]:
+        return [f.modelopt_config for f in self.format_objects]
+
+    def require_device(self, device: str) -> None:
+        """Refuse formats that need CUDA when the search would run elsewhere."""
+        needs = [f.name for f in self.format_objects if f.needs_cuda]
+        if needs and not str(device).startswith("cuda"):
+            raise SchemeError(
+                f"Format(s) {', '.join(needs)} need a CUDA GPU (ModelOpt's NVFP4/MXFP8 kernels are "
+                f"CUDA-only) but the search runs on {device!r}. Run on a GPU (--device cuda) or choose "
+                f"from {', '.join(f for f, q in FORMATS.items() if not q.needs_cuda)}."
+            )
+        if needs and not cuda_available():
+            raise SchemeError(f"Format(s) {', '.join(needs)} need CUDA, and torch.cuda.is_available() is False here.")
+
+    def vllm_servability(self) -> "Servability":
+        return servability(self.formats)
+
+    def require_servable(self) -> None:
+        verdict = self.vllm_servability()
+        if not verdict.servable:
+            raise SchemeError(verdict.reason)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["formats"] = list(self.formats)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Scheme":
+        if not isinstance(data, dict):
+            raise SchemeError(f"A scheme must be a mapping, got {type(data).__name__}.")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SchemeError(f"Unknown scheme keys {unknown}; known keys: {sorted(known)}.")
+        data = dict(data)
+        if "formats" in data and isinstance(data["formats"], list):
+            data["formats"] = tuple(data["formats"])
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> "Scheme":
+        import yaml
+
+        text = str(text_or_path)
+        path = Path(text)
+        if "\n" not in text and path.suffix in (".yaml", ".yml"):
+            if not path.exists():
+                raise SchemeError(f"Scheme file {path} does not exist.")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SchemeError(f"Scheme YAML does not parse: {exc}") from exc
+        return cls.from_dict(data)
+
+    def with_(self, **changes) -> "Scheme":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Servability:
+    servable: bool
+    quant_algos: tuple[str, ...]
+    reason: str
+
+
+def servability(formats: Iterable[str]) -> Servability:
+    """Whether vLLM's ModelOpt loader can serve an export that may use any of ``formats``.
+
+    A search may pick any subset of its candidates, so every candidate must be servable alone and,
+    when there are several, inside MIXED_PRECISION.
+    """
+    fmts = [get_format(f) for f in formats]
+    algos = tuple(f.export_quant_algo for f in fmts)
+    bad = [f.name for f in fmts if not f.vllm_servable]
+    if bad:
+        return Servability(False, algos, (
+            f"vLLM cannot serve format(s) {', '.join(bad)} (export quant_algo "
+            f"{', '.join(FORMATS[b].export_quant_algo for b in bad)}); its ModelOpt loader accepts "
+            f"{', '.join(sorted(VLLM_SERVABLE_ALGOS))}. Drop them from the scheme or do not ask to serve."
+        ))
+    if len(fmts) > 1:
+        bad_mixed = [f.name for f in fmts if f.export_quant_algo not in VLLM_SERVABLE_IN_MIXED]
+        if bad_mixed:
+            return Servability(False, algos, (
+                f"A mixed export with {', '.join(bad_mixed)} is not servable: vLLM's MIXED_PRECISION "
+                f"accepts per-layer {', '.join(sorted(VLLM_SERVABLE_IN_MIXED))} only."
+            ))
+    return Servability(True, algos, "servable by vLLM's ModelOpt loader")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pattern-based config inspection and custom configs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatternEntry:
+    """One entry of a ModelOpt config that acts by module name or parent class, not per layer."""
+
+    index: int
+    quantizer_name: str
+    parent_class: str | None
+    enable: bool | None
+    in_default_disabled: bool
+
+    @property
+    def kind(self) -> str:
+        return "parent-class" if self.parent_class else "module-name"
+
+
+def default_disabled_patterns() -> list[dict[str, Any]]:
+    """ModelOpt's ``_default_disabled_quantizer_cfg``: the entries every built-in config ends with."""
+    from modelopt.torch.quantization import config as mtq_config
+
+    return copy.deepcopy(list(mtq_config._default_disabled_quantizer_cfg))
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple:
+    return (entry.get("quantizer_name"), entry.get("parent_class"), entry.get("enable"))
+
+
+def pattern_entries(config: dict[str, Any]) -> list[PatternEntry]:
+    """The entries of ``config`` that match by module name or parent class (not per layer)."""
+    defaults = {_entry_key(e) for e in default_disabled_patterns()}
+    found = []
+    for index, entry in enumerate(config["quant_cfg"]):
+        name = entry.get("quantizer_name")
+        parent = entry.get("parent_class")
+        if parent is None and name in _PER_LAYER_PATTERNS:
+            continue
+        found.append(PatternEntry(index, name, parent, entry.get("enable"), _entry_key(entry) in defaults))
+    return found
+
+
+def build_config(
+    format_name: str,
+    *,
+    lm_head: bool = False,
+    vision: bool = False,
+    extra_disabled: Iterable[str] = (),
+) -> dict[str, Any]:
+    """A ModelOpt config for ``format_name`` with chosen parts of the default-disabled list lifted.
+
+    ``lm_head=True`` quantizes the lm_head, ``vision=True`` the vision tower (both are disabled by
+    ModelOpt's defaults).  With both False the result is the LM-only config: the default plus
+    explicit vision and lm_head disables at the end (last match wins, so nothing earlier can
+    re-enable them).
+    """
+    config = get_format(format_name).config
+    lifted = set()
+    if lm_head:
+        lifted.update(LM_HEAD_PATTERNS)
+    if vision:
+        lifted.update(VISION_NAME_PATTERNS)
+    config["quant_cfg"] = [
+        e for e in config["quant_cfg"]
+        if not (e.get("parent_class") is None and e.get("enable") is False and e.get("quantizer_name") in lifted)
+    ]
+    tail = []
+    if not vision:
+        tail += [{"quantizer_name": p, "enable": False} for p in VISION_NAME_PATTERNS]
+    if not lm_head:
+        tail += [{"quantizer_name": p, "enable": False} for p in LM_HEAD_PATTERNS]
+    tail += [{"quantizer_name": p, "enable": False} for p in extra_disabled]
+    config["quant_cfg"] = list(config["quant_cfg"]) + tail
+    return config
+
+
+def all_layers_config(format_name: str = "fp8", *, include_vision: bool = False) -> dict[str, Any]:
+    """All-layers config: lm_head quantized too, and the vision tower when ``include_vision``."""
+    return build_config(format_name, lm_head=True, vision=include_vision)
+
+
+def lm_only_config(format_name: str = "fp8") -> dict[str, Any]:
+    return build_config(format_name, lm_head=False, vision=False)
+
+
+SCHEME_FIELDS_HELP = {
+    "formats": "candidate formats joined by '+', from: " + ", ".join(FORMATS),
+    "effective_bits": "target average bits per LM weight (16 = no compression)",
+    "method": "gradient (Taylor score, ILP solve) or kl_div (KL of logits, threshold search)",
+    "strategy": "extract (search the text model) or mask (search the VLM, vision/lm_head disabled+cost-excluded)",
+}

@@ -1,0 +1,559 @@
+"""Stage 4 — LM-only AutoQuant search, and the guards that prove the vision tower stayed BF16.
+
+Two restriction strategies:
+
+``extract``
+    ``mtq.auto_quantize`` runs on the extracted text model only.  Its output is hidden states, so
+    the forward step applies the parent's ``lm_head`` to get logits; neither the vision tower nor
+    ``lm_head`` is inside the searched model, so neither can be quantized.
+``mask``
+    ``mtq.auto_quantize`` runs on the whole VLM with the vision tower and ``lm_head`` in
+    ``disabled_layers`` *and* in the cost model's ``excluded_module_name_patterns``.  Disabling alone
+    is not enough: disabled layers still count at 16 bits in ``effective_bits``.
+
+Only :class:`_ModelOptState` reads ModelOpt's nested search-state dict; everything downstream gets
+typed :class:`GroupDecision` objects.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import IGNORE_INDEX, CalibrationSet
+from .errors import GuardViolation, ResourceError, SchemeError, SearchStateError
+from .models import LoadedVLM, fingerprint_parameters
+from .schemes import NO_QUANT, Scheme, format_for_modelopt_name
+
+
+# ------------------------------------------------------------------------------------------------
+# Typed results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    format: str
+    score: float
+    cost: float
+
+
+@dataclass(frozen=True)
+class GroupDecision:
+    """One AutoQuant decision: a group of modules that share one format (q/k/v, gate/up, ...)."""
+
+    name: str  # full-VLM name of the group key, e.g. model.language_model.layers.0.self_attn
+    members: tuple[str, ...]  # full-VLM module names
+    chosen: str
+    candidates: tuple[Candidate, ...]
+    searched: bool  # False when the group was disabled (only "none" allowed)
+    cost_weight: float
+
+    def candidate(self, fmt: str) -> Candidate:
+        for c in self.candidates:
+            if c.format == fmt:
+                return c
+        raise KeyError(f"{fmt} is not a candidate of {self.name}")
+
+    @property
+    def uncompressed_cost(self) -> float:
+        return self.candidate(NO_QUANT).cost if any(c.format == NO_QUANT for c in self.candidates) else 0.0
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    calibrate_s: float
+    score_s: float
+    solve_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.calibrate_s + self.score_s + self.solve_s
+
+
+@dataclass
+class SearchResult:
+    """What a search decided, plus the live objects later stages need.
+
+    ``groups`` covers every decision ModelOpt made; :meth:`lm_groups` the language model's.
+    ``modelopt_state`` is ModelOpt's own state dict, kept to re-solve other targets and to verify
+    manifests; read it only through :func:`decisions_from_state`.
+    """
+
+    scheme: Scheme
+    loaded: LoadedVLM
+    groups: tuple[GroupDecision, ...]
+    effective_bits: float  # over the language model only
+    modelopt_effective_bits: float  # ModelOpt's own figure (denominator per its cost model)
+    total_score: float
+    is_satisfied: bool
+    times: PhaseTimes
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None
+    modelopt_state: dict[str, Any] = field(repr=False)
+    searched_model: nn.Module = field(repr=False)
+    disabled_layers: tuple[str, ...] = ()
+    cost_excluded: tuple[str, ...] = ()
+    restored_from_checkpoint: bool = False
+    calibration_source: str = ""
+
+    def lm_groups(self) -> tuple[GroupDecision, ...]:
+        prefix = self.loaded.lm_path + "."
+        return tuple(g for g in self.groups if all(m.startswith(prefix) for m in g.members))
+
+    def other_groups(self) -> tuple[GroupDecision, ...]:
+        lm = set(self.lm_groups())
+        return tuple(g for g in self.groups if g not in lm)
+
+    def formats_chosen(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for g in self.lm_groups():
+            counts[g.chosen] = counts.get(g.chosen, 0) + 1
+        return counts
+
+
+# ------------------------------------------------------------------------------------------------
+# The one adapter over ModelOpt's search-state dict
+# ------------------------------------------------------------------------------------------------
+
+_HPARAM_SUFFIX = ".quant_recipe"
+
+
+def _full_name(name: str, prefix: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def decisions_from_state(state: dict[str, Any], *, name_prefix: str, recipe: dict[str, Any] | None = None) -> tuple[GroupDecision, ...]:
+    """Typed decisions from ModelOpt's ``auto_quantize`` state.
+
+    ``name_prefix`` maps names of the searched model to full-VLM names (the LM's path for
+    ``extract``, empty for ``mask``).  ``recipe`` overrides ``state['best']['recipe']`` (a re-solve).
+    """
+    try:
+        stats = state["candidate_stats"]
+        best = recipe if recipe is not None else state["best"]["recipe"]
+    except (KeyError, TypeError) as exc:
+        raise SearchStateError(f"Not an AutoQuant search state (missing {exc}).") from exc
+    groups = []
+    for hparam_name, stat in stats.items():
+        formats = [format_for_modelopt_name(str(f)) for f in stat["formats"]]
+        candidates = tuple(
+            Candidate(fmt, float(score), float(cost))
+            for fmt, score, cost in zip(formats, stat["scores"], stat["costs"])
+        )
+        chosen_recipe = best.get(hparam_name)
+        if chosen_recipe is None:
+            raise SearchStateError(f"Search state has no decision for {hparam_name}.")
+        base = hparam_name[: -len(_HPARAM_SUFFIX)] if hparam_name.endswith(_HPARAM_SUFFIX) else hparam_name
+        groups.append(
+            GroupDecision(
+                name=_full_name(base, name_prefix),
+                members=tuple(_full_name(m, name_prefix) for m in stat["module_names"]),
+                chosen=format_for_modelopt_name(str(chosen_recipe)),
+                candidates=candidates,
+                searched=len([f for f in formats if f != NO_QUANT]) > 0,
+                cost_weight=float(stat.get("cost_weight", 1.0)),
+            )
+        )
+    return tuple(groups)
+
+
+def lm_effective_bits(groups: tuple[GroupDecision, ...] | list[GroupDecision]) -> float:
+    """Effective bits over ``groups``: chosen cost over uncompressed cost, times 16."""
+    chosen = sum(g.candidate(g.chosen).cost for g in groups)
+    full = sum(g.uncompressed_cost for g in groups)
+    if full <= 0:
+        raise SearchStateError("No language-model weight is counted in the search state (zero cost denominator).")
+    return chosen / full * 16.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward and loss functions
+# ------------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    labels = batch["labels"].to(logits.device)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def _model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
+
+
+def make_forward_step(loaded: LoadedVLM, strategy: str) -> Callable[[nn.Module, dict], torch.Tensor]:
+    """Forward returning logits. For ``extract`` the parent's lm_head turns hidden states into logits."""
+    device = loaded.device
+    if strategy == "extract":
+        lm_head = loaded.lm_head
+
+        def forward_extract(model, batch):
+            inputs = _model_inputs(batch, device)
+            inputs.pop("pixel_values", None)
+            inputs.pop("image_grid_thw", None)
+            inputs.pop("mm_token_type_ids", None)
+            if "inputs_embeds" in inputs:
+                inputs.pop("input_ids", None)
+            hidden = model(**inputs, use_cache=False).last_hidden_state
+            return lm_head(hidden)
+
+        return forward_extract
+
+    def forward_mask(model, batch):
+        return model(**_model_inputs(batch, device), use_cache=False).logits
+
+    return forward_mask
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakRss:
+    """Samples the process RSS in a thread; ``peak`` is the largest value seen."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak = _current_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, _current_rss())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss())
+        return False
+
+
+class _PhaseClock:
+    """Splits a search's wall time into calibration, scoring and solve.
+
+    Scoring is recognised by the loss function being called (gradient) or by inference mode
+    (kl_div); calibration is everything before the first scoring step and solve everything after
+    the last one.
+    """
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first_score: float | None = None
+        self.last_score: float | None = None
+        self.end: float | None = None
+
+    def mark_score(self, when: float | None = None):
+        now = time.perf_counter() if when is None else when
+        if self.first_score is None:
+            self.first_score = now
+        self.last_score = now
+
+    def times(self) -> PhaseTimes:
+        end = self.end or time.perf_counter()
+        first = self.first_score if self.first_score is not None else end
+        last = self.last_score if self.last_score is not None else end
+        return PhaseTimes(max(0.0, first - self.start), max(0.0, last - first), max(0.0, end - last))
+
+
+# ------------------------------------------------------------------------------------------------
+# The search
+# ------------------------------------------------------------------------------------------------
+
+
+def restriction_patterns(loaded: LoadedVLM) -> tuple[str, ...]:
+    """Module-name patterns (fnmatch, full-VLM names) that cover the vision tower and lm_head."""
+    head_name = next(n for n, m in loaded.vlm.named_modules() if m is loaded.lm_head)
+    return (f"{loaded.vision.root}.*", loaded.vision.root, head_name, f"*{head_name}")
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def search_lm_only(
+    loaded: LoadedVLM,
+    scheme: Scheme,
+    calibration: CalibrationSet,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    disable_vision: bool = True,
+    exclude_cost: bool = True,
+    verbose: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Run ``mtq.auto_quantize`` on the language model of ``loaded`` only.
+
+    ``disable_vision`` and ``exclude_cost`` exist for negative controls: turning either off makes
+    the ``mask`` strategy search the vision tower or count it in the bit budget, which the guards
+    and tests must catch.  The model in ``loaded`` is quantized in place.
+    """
+    import modelopt.torch.quantization as mtq
+
+    say = progress or (lambda _msg: None)
+    scheme.require_device(str(loaded.device))
+    calibration.require_steps(scheme.num_calib_steps, scheme.num_score_steps)
+    if calibration.vocab_size > loaded.vocab_size:
+        raise SchemeError(
+            f"Calibration data was built for a vocabulary of {calibration.vocab_size} but the model has "
+            f"{loaded.vocab_size}; rebuild it with this model's tokenizer."
+        )
+    _refuse_already_quantized(loaded)
+
+    if scheme.strategy == "extract":
+        model, prefix = loaded.language_model, loaded.lm_path
+        disabled: tuple[str, ...] = ()
+        excluded: tuple[str, ...] = ()
+    else:
+        model, prefix = loaded.vlm, ""
+        patterns = restriction_patterns(loaded)
+        disabled = patterns if disable_vision else ()
+        excluded = patterns if exclude_cost else ()
+
+    clock = _PhaseClock()
+    forward = make_forward_step(loaded, scheme.strategy)
+
+    def forward_step(m, batch):
+        if torch.is_inference_mode_enabled():  # kl_div scoring runs under inference mode
+            clock.mark_score()
+        out = forward(m, batch)
+        return out
+
+    def loss_func(output, batch):
+        clock.mark_score()
+        loss = causal_lm_loss(output, batch)
+        return loss
+
+    constraints: dict[str, Any] = {"effective_bits": scheme.effective_bits}
+    if excluded:
+        constraints["cost"] = {"excluded_module_name_patterns": list(excluded)}
+
+    restored = False
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        restored = checkpoint.exists()
+        if restored:
+            _check_search_checkpoint(checkpoint, scheme, loaded)
+
+    data = list(calibration.to(loaded.device).batches)
+    say(f"search {scheme.id}: {len(data)} batches of {calibration.batch_size}x{calibration.seq_len} tokens")
+    cuda = loaded.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    was_training = model.training
+    model.eval()
+    try:
+        with PeakRss() as rss:
+            clock.start = time.perf_counter()
+            _, state = mtq.auto_quantize(
+                model,
+                constraints=constraints,
+                quantization_formats=scheme.modelopt_formats(),
+                data_loader=data,
+                forward_step=forward_step,
+                loss_func=loss_func if scheme.method == "gradient" else None,
+                disabled_layers=list(disabled) or None,
+                num_calib_steps=scheme.num_calib_steps,
+                num_score_steps=scheme.num_score_steps,
+                verbose=verbose,
+                method=scheme.method,
+                checkpoint=str(checkpoint) if checkpoint is not None else None,
+            )
+            if cuda:
+                torch.cuda.synchronize()
+            clock.end = time.perf_counter()
+    except ValueError as exc:
+        message = str(exc)
+        if "infeasible" in message or "effective_bits" in message:
+            raise SchemeError(f"{scheme.id}: {message} Raise effective_bits or add cheaper formats.") from exc
+        if "Checkpoint" in message:
+            raise SearchStateError(f"Search checkpoint {checkpoint} was made with other settings: {message}") from exc
+        raise
+    except RuntimeError as exc:
+        if _is_cuda_oom(exc):
+            raise ResourceError(
+                f"GPU out of memory during the AutoQuant search {scheme.id} "
+                f"(batch_size={calibration.batch_size}, seq_len={calibration.seq_len}, "
+                f"num_calib_steps={scheme.num_calib_steps}, num_score_steps={scheme.num_score_steps}). "
+                "Lower batch_size or seq_len first (scoring keeps activations for the backward pass), "
+                "or use method=kl_div with fewer score steps."
+            ) from exc
+        raise
+    finally:
+        model.train(was_training)
+    peak_gpu = torch.cuda.max_memory_allocated() if cuda else None
+
+    groups = decisions_from_state(state, name_prefix=prefix)
+    result = SearchResult(
+        scheme=scheme,
+        loaded=loaded,
+        groups=groups,
+        effective_bits=0.0,
+        modelopt_effective_bits=float(state["best"]["constraints"].get("effective_bits", float("nan"))),
+        total_score=float(state["best"]["score"]),
+        is_satisfied=bool(state["best"]["is_satisfied"]),
+        times=clock.times(),
+        peak_rss_bytes=rss.peak,
+        peak_gpu_bytes=peak_gpu,
+        modelopt_state=state,
+        searched_model=model,
+        disabled_layers=disabled,
+        cost_excluded=excluded,
+        restored_from_checkpoint=restored,
+        calibration_source=calibration.source,
+    )
+    result.effective_bits = lm_effective_bits(result.lm_groups())
+    say(
+        f"search {scheme.id}: {result.effective_bits:.3f} effective bits over the LM, "
+        f"{result.times.total_s:.1f}s (calibrate {result.times.calibrate_s:.1f}s, "
+        f"score {result.times.score_s:.1f}s, solve {result.times.solve_s:.1f}s)"
+    )
+    return result
+
+
+def _refuse_already_quantized(loaded: LoadedVLM) -> None:
+    for name, module in loaded.vlm.named_modules():
+        if hasattr(module, "weight_quantizer"):
+            raise SchemeError(
+                f"The model already carries ModelOpt quantizers (first: {name}); a search needs a fresh "
+                "BF16 model. Load it again (or copy the fixture) before searching."
+            )
+
+
+def _check_search_checkpoint(path: Path, scheme: Scheme, loaded: LoadedVLM) -> None:
+    """Refuse unreadable checkpoints early; ModelOpt itself checks formats/method/setup on restore."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise SearchStateError(
+            f"Search checkpoint {path} cannot be read ({type(exc).__name__}: {exc}). Delete it to "
+            "search again from scratch."
+        ) from exc
+    if not isinstance(state, dict) or "candidate_stats" not in state:
+        raise SearchStateError(f"{path} is not an AutoQuant search checkpoint (no candidate_stats).")
+    method = state.get("method")
+    if method not in (None, scheme.method):
+        raise SearchStateError(
+            f"Search checkpoint {path} was made with method={method!r} but this search uses "
+            f"method={scheme.method!r}. Use another checkpoint path or the same method."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Guards
+# ------------------------------------------------------------------------------------------------
+
+
+def enabled_quantizers(module: nn.Module, prefix: str = "") -> list[str]:
+    """Names of every enabled ModelOpt TensorQuantizer under ``module``."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    found = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, TensorQuantizer) and sub.is_enabled:
+            found.append(_full_name(name, prefix))
+    return found
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """Outcome of a guard: ``ok`` and, when not, every offending name and why."""
+
+    name: str
+    ok: bool
+    problems: tuple[str, ...]
+    checked: int
+
+    def require(self) -> "GuardReport":
+        if not self.ok:
+            shown = "\n  ".join(self.problems[:20])
+            more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+            raise GuardViolation(f"{self.name} failed ({len(self.problems)} problems):\n  {shown}{more}")
+        return self
+
+
+class VisionGuard:
+    """Proves the vision tower stayed BF16 through a search.
+
+    Three independent checks: (1) no enabled quantizer anywhere under the tower, (2) no search
+    decision that quantizes a vision module, (3) the tower's weights are byte-identical to the
+    fingerprint taken at load time.
+    """
+
+    name = "VisionGuard"
+
+    def __init__(self, loaded: LoadedVLM):
+        self.loaded = loaded
+        self.expected_fingerprint = loaded.vision.fingerprint
+
+    def check(self, result: SearchResult | None = None) -> GuardReport:
+        loaded = self.loaded
+        tower = loaded.vlm.get_submodule(loaded.vision.root)
+        problems = [f"enabled quantizer {q}" for q in enabled_quantizers(tower, loaded.vision.root)]
+        if result is not None:
+            for group in result.groups:
+                vision_members = [m for m in group.members if m == loaded.vision.root or m.startswith(loaded.vision.root + ".")]
+                if vision_members and group.chosen != NO_QUANT:
+                    problems.append(f"search chose {group.chosen} for vision group {group.name}")
+        fingerprint = fingerprint_parameters(tower)
+        if fingerprint != self.expected_fingerprint:
+            problems.append(
+                f"vision weights changed: fingerprint {fingerprint[:12]} != {self.expected_fingerprint[:12]} at load"
+            )
+        dtypes = sorted({str(p.dtype) for p in tower.parameters()})
+        if tuple(dtypes) != loaded.vision.dtypes:
+            problems.append(f"vision parameter dtypes {dtypes} != {list(loaded.vision.dtypes)} at load")
+        return GuardReport(self.name, not problems, tuple(problems), len(loaded.vision.linear_names))
+
+
+class LmHeadGuard:
+    """Proves ``lm_head`` (tied to the embeddings in Qwen2.5-VL-3B) carries no enabled quantizer."""
+
+    name = "LmHeadGuard"
+
+    def __init__(self, loaded: LoadedVLM):
+        self.loaded = loaded
+
+    def check(self, result: SearchResult | None = None) -> GuardReport:
+        head = self.loaded.lm_head
+        problems = [f"enabled quantizer {q}" for q in enabled_quantizers(head, "lm_head")]
+        if result is not None:
+            for group in result.groups:
+                if any(fnmatch.fnmatch(m, "*lm_head") for m in group.members) and group.chosen != NO_QUANT:
+                    problems.append(f"search chose {group.chosen} for {group.name}")
+        return GuardReport(self.name, not problems, tuple(problems), 1)
+
+
+def check_guards(result: SearchResult) -> tuple[GuardReport, GuardReport]:
+    return VisionGuard(result.loaded).check(result), LmHeadGuard(result.loaded).check(result)
