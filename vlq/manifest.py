@@ -1,0 +1,276 @@
+"""Stage 5 — the manifest: what the search decided for the language model, as JSON.
+
+Per decision group: member modules, chosen format, every candidate format with its score and
+cost; plus the LM-only effective bits.  :meth:`Manifest.verify` checks the manifest against the
+searcher state, the live model's quantizers and an exported checkpoint's quantization config, and
+reports every disagreement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestMismatch
+from .schemes import FORMATS, NO_QUANT, Scheme, live_signature
+from .search import Candidate, GroupDecision, SearchResult, decisions_from_state, lm_effective_bits
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ManifestGroup:
+    name: str
+    members: tuple[str, ...]
+    chosen: str
+    candidates: tuple[Candidate, ...]
+
+    @classmethod
+    def from_decision(cls, d: GroupDecision) -> "ManifestGroup":
+        return cls(d.name, tuple(d.members), d.chosen, tuple(d.candidates))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "members": list(self.members),
+            "chosen": self.chosen,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ManifestGroup":
+        return cls(
+            data["name"], tuple(data["members"]), data["chosen"],
+            tuple(Candidate(c["format"], float(c["score"]), float(c["cost"])) for c in data["candidates"]),
+        )
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Every disagreement found by :meth:`Manifest.verify`, by the source it was checked against."""
+
+    checked: tuple[str, ...]
+    mismatches: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def require(self) -> "VerifyReport":
+        if self.mismatches:
+            shown = "\n  ".join(self.mismatches[:25])
+            more = f"\n  ... and {len(self.mismatches) - 25} more" if len(self.mismatches) > 25 else ""
+            raise ManifestMismatch(
+                f"Manifest does not match {', '.join(self.checked)} ({len(self.mismatches)} mismatches):\n  {shown}{more}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The language model's per-group decisions and what produced them."""
+
+    model_source: str
+    lm_path: str
+    vision_root: str
+    tied_lm_head: bool
+    scheme: Scheme
+    groups: tuple[ManifestGroup, ...]
+    effective_bits: float
+    total_score: float
+    strategy_prefix: str  # name prefix that maps the searched model's names to full-VLM names
+    calibration_source: str = ""
+    version: int = MANIFEST_VERSION
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_search(cls, result: SearchResult) -> "Manifest":
+        lm_groups = result.lm_groups()
+        return cls(
+            model_source=result.loaded.source,
+            lm_path=result.loaded.lm_path,
+            vision_root=result.loaded.vision.root,
+            tied_lm_head=result.loaded.tied_lm_head,
+            scheme=result.scheme,
+            groups=tuple(ManifestGroup.from_decision(g) for g in lm_groups),
+            effective_bits=result.effective_bits,
+            total_score=sum(g.candidate(g.chosen).score for g in lm_groups),
+            strategy_prefix=result.loaded.lm_path if result.scheme.strategy == "extract" else "",
+            calibration_source=result.calibration_source,
+        )
+
+    def with_groups(self, groups, *, effective_bits: float | None = None) -> "Manifest":
+        """A copy with other decisions (re-solve, or a tampered copy in tests)."""
+        groups = tuple(groups)
+        bits = effective_bits if effective_bits is not None else lm_effective_bits(
+            [GroupDecision(g.name, g.members, g.chosen, g.candidates, True, 1.0) for g in groups]
+        )
+        return Manifest(
+            self.model_source, self.lm_path, self.vision_root, self.tied_lm_head, self.scheme, groups,
+            bits, sum(next(c.score for c in g.candidates if c.format == g.chosen) for g in groups),
+            self.strategy_prefix, self.calibration_source, self.version, dict(self.extra),
+        )
+
+    # -- views ---------------------------------------------------------------------------------
+    def group(self, name: str) -> ManifestGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def module_formats(self) -> dict[str, str]:
+        """Full-VLM module name -> chosen format, for every LM module the search decided."""
+        return {m: g.chosen for g in self.groups for m in g.members}
+
+    def format_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for g in self.groups:
+            counts[g.chosen] = counts.get(g.chosen, 0) + 1
+        return counts
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vlq_manifest_version": self.version,
+            "model": {
+                "source": self.model_source,
+                "lm_path": self.lm_path,
+                "vision_root": self.vision_root,
+                "tied_lm_head": self.tied_lm_head,
+            },
+            "scheme": self.scheme.to_dict(),
+            "scheme_id": self.scheme.id,
+            "effective_bits": self.effective_bits,
+            "total_score": self.total_score,
+            "strategy_prefix": self.strategy_prefix,
+            "calibration_source": self.calibration_source,
+            "format_counts": self.format_counts(),
+            "groups": [g.to_dict() for g in self.groups],
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        version = data.get("vlq_manifest_version")
+        if version != MANIFEST_VERSION:
+            raise ManifestMismatch(f"Manifest version {version!r} is not supported; this vlq reads {MANIFEST_VERSION}.")
+        model = data["model"]
+        return cls(
+            model_source=model["source"],
+            lm_path=model["lm_path"],
+            vision_root=model["vision_root"],
+            tied_lm_head=bool(model["tied_lm_head"]),
+            scheme=Scheme.from_dict(data["scheme"]),
+            groups=tuple(ManifestGroup.from_dict(g) for g in data["groups"]),
+            effective_bits=float(data["effective_bits"]),
+            total_score=float(data["total_score"]),
+            strategy_prefix=data.get("strategy_prefix", ""),
+            calibration_source=data.get("calibration_source", ""),
+            extra=dict(data.get("extra", {})),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file in the same folder, renamed into place."""
+        from .export import atomic_write_text
+
+        return atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ManifestMismatch(f"Manifest {path} does not exist.") from exc
+        except json.JSONDecodeError as exc:
+            raise ManifestMismatch(f"Manifest {path} is not valid JSON: {exc}") from exc
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError) as exc:
+            raise ManifestMismatch(f"Manifest {path} lacks field {exc}; it was not written by vlq.") from exc
+
+    # -- verification --------------------------------------------------------------------------
+    def verify(self, *, state: dict[str, Any] | None = None, model=None, checkpoint: str | os.PathLike | None = None) -> VerifyReport:
+        """Check this manifest against any of: ModelOpt's search state, the live VLM, a checkpoint."""
+        checked, problems = [], []
+        if state is not None:
+            checked.append("searcher state")
+            problems += self._against_state(state)
+        if model is not None:
+            checked.append("live quantizers")
+            problems += self._against_model(model)
+        if checkpoint is not None:
+            checked.append("exported checkpoint")
+            problems += self._against_checkpoint(checkpoint)
+        if not checked:
+            raise ValueError("verify() needs at least one of state=, model=, checkpoint=.")
+        return VerifyReport(tuple(checked), tuple(problems))
+
+    def _self_consistency(self) -> list[str]:
+        problems = []
+        bits = lm_effective_bits([GroupDecision(g.name, g.members, g.chosen, g.candidates, True, 1.0) for g in self.groups])
+        if not math.isclose(bits, self.effective_bits, rel_tol=1e-9, abs_tol=1e-9):
+            problems.append(f"effective_bits {self.effective_bits} != {bits} recomputed from the groups' costs")
+        return problems
+
+    def _against_state(self, state: dict[str, Any]) -> list[str]:
+        problems = self._self_consistency()
+        decided = decisions_from_state(state, name_prefix=self.strategy_prefix)
+        prefix = self.lm_path + "."
+        expected = {g.name: g for g in decided if all(m.startswith(prefix) for m in g.members)}
+        mine = {g.name: g for g in self.groups}
+        for name in sorted(set(expected) - set(mine)):
+            problems.append(f"group {name} is in the searcher state but not in the manifest")
+        for name in sorted(set(mine) - set(expected)):
+            problems.append(f"group {name} is in the manifest but not in the searcher state")
+        for name in sorted(set(mine) & set(expected)):
+            m, e = mine[name], expected[name]
+            if tuple(m.members) != tuple(e.members):
+                problems.append(f"group {name}: members {list(m.members)} != state {list(e.members)}")
+            if m.chosen != e.chosen:
+                problems.append(f"group {name}: chosen {m.chosen} != state {e.chosen}")
+            if tuple(m.candidates) != tuple(e.candidates):
+                problems.append(f"group {name}: candidates {m.candidates} != state {e.candidates}")
+        for g in decided:
+            if g.name not in expected and g.chosen != NO_QUANT:
+                problems.append(f"state quantizes {g.name} ({g.chosen}) outside the language model")
+        return problems
+
+    def _against_model(self, vlm) -> list[str]:
+        problems = []
+        modules = dict(vlm.named_modules())
+        for g in self.groups:
+            want = FORMATS[g.chosen].quantizer_signature() if g.chosen != NO_QUANT else None
+            for member in g.members:
+                module = modules.get(member)
+                if module is None:
+                    problems.append(f"{member}: not a module of the live model")
+                    continue
+                got = live_signature(module)
+                if want is None:
+                    if got.weight is not None or got.input is not None:
+                        problems.append(f"{member}: manifest says none but live quantizers are {got}")
+                elif got != want:
+                    problems.append(f"{member}: manifest says {g.chosen} {want} but live quantizers are {got}")
+        return problems
+
+    def _against_checkpoint(self, checkpoint) -> list[str]:
+        from .export import CheckpointQuantConfig, checkpoint_module_name
+
+        config = CheckpointQuantConfig.read(checkpoint)
+        problems = []
+        for g in self.groups:
+            want = FORMATS[g.chosen].export_quant_algo if g.chosen != NO_QUANT else None
+            for member in g.members:
+                got = config.algo_for(checkpoint_module_name(member, self.lm_path, self.vision_root))
+                if got != want:
+                    problems.append(f"{member}: manifest says {want or 'unquantized'} but the checkpoint config says {got or 'unquantized'}")
+        return problems
