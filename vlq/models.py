@@ -153,12 +153,8 @@ class LoadedVLM:
         return [
             f"{self.lm_path}.{name}"
             for name, module in self.language_model.named_modules()
-            if isinstance(module, nn.Linear) or _is_quant_linear(module)
+            if isinstance(module, nn.Linear)  # ModelOpt's QuantLinear subclasses nn.Linear
         ]
-
-
-def _is_quant_linear(module: nn.Module) -> bool:
-    return hasattr(module, "weight_quantizer") and hasattr(module, "weight")
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +188,7 @@ def inventory_vision(vlm: nn.Module) -> VisionInventory:
     tower = vlm.get_submodule(root)
     module_names = tuple(f"{root}.{n}" if n else root for n, _ in tower.named_modules())
     linear_names = tuple(
-        f"{root}.{n}" for n, m in tower.named_modules() if isinstance(m, nn.Linear) or _is_quant_linear(m)
+        f"{root}.{n}" for n, m in tower.named_modules() if isinstance(m, nn.Linear)
     )
     params = list(tower.parameters())
     return VisionInventory(

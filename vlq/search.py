@@ -412,6 +412,11 @@ def search_lm_only(
         raise
     finally:
         model.train(was_training)
+        # ModelOpt switches on gradient checkpointing for HF models while scoring; the searched
+        # model is used for inference and export afterwards.
+        for candidate in (model, loaded.vlm):
+            if getattr(candidate, "is_gradient_checkpointing", False):
+                candidate.gradient_checkpointing_disable()
     peak_gpu = torch.cuda.max_memory_allocated() if cuda else None
 
     groups = decisions_from_state(state, name_prefix=prefix)

@@ -1,0 +1,113 @@
+"""Shared fixtures: the tiny Qwen2.5-VL (CPU lane) and the full-size model (gpu lane).
+
+The base model is session-scoped and read-only; a teardown guard fails the run if any test
+mutated it.  Tests that quantize take ``fresh_vlm`` (a deep copy) instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+# Tests never reach a hub: fail fast instead of hanging on a network call.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("vlq")
+    group.addoption(
+        "--vlq-model",
+        default=os.environ.get("VLQ_MODEL"),
+        help="local Qwen2.5-VL checkpoint folder for the gpu lane (env VLQ_MODEL); "
+        "default: the published 3B architecture with random bf16 weights",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    from vlq.capabilities import cuda_skip_reason
+
+    reason = cuda_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny Qwen2.5-VL, built deterministically and saved with ``save_pretrained``."""
+    from vlq.models import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def pristine_vlm(tiny_checkpoint):
+    """The tiny model loaded back through the local-checkpoint path. Read-only."""
+    from vlq.models import fingerprint_parameters, load_vlm
+
+    loaded = load_vlm(tiny_checkpoint)
+    before = fingerprint_parameters(loaded.vlm)
+    yield loaded
+    quantized = [n for n, m in loaded.vlm.named_modules() if hasattr(m, "weight_quantizer")]
+    assert not quantized, f"a test quantized the shared model in place (first: {quantized[0]}); use fresh_vlm"
+    assert fingerprint_parameters(loaded.vlm) == before, "a test changed the shared model's weights; use fresh_vlm"
+
+
+@pytest.fixture
+def fresh_vlm(pristine_vlm):
+    """A private deep copy of the tiny model for tests that quantize."""
+    return copy.deepcopy(pristine_vlm)
+
+
+@pytest.fixture(scope="session")
+def vlm(pristine_vlm):
+    return pristine_vlm.vlm
+
+
+@pytest.fixture(scope="session")
+def language_model(pristine_vlm):
+    return pristine_vlm.language_model
+
+
+@pytest.fixture(scope="session")
+def vision_modules(pristine_vlm):
+    return pristine_vlm.vision
+
+
+@pytest.fixture(scope="session")
+def calibration(pristine_vlm):
+    """Packed text batches from the shipped corpus, read through ``datasets``."""
+    from vlq.calibration import text_batches
+
+    return text_batches(pristine_vlm.tokenizer, vocab_size=pristine_vlm.vocab_size, num_batches=4, seq_len=32)
+
+
+# ---- gpu lane ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gpu_model_source(request):
+    from vlq.models import QWEN25_VL_3B_RANDOM
+
+    return request.config.getoption("--vlq-model") or QWEN25_VL_3B_RANDOM
+
+
+@pytest.fixture(scope="session")
+def gpu_pristine_vlm(gpu_model_source):
+    """The full-size model on the GPU, built or loaded once per run. Searches work on copies."""
+    import torch
+
+    from vlq.models import load_vlm
+
+    loaded = load_vlm(gpu_model_source, device="cuda")
+    yield loaded
+    del loaded
+    torch.cuda.empty_cache()
