@@ -1,0 +1,217 @@
+"""``vlq`` command line: wires the stages together; all logic lives in the stage modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import VlqError
+
+STATE_FILE = "search_state.pth"
+MANIFEST_FILE = "manifest.json"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _say(msg: str) -> None:
+    print(f"[vlq {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _scheme_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scheme")
+    g.add_argument("--scheme", help="YAML scheme file (other scheme flags override its fields)")
+    g.add_argument("--formats", help="candidate formats joined by '+', e.g. fp8+int4_awq")
+    g.add_argument("--bits", type=float, dest="effective_bits", help="effective-bits target over the LM")
+    g.add_argument("--method", choices=["gradient", "kl_div"])
+    g.add_argument("--strategy", choices=["extract", "mask"])
+    g.add_argument("--calib-steps", type=int, dest="num_calib_steps")
+    g.add_argument("--score-steps", type=int, dest="num_score_steps")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--kv-cache-fp8", action="store_true", default=None, help="add FP8 KV-cache quantization after the search")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="local checkpoint folder, 'tiny' (default) or 'qwen2.5-vl-3b-random'")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--data", help="calibration text: a local .txt (one sample per line) or .jsonl with a 'text' field")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")
+
+
+def build_scheme(args):
+    from .schemes import Scheme
+
+    base = Scheme.from_yaml(args.scheme).to_dict() if args.scheme else Scheme().to_dict()
+    for key in ("formats", "effective_bits", "method", "strategy", "num_calib_steps", "num_score_steps", "batch_size", "seq_len", "kv_cache_fp8"):
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    return Scheme.from_dict(base)
+
+
+def _load(args, scheme):
+    from .calibration import synthetic_batches, text_batches
+    from .models import load_vlm, resolve_model_source
+
+    resolve_model_source(args.model)  # cheap validation before heavy imports and loading
+    scheme.require_device(args.device)
+    _say(f"loading {args.model} on {args.device}")
+    loaded = load_vlm(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    batches = max(scheme.num_calib_steps, scheme.num_score_steps)
+    if loaded.tokenizer is not None:
+        calibration = text_batches(loaded.tokenizer, vocab_size=loaded.vocab_size, num_batches=batches,
+                                   batch_size=scheme.batch_size, seq_len=scheme.seq_len, path=args.data)
+    else:
+        calibration = synthetic_batches(vocab_size=loaded.vocab_size, num_batches=batches, batch_size=scheme.batch_size, seq_len=scheme.seq_len)
+    _say(f"calibration: {calibration.num_samples} samples x {calibration.seq_len} tokens from {calibration.source}")
+    return loaded, calibration
+
+
+def _search(args, scheme, out: Path):
+    from .manifest import Manifest
+    from .search import check_guards, search_lm_only
+
+    loaded, calibration = _load(args, scheme)
+    result = search_lm_only(loaded, scheme, calibration, checkpoint=out / STATE_FILE, progress=_say)
+    for guard in check_guards(result):
+        guard.require()
+    manifest = Manifest.from_search(result)
+    manifest.verify(state=result.modelopt_state, model=loaded.vlm).require()
+    manifest.save(out / MANIFEST_FILE)
+    _say(f"manifest written to {out / MANIFEST_FILE}")
+    return loaded, calibration, result, manifest
+
+
+def _export(args, loaded, calibration, result, manifest, out: Path):
+    from .export import add_fp8_kv_cache, export_checkpoint
+    from .report import CheckLine
+    from .search import check_guards, make_forward_step
+
+    if manifest.scheme.kv_cache_fp8:
+        add_fp8_kv_cache(loaded, calibration, make_forward_step(loaded, "extract"))
+    export = export_checkpoint(loaded, out / CHECKPOINT_DIR, overwrite=args.overwrite)
+    verify = manifest.verify(checkpoint=export.path).require()
+    vision, head = check_guards(result)
+    _say(f"checkpoint written to {export.path}")
+    return [
+        CheckLine("vision tower unquantized (VisionGuard)", vision.ok, f"{vision.checked} vision linears, weights unchanged"),
+        CheckLine("lm_head unquantized", head.ok, "tied to embeddings" if loaded.tied_lm_head else ""),
+        CheckLine("manifest == searcher state == live quantizers", True, f"{len(manifest.groups)} groups"),
+        CheckLine("manifest == exported config", verify.ok, export.report.quant_config.quant_algo or "unquantized"),
+        CheckLine("checkpoint on disk", export.report.ok,
+                  f"{len(export.report.quantized_layers())} quantized layers, {export.report.unified_groups} fused groups share scales, "
+                  "vision BF16 and excluded"),
+    ]
+
+
+def cmd_search(args) -> int:
+    from .report import layer_table
+
+    scheme = build_scheme(args)
+    out = Path(args.out or f"runs/{scheme.id}")
+    _, _, _, manifest = _search(args, scheme, out)
+    print(layer_table(manifest))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .export import check_export_dir
+    from .report import layer_table, summary_table
+
+    scheme = build_scheme(args)
+    out = Path(args.out or f"runs/{scheme.id}")
+    check_export_dir(out / CHECKPOINT_DIR, args.overwrite)
+    loaded, calibration, result, manifest = _search(args, scheme, out)
+    checks = _export(args, loaded, calibration, result, manifest, out)
+    print()
+    print(layer_table(manifest))
+    print()
+    print(summary_table(manifest, checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def cmd_export(args) -> int:
+    """Re-apply a saved search (no re-scoring) and export it."""
+    from .manifest import Manifest
+    from .report import layer_table, summary_table
+
+    out = Path(args.run_dir)
+    manifest = Manifest.load(out / MANIFEST_FILE)
+    if not (out / STATE_FILE).exists():
+        raise VlqError(f"{out} has no {STATE_FILE}; run `vlq search --out {out}` first.")
+    from .export import check_export_dir
+
+    check_export_dir(out / CHECKPOINT_DIR, args.overwrite)
+    args.model = args.model or manifest.model_source
+    loaded, calibration, result, restored = _search(args, manifest.scheme, out)
+    if restored.groups != manifest.groups:
+        raise VlqError("The restored search decided differently from the saved manifest; the search state does not match it.")
+    checks = _export(args, loaded, calibration, result, restored, out)
+    print(layer_table(restored))
+    print(summary_table(restored, checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain
+
+    print(explain(args.format))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .serving import check_cli
+
+    return check_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="search -> manifest -> export -> verify (tiny model by default)")
+    _model_args(p)
+    _scheme_args(p)
+    p.add_argument("--out", help="run folder (default runs/<scheme id>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in the run folder")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("search", help="LM-only AutoQuant search; writes manifest.json and the search state")
+    _model_args(p)
+    _scheme_args(p)
+    p.add_argument("--out", help="run folder (default runs/<scheme id>)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="export the checkpoint of a finished search (state restored, not re-scored)")
+    p.add_argument("run_dir", help="folder written by `vlq search`")
+    p.add_argument("--model", default=None, help="model source (default: the one in the manifest)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("explain", help="print the live ModelOpt facts vlq relies on")
+    p.add_argument("--format", default="fp8", help="format whose config entries to show")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("check", help="serve an exported checkpoint in vLLM and check it layer by layer")
+    p.add_argument("path", help="exported checkpoint folder")
+    p.add_argument("--manifest", help="manifest.json to compare per-layer methods against")
+    p.add_argument("--reference", help="BF16 checkpoint to compare greedy outputs against")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VlqError as exc:
+        print(f"vlq: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
