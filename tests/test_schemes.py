@@ -1,0 +1,134 @@
+"""Formats, schemes (YAML round trip, validation) and pattern-based configs applied for real."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlq.errors import SchemeError
+from vlq.schemes import (
+    FORMATS,
+    Scheme,
+    all_layers_config,
+    build_config,
+    get_format,
+    lm_only_config,
+    pattern_entries,
+    servability,
+)
+
+
+def test_scheme_id_grammar():
+    scheme = Scheme(formats="fp8+int4_awq", effective_bits=6.0, method="kl_div", strategy="mask")
+    assert scheme.id == "fp8+int4_awq-6b-kl_div-mask"
+    assert scheme.formats == ("fp8", "int4_awq")
+
+
+def test_scheme_yaml_round_trip(tmp_path):
+    scheme = Scheme(formats=("fp8", "w4a8_awq"), effective_bits=5.5, method="kl_div", strategy="mask", num_calib_steps=3)
+    path = tmp_path / "scheme.yaml"
+    path.write_text(scheme.to_yaml())
+    assert Scheme.from_yaml(path) == scheme
+    assert "version: 1" in scheme.to_yaml()
+
+
+def test_scheme_rejects_unknown_keys_and_versions():
+    with pytest.raises(SchemeError, match=r"Unknown scheme keys \['bitz'\]"):
+        Scheme.from_dict({"formats": ["fp8"], "bitz": 3})
+    with pytest.raises(SchemeError, match="version 2 is not supported"):
+        Scheme.from_dict({"formats": ["fp8"], "effective_bits": 8, "version": 2})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"formats": ("fp9",)}, "Unknown format 'fp9'. Known formats: fp8, int4_awq"),
+        ({"formats": ()}, "at least one format"),
+        ({"formats": ("fp8", "fp8")}, "repeat"),
+        ({"method": "hessian"}, "Unknown method 'hessian'"),
+        ({"strategy": "all"}, "Unknown strategy 'all'"),
+        ({"num_score_steps": 0}, "num_score_steps must be at least 1"),
+        ({"seq_len": 1}, "seq_len must be at least 2"),
+    ],
+    ids=["unknown-format", "no-format", "repeated-format", "unknown-method", "unknown-strategy", "zero-steps", "short-seq"],
+)
+def test_scheme_validation(kwargs, message):
+    with pytest.raises(SchemeError, match=message):
+        Scheme(**kwargs)
+
+
+@pytest.mark.parametrize("name, bits", [("fp8", 8), ("int4_awq", 4), ("w4a8_awq", 4), ("int8_sq", 8), ("nvfp4", 4.5), ("mxfp8", 8)])
+def test_format_bits_come_from_modelopt(name, bits):
+    assert get_format(name).effective_bits == pytest.approx(bits)
+
+
+def test_servability():
+    assert servability(["fp8"]).servable
+    assert servability(["fp8", "nvfp4"]).servable
+    verdict = servability(["fp8", "int4_awq"])
+    assert not verdict.servable and "int4_awq" in verdict.reason and "W4A16_AWQ" in verdict.reason
+    mixed = servability(["fp8", "mxfp8"])
+    assert not mixed.servable and "MIXED_PRECISION" in mixed.reason
+    with pytest.raises(SchemeError, match="vLLM cannot serve"):
+        Scheme(formats=("fp8", "int8_sq"), effective_bits=8).require_servable()
+
+
+def test_pattern_entries_name_the_global_patterns():
+    entries = pattern_entries(get_format("fp8").config)
+    names = {e.quantizer_name for e in entries if e.kind == "module-name"}
+    assert {"*lm_head*", "*visual*", "*vision_tower*"} <= names
+    assert "*weight_quantizer" not in names and "*input_quantizer" not in names
+    assert any(e.kind == "parent-class" and e.parent_class == "nn.Embedding" for e in entries)
+    assert all(e.in_default_disabled for e in entries)
+
+
+def _quantize_copy(pristine, config, calibration):
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    loaded = copy.deepcopy(pristine)
+
+    def loop(model):
+        with torch.no_grad():
+            for batch in calibration.batches[:1]:
+                model(input_ids=batch["input_ids"])
+
+    mtq.quantize(loaded.vlm, config, forward_loop=loop)
+    return loaded
+
+
+def _enabled(loaded, prefix):
+    from vlq.search import enabled_quantizers
+
+    return [q for q in enabled_quantizers(loaded.vlm) if q.startswith(prefix)]
+
+
+@pytest.mark.parametrize(
+    "config_name, lm_head, vision",
+    [("default-fp8", False, False), ("lm-only-fp8", False, False), ("all-layers-fp8", True, False), ("all-layers-fp8-with-vision", True, True)],
+)
+def test_configs_applied_to_the_model(pristine_vlm, calibration, config_name, lm_head, vision):
+    config = {
+        "default-fp8": get_format("fp8").config,
+        "lm-only-fp8": lm_only_config("fp8"),
+        "all-layers-fp8": all_layers_config("fp8"),
+        "all-layers-fp8-with-vision": all_layers_config("fp8", include_vision=True),
+    }[config_name]
+    loaded = _quantize_copy(pristine_vlm, config, calibration)
+    assert bool(_enabled(loaded, "lm_head.")) is lm_head
+    assert bool(_enabled(loaded, "model.visual.")) is vision
+    assert _enabled(loaded, "model.language_model.layers.0.self_attn.q_proj.")  # the LM is always quantized
+
+
+def test_build_config_extra_disabled(pristine_vlm, calibration):
+    config = build_config("fp8", extra_disabled=["*layers.0.*"])
+    loaded = _quantize_copy(pristine_vlm, config, calibration)
+    assert not _enabled(loaded, "model.language_model.layers.0.")
+    assert _enabled(loaded, "model.language_model.layers.1.")
+
+
+def test_every_format_has_a_signature():
+    for fmt in FORMATS.values():
+        sig = fmt.quantizer_signature()
+        assert sig.weight is not None, fmt.name
