@@ -12,7 +12,7 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 wheels=(
   nvidia-modelopt==0.47.0 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 "pulp<4" pydantic==2.14.4
   pydantic-core==2.50.5 annotated-types==0.7.0 typing-inspection==0.4.5 nvidia-ml-py==13.615.71
-  tabulate==0.10.0 pytest-benchmark==5.3.1 py-cpuinfo==9.0.0
+  tabulate==0.10.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-benchmark==5.3.1 py-cpuinfo==9.0.0
 )
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d "$dest" "${wheels[@]}"

@@ -101,3 +101,14 @@ def test_inspector_catches_quantized_vision_tensor(searched_fp8, tmp_path):
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="visual.blocks.0.attn.qkv.weight_scale is a quantization scale"):
         inspect_checkpoint(dest).require()
+
+
+def test_export_of_a_search_that_quantized_vision_and_lm_head_is_refused(pristine_vlm, calibration, tmp_path):
+    """Negative control: the unguarded mask search quantizes the tied lm_head and the vision tower;
+    the export's on-disk check refuses it and leaves nothing behind."""
+    loaded = copy.deepcopy(pristine_vlm)
+    scheme = Scheme(formats=("fp8",), effective_bits=8.0, strategy="mask", num_calib_steps=1, num_score_steps=1, seq_len=32)
+    search_lm_only(loaded, scheme, calibration, disable_vision=False, exclude_cost=False)
+    with pytest.raises(CheckpointError, match=r"(?s)ckpt fails .*vision tensor visual\.blocks\.0\.attn\.qkv\.weight has dtype F8_E4M3.*does not exclude lm_head"):
+        export_checkpoint(loaded, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []

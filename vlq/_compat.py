@@ -9,6 +9,30 @@
     operator *schemas* (no kernels) before the first import lets the unmodified package import; its
     pure-Python transforms work, its compiled ops stay unavailable (vlq never calls them).
 
+``vllm_registry_inprocess``
+    vLLM inspects a model class (``_ModelInfo.from_model_cls``) in a fresh
+    ``python -m vllm.model_executor.models.registry`` subprocess, to keep CUDA uninitialised in the
+    parent.  That child process never runs the torchvision shim above, so on a CPU machine it dies
+    with ``operator torchvision::nms does not exist`` and vLLM reports ``Model architectures
+    ['Qwen2_5_VLForConditionalGeneration'] failed to be inspected``.  vLLM caches the result only
+    after one inspection succeeds, so the cache cannot help.  The workaround replaces
+    ``vllm.model_executor.models.registry._run_in_subprocess`` with a function that calls ``fn()``
+    in this process (where the shim is active).  It is applied only when the torchvision shim was
+    needed; with a working torchvision (every GPU runner) vLLM keeps its subprocess.
+
+``vllm_cpu_disabled_kernels``
+    On CPU, vLLM's ``CPUFp8PerTensorScaledMMLinearKernel`` is picked for FP8 linears on hosts with
+    AMX tiles; it rejects the BF16 bias that Qwen2.5-VL's q/k/v projections carry.  Adding it to
+    ``VLLM_DISABLED_KERNELS`` makes vLLM fall back to ``PerTensorTorchFP8ScaledMMLinearKernel``
+    (what hosts without AMX pick anyway, so there it changes nothing; identical outputs were
+    measured).  Set only for the CPU build of vLLM, appended to any user value.
+
+``hf_offline``
+    A checkpoint path that does not exist is treated by transformers/vLLM as a hub id and a network
+    call follows (``LocalEntryNotFoundError ... huggingface.co``).  vlq never downloads, so
+    ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` are set (unless the user set them) before a
+    serving engine starts.
+
 The shim only acts when torchvision's compiled extension is really missing, so on a machine with a
 matching torchvision (every GPU runner) it does nothing.
 """
@@ -16,6 +40,7 @@ matching torchvision (every GPU runner) it does nothing.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 _SHIM_STATE: dict[str, object] = {"applied": False, "library": None}
@@ -73,3 +98,60 @@ def apply_torchvision_schema_shim() -> bool:
 
 def torchvision_shim_applied() -> bool:
     return bool(_SHIM_STATE["applied"])
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM workarounds
+# ------------------------------------------------------------------------------------------------
+
+_VLLM_STATE: dict[str, object] = {"registry_patched": False, "original_run_in_subprocess": None}
+
+#: The CPU kernel that rejects a BF16 bias on AMX hosts (see ``vllm_cpu_disabled_kernels``).
+VLLM_CPU_DISABLED_KERNELS = ("CPUFp8PerTensorScaledMMLinearKernel",)
+
+
+def _run_inprocess(fn):
+    return fn()
+
+
+def apply_vllm_registry_inprocess() -> bool:
+    """Run vLLM's model-class inspection in this process when the torchvision shim is active.
+
+    Returns True when the registry now inspects in-process (patched now or earlier).
+    """
+    if _VLLM_STATE["registry_patched"]:
+        return True
+    apply_torchvision_schema_shim()
+    if not torchvision_shim_applied():
+        return False  # torchvision works in the child too: keep vLLM's subprocess
+    import vllm.model_executor.models.registry as registry
+
+    _VLLM_STATE["original_run_in_subprocess"] = registry._run_in_subprocess
+    registry._run_in_subprocess = _run_inprocess
+    _VLLM_STATE["registry_patched"] = True
+    return True
+
+
+def vllm_registry_patched() -> bool:
+    return bool(_VLLM_STATE["registry_patched"])
+
+
+def apply_vllm_cpu_disabled_kernels(platform: str | None) -> tuple[str, ...]:
+    """Add the AMX FP8 CPU kernel to ``VLLM_DISABLED_KERNELS`` for the CPU build of vLLM.
+
+    Returns the kernels now listed (empty when ``platform`` is not ``'cpu'``).
+    """
+    if platform != "cpu":
+        return ()
+    current = [k for k in os.environ.get("VLLM_DISABLED_KERNELS", "").split(",") if k]
+    for kernel in VLLM_CPU_DISABLED_KERNELS:
+        if kernel not in current:
+            current.append(kernel)
+    os.environ["VLLM_DISABLED_KERNELS"] = ",".join(current)
+    return tuple(current)
+
+
+def apply_hf_offline() -> None:
+    """Never reach the hub from a serving check (see ``hf_offline``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -437,14 +437,15 @@ def export_checkpoint(
         with torch.no_grad():
             export_hf_checkpoint(vlm, export_dir=tmp)
         _copy_processor_files(loaded, tmp)
-        report = inspect_checkpoint(tmp)
+        found = inspect_checkpoint(tmp)
+        # name the destination, not the temporary folder, in every message
+        report = CheckpointReport(export_dir, found.quant_config, found.layers, found.problems, found.unified_groups)
         if verify:
             report.require()
         _replace_dir(tmp, export_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = CheckpointReport(export_dir, report.quant_config, report.layers, report.problems, report.unified_groups)
     kv = report.quant_config.kv_cache_quant_algo is not None
     return ExportResult(export_dir, report, tuple(marked), tuple(unified), kv)
 
