@@ -396,9 +396,16 @@ class ExportResult:
     kv_cache_fp8: bool
 
 
-def add_fp8_kv_cache(loaded, calibration, forward_step) -> None:
-    """Quantize the LM's k/v cache to FP8 after the search, as ModelOpt's example does."""
+def add_fp8_kv_cache(loaded, calibration, forward_step) -> list[str]:
+    """Quantize the LM's k/v cache to FP8 after the search, calibrating only the k/v quantizers.
+
+    ``mtq.calibrate(algorithm="max")`` re-calibrates *every* enabled quantizer, which would move the
+    input/weight scales the search decided.  Every other enabled quantizer is disabled while the
+    k/v quantizers calibrate, then re-enabled with its amax untouched.  Returns the calibrated
+    k/v quantizer names.
+    """
     import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
     kv_cfg = {"quant_cfg": [{"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}}], "algorithm": "max"}
     batches = list(calibration.to(loaded.device).batches)
@@ -408,9 +415,21 @@ def add_fp8_kv_cache(loaded, calibration, forward_step) -> None:
             for batch in batches:
                 forward_step(model, batch)
 
-    mtq.set_quantizer_by_cfg(loaded.language_model, kv_cfg["quant_cfg"])
-    with torch.no_grad():
-        mtq.calibrate(loaded.language_model, algorithm="max", forward_loop=loop)
+    model = loaded.language_model
+    mtq.set_quantizer_by_cfg(model, kv_cfg["quant_cfg"])
+    kv_names = [n for n, q in model.named_modules() if isinstance(q, TensorQuantizer) and fnmatch.fnmatch(n, "*[kv]_bmm_quantizer") and q.is_enabled]
+    if not kv_names:
+        raise CheckpointError("No k/v cache quantizer found in the language model; FP8 KV cache needs ModelOpt's quantized attention.")
+    others = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer) and q.is_enabled and n not in set(kv_names)]
+    for quantizer in others:
+        quantizer.disable()
+    try:
+        with torch.no_grad():
+            mtq.calibrate(model, algorithm="max", forward_loop=loop)
+    finally:
+        for quantizer in others:
+            quantizer.enable()
+    return kv_names
 
 
 def export_checkpoint(
