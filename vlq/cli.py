@@ -119,8 +119,11 @@ def cmd_run(args) -> int:
     from .export import check_export_dir
     from .report import layer_table, summary_table
 
+    from .models import resolve_model_source
+
     scheme = build_scheme(args)
     out = Path(args.out or f"runs/{scheme.id}")
+    resolve_model_source(args.model)  # a bad model source is refused before anything is created
     check_export_dir(out / CHECKPOINT_DIR, args.overwrite)
     loaded, calibration, result, manifest = _search(args, scheme, out)
     checks = _export(args, loaded, calibration, result, manifest, out)
