@@ -444,7 +444,7 @@ def test_fp8_3b_random_serves_on_cpu(tmp_path, tiny_checkpoint):
     with PeakRss() as rss:
         loaded = build_3b_random()
         t_build = time.perf_counter() - t0
-        scheme = Scheme(formats=("fp8",), effective_bits=8.0, method="kl_div", num_calib_steps=1, num_score_steps=1, seq_len=16)
+        scheme = Scheme(formats=("fp8",), effective_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=16)
         calibration = synthetic_batches(vocab_size=loaded.vocab_size, num_batches=1, seq_len=16, max_token_id=900)
         result = search_lm_only(loaded, scheme, calibration)
         manifest = Manifest.from_search(result)
