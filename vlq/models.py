@@ -255,25 +255,19 @@ def build_tiny_tokenizer():
 def build_tiny_processor(tokenizer):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
 
-    image_processor = Qwen2VLImageProcessor(
+    geometry = dict(
         min_pixels=TINY_IMAGE_MIN_PIXELS,
         max_pixels=TINY_IMAGE_MAX_PIXELS,
         patch_size=TINY_VISION_CONFIG["patch_size"],
         temporal_patch_size=TINY_VISION_CONFIG["temporal_patch_size"],
         merge_size=TINY_VISION_CONFIG["spatial_merge_size"],
     )
-    video_processor = None
-    try:
+    image_processor = Qwen2VLImageProcessor(**geometry)
+    try:  # transformers 5 refuses a Qwen2.5-VL processor without a video processor
         from transformers import Qwen2VLVideoProcessor
 
-        video_processor = Qwen2VLVideoProcessor(
-            min_pixels=TINY_IMAGE_MIN_PIXELS,
-            max_pixels=TINY_IMAGE_MAX_PIXELS,
-            patch_size=TINY_VISION_CONFIG["patch_size"],
-            temporal_patch_size=TINY_VISION_CONFIG["temporal_patch_size"],
-            merge_size=TINY_VISION_CONFIG["spatial_merge_size"],
-        )
-    except (ImportError, ValueError, TypeError):  # video is optional for vlq
+        video_processor = Qwen2VLVideoProcessor(**geometry)
+    except (ImportError, ValueError, TypeError):
         video_processor = None
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
