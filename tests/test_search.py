@@ -19,15 +19,14 @@ from vlq.schemes import FORMATS, NO_QUANT, Scheme
 from vlq.search import LmHeadGuard, SearchResult, VisionGuard, search_lm_only
 
 FORMAT_SETS = {
-    "fp8": (("fp8",), 8.0),
+    "fp8": (("fp8",), 12.0),  # FP8 or BF16 per group: a real choice at 12 bits
     "fp8+int4_awq": (("fp8", "int4_awq"), 6.0),
     "fp8+w4a8_awq": (("fp8", "w4a8_awq"), 6.0),
     "fp8+int8_sq": (("fp8", "int8_sq"), 8.0),
 }
 MATRIX = [
     Scheme(formats=formats, effective_bits=bits, method=method, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32)
-    for key, (formats, bits) in FORMAT_SETS.items()
-    if key != "fp8"
+    for formats, bits in FORMAT_SETS.values()
     for method in ("gradient", "kl_div")
     for strategy in ("extract", "mask")
 ]
