@@ -29,15 +29,17 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    from vlq.capabilities import cuda_skip_reason
+    """Skip at collection, before any fixture builds a model, with the product's own reasons."""
+    from vlq.capabilities import cuda_skip_reason, vllm_skip_reason
 
-    reason = cuda_skip_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=reason)
+    cuda_reason = cuda_skip_reason()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        gpu = "gpu" in item.keywords
+        reason = cuda_reason if gpu else None
+        if reason is None and "vllm" in item.keywords:
+            reason = vllm_skip_reason("cuda" if gpu else "cpu")
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
