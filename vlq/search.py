@@ -167,6 +167,25 @@ def decisions_from_state(state: dict[str, Any], *, name_prefix: str, recipe: dic
     return tuple(groups)
 
 
+def resolve_decisions(state: dict[str, Any], effective_bits: float, *, name_prefix: str) -> tuple[GroupDecision, ...]:
+    """Re-solve a finished search for another effective-bits target without re-scoring.
+
+    Uses the same solver ModelOpt's ``get_auto_quantize_config(state, constraints)`` runs (its
+    ``_resolve_best_recipe``), but keeps the per-group recipes instead of flattening them into a
+    quantize config.  ``tests/test_sweep.py`` pins that the result equals a fresh search.
+    """
+    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
+
+    bits = float(effective_bits)
+    if not 0 < bits <= 16:
+        raise SchemeError(f"effective_bits must be in (0, 16], got {effective_bits}.")
+    try:
+        recipe = _resolve_best_recipe(state, {"effective_bits": bits})
+    except (KeyError, TypeError) as exc:
+        raise SearchStateError(f"Cannot re-solve: not an AutoQuant search state (missing {exc}).") from exc
+    return decisions_from_state(state, name_prefix=name_prefix, recipe=recipe)
+
+
 def lm_effective_bits(groups: tuple[GroupDecision, ...] | list[GroupDecision]) -> float:
     """Effective bits over ``groups``: chosen cost over uncompressed cost, times 16."""
     chosen = sum(g.candidate(g.chosen).cost for g in groups)

@@ -1,0 +1,61 @@
+"""Score once, solve many: every target's decisions equal a fresh search at that target."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from vlq.errors import SchemeError
+from vlq.manifest import Manifest
+from vlq.schemes import Scheme
+from vlq.search import search_lm_only
+from vlq.sweep import decision_agreement, sweep_targets
+
+SCHEME = Scheme(formats=("fp8", "int4_awq"), effective_bits=7.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
+TARGETS = (7.0, 5.0, 4.5, 10.0)
+
+
+@pytest.fixture(scope="module")
+def sweep(pristine_vlm, calibration, tmp_path_factory):
+    return sweep_targets(pristine_vlm, SCHEME, calibration, TARGETS, tmp_path_factory.mktemp("sweep"))
+
+
+def test_every_target_exported_and_verified(sweep):
+    assert [p.target_bits for p in sweep.points] == list(TARGETS)
+    for point in sweep.points:
+        assert point.verified and (point.export_path / "config.json").exists()
+        assert point.effective_bits <= point.target_bits + 1e-9
+
+
+def test_each_target_equals_a_fresh_search(sweep, pristine_vlm, calibration):
+    for point in sweep.points[1:3]:
+        fresh = search_lm_only(copy.deepcopy(pristine_vlm), SCHEME.with_(effective_bits=point.target_bits), calibration)
+        fresh_manifest = Manifest.from_search(fresh)
+        assert point.manifest.groups == fresh_manifest.groups
+        assert point.effective_bits == pytest.approx(fresh_manifest.effective_bits)
+
+
+def test_lower_targets_never_score_better(sweep):
+    """A Pareto curve: less bits, more (or equal) total sensitivity."""
+    ordered = sorted(sweep.points, key=lambda p: p.target_bits)
+    scores = [p.total_score for p in ordered]
+    assert all(a >= b - 1e-12 for a, b in zip(scores, scores[1:]))
+
+
+def test_sweep_json_round_trip(sweep):
+    data = json.loads((sweep.points[0].export_path.parent.parent / "sweep.json").read_text())
+    assert [p["target_bits"] for p in data["points"]] == list(TARGETS)
+    assert data["decisions_s"] >= data["search_s"]
+
+
+def test_agreement_detects_a_different_decision(sweep):
+    assert decision_agreement(sweep.points[0].manifest, sweep.points[0].manifest) == 1.0
+    assert decision_agreement(sweep.points[0].manifest, sweep.points[1].manifest) < 1.0
+
+
+def test_infeasible_target_refused_before_search(pristine_vlm, calibration, tmp_path):
+    with pytest.raises(SchemeError, match="minimum achievable"):
+        sweep_targets(pristine_vlm, SCHEME, calibration, (6.0, 3.0), tmp_path)
+    assert not (tmp_path / "search_state.pth").exists()
