@@ -123,7 +123,10 @@ def cmd_run(args) -> int:
 
     scheme = build_scheme(args)
     out = Path(args.out or f"runs/{scheme.id}")
+    if args.check_serving:
+        scheme.require_servable()  # an unservable scheme is refused before loading or searching
     resolve_model_source(args.model)  # a bad model source is refused before anything is created
+    scheme.require_device(args.device)
     check_export_dir(out / CHECKPOINT_DIR, args.overwrite)
     loaded, calibration, result, manifest = _search(args, scheme, out)
     checks = _export(args, loaded, calibration, result, manifest, out)
@@ -131,7 +134,13 @@ def cmd_run(args) -> int:
     print(layer_table(manifest))
     print()
     print(summary_table(manifest, checks))
-    return 0 if all(c.ok for c in checks) else 1
+    ok = all(c.ok for c in checks)
+    if args.check_serving:
+        from .serving import check_cli
+
+        print()
+        ok = check_cli(argparse.Namespace(path=str(out / CHECKPOINT_DIR), manifest=str(out / MANIFEST_FILE), reference=None)) == 0 and ok
+    return 0 if ok else 1
 
 
 def cmd_export(args) -> int:
@@ -169,6 +178,38 @@ def cmd_check(args) -> int:
     return check_cli(args)
 
 
+def cmd_sweep(args) -> int:
+    """Score once, then decide, export and verify every effective-bits target."""
+    from .sweep import sweep_targets
+
+    scheme = build_scheme(args)
+    targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    for target in targets:
+        scheme.with_(effective_bits=target)  # refuse an infeasible target before loading anything
+    out = Path(args.out or f"runs/sweep-{'+'.join(scheme.formats)}-{scheme.method}-{scheme.strategy}")
+    loaded, calibration = _load(args, scheme)
+    result = sweep_targets(loaded, scheme, calibration, targets, out, export=not args.no_export,
+                           overwrite=args.overwrite, progress=_say)
+    from tabulate import tabulate
+
+    print(tabulate([[p.target_bits, f"{p.effective_bits:.3f}", f"{p.total_score:.4g}", p.manifest.format_counts(),
+                     f"{p.resolve_s:.2f}", f"{p.export_s:.2f}", "PASS" if p.verified or args.no_export else "FAIL"]
+                    for p in result.points],
+                   headers=["target", "achieved", "score", "formats", "re-solve s", "export+verify s", "verified"], tablefmt="github"))
+    print(f"one search {result.search_s:.1f}s; all decisions {result.decisions_s:.1f}s; with exports {result.total_s:.1f}s")
+    _say(f"sweep written to {out / 'sweep.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.out, benchmarks=args.benchmarks or [], manifests=args.manifests or [],
+                        sweeps=args.sweeps or [], baseline=args.baseline)
+    _say(f"report written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     _scheme_args(p)
     p.add_argument("--out", help="run folder (default runs/<scheme id>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in the run folder")
+    p.add_argument("--check-serving", action="store_true",
+                   help="refuse a scheme vLLM cannot serve before loading, and check the export in vLLM (`vlq check`)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("search", help="LM-only AutoQuant search; writes manifest.json and the search state")
@@ -194,6 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep", help="score once, solve many: decide/export/verify several effective-bits targets")
+    _model_args(p)
+    _scheme_args(p)
+    p.add_argument("--targets", required=True, help="comma-separated effective-bits targets, e.g. 8,7,6,5")
+    p.add_argument("--out", help="sweep folder")
+    p.add_argument("--no-export", action="store_true", help="decide only (manifests), no checkpoints")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="Markdown tables and PNG plots from saved benchmarks, manifests and sweeps")
+    p.add_argument("--out", default="reports", help="output folder (default reports/)")
+    p.add_argument("--benchmarks", nargs="*", help="pytest-benchmark JSON files")
+    p.add_argument("--baseline", help="a saved benchmark JSON to compare against (regressions flagged)")
+    p.add_argument("--manifests", nargs="*", help="manifest.json files (per-layer format maps)")
+    p.add_argument("--sweeps", nargs="*", help="sweep.json files (Pareto curves)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("explain", help="print the live ModelOpt facts vlq relies on")
     p.add_argument("--format", default="fp8", help="format whose config entries to show")
