@@ -1,0 +1,60 @@
+"""`vlq report`: tables and plots from saved benchmark JSON, manifests and sweeps."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from vlq.manifest import Manifest
+from vlq.report import compare_runs, load_benchmarks, write_report
+from vlq.schemes import Scheme
+from vlq.search import search_lm_only
+from vlq.sweep import sweep_targets
+
+SAVED = Path(__file__).resolve().parent.parent / "reports" / "benchmarks" / "h200-3b.json"
+
+
+def _slower_copy(tmp_path, factor):
+    data = json.loads(SAVED.read_text())
+    for bench in data["benchmarks"]:
+        bench["stats"]["mean"] *= factor
+    path = tmp_path / f"x{factor}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_saved_benchmark_is_readable():
+    machine, rows = load_benchmarks(SAVED)
+    assert machine["gpu"] == "NVIDIA H200" and len(rows) == 4
+    assert all(r.peak_gpu_gib and r.effective_bits <= 6.0 for r in rows)
+
+
+def test_comparison_flags_a_regression(tmp_path):
+    _, base = load_benchmarks(SAVED)
+    _, same = load_benchmarks(_slower_copy(tmp_path, 1.0))
+    _, slow = load_benchmarks(_slower_copy(tmp_path, 1.5))
+    assert not any(row[-1] for row in compare_runs(base, same))
+    assert all(row[-1] for row in compare_runs(base, slow))
+
+
+@pytest.fixture(scope="module")
+def run_outputs(pristine_vlm, calibration, tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    loaded = copy.deepcopy(pristine_vlm)
+    scheme = Scheme(formats=("fp8", "int4_awq"), effective_bits=6.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
+    manifest_path = Manifest.from_search(search_lm_only(loaded, scheme, calibration)).save(out / "run" / "manifest.json")
+    sweep_targets(pristine_vlm, scheme.with_(effective_bits=7.0), calibration, (7.0, 5.0), out / "sweep", export=False)
+    return manifest_path, out / "sweep" / "sweep.json"
+
+
+def test_write_report(run_outputs, tmp_path):
+    manifest_path, sweep_path = run_outputs
+    slower = _slower_copy(tmp_path, 1.5)
+    md = write_report(tmp_path / "report", benchmarks=[slower], baseline=SAVED, manifests=[manifest_path], sweeps=[sweep_path])
+    text = md.read_text()
+    assert "REGRESSION" in text and "| layer" in text.replace("|   layer", "| layer")
+    for png in ("format_map_run.png", "pareto_sweep.png"):
+        assert (md.parent / png).stat().st_size > 1000 and png in text
