@@ -142,11 +142,18 @@ def _is_checkpoint_dir(path: Path) -> bool:
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished folder into place; an existing ``dest`` is swapped out, then removed."""
+    """Move a finished folder into place; an existing ``dest`` is swapped out, then removed.
+
+    Killed between the two renames, ``dest`` is missing and ``.dest.old-PID`` holds the previous
+    contents: :func:`recover_interrupted_export` puts it back on the next export.
+    """
+    from .state import kill_point
+
     backup = None
     if dest.exists():
         backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, backup)
+        kill_point("export-swap")
     try:
         os.replace(tmp, dest)
     except BaseException:
@@ -157,8 +164,45 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted_export(export_dir: Path) -> list[str]:
+    """Undo what an export killed mid-way left next to ``export_dir`` (by processes no longer alive).
+
+    A ``.NAME.partial-PID-*`` folder is an unfinished export: removed.  A ``.NAME.old-PID`` folder is
+    the previous checkpoint swapped out just before the new one moved in: restored when
+    ``export_dir`` is missing (the kill came between the two renames), else removed.
+    """
+    export_dir = Path(export_dir)
+    parent = export_dir.parent
+    actions: list[str] = []
+    if not parent.is_dir():
+        return actions
+    pattern = re.compile(rf"^\.{re.escape(export_dir.name)}\.(partial|old)-(\d+)(-.*)?$")
+    for entry in sorted(parent.iterdir()):
+        match = pattern.match(entry.name)
+        if not match or not entry.is_dir() or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not export_dir.exists():
+            os.replace(entry, export_dir)
+            actions.append(f"restored the previous checkpoint from {entry.name}")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            actions.append(f"removed {entry.name} left by an interrupted export")
+    return actions
+
+
 def check_export_dir(export_dir: Path, overwrite: bool) -> None:
     """Refuse, before any work, to write over something that is not ours to replace."""
+    recover_interrupted_export(export_dir)
     if export_dir.exists() and not export_dir.is_dir():
         raise CheckpointError(f"Export path {export_dir} is a file; pass a folder path.")
     if export_dir.exists() and any(export_dir.iterdir()) and not overwrite:
@@ -451,11 +495,14 @@ def export_checkpoint(
     if exclude_unsearched:  # False only for the negative control that reproduces the silent-garbage export
         marked = mark_unquantized({loaded.vision.root: vlm.get_submodule(loaded.vision.root), head_name: loaded.lm_head})
     unified = unify_fused_scales(loaded.language_model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.partial-", dir=export_dir.parent))
+    from .state import kill_point
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.partial-{os.getpid()}-", dir=export_dir.parent))
     try:
         with torch.no_grad():
             export_hf_checkpoint(vlm, export_dir=tmp)
         _copy_processor_files(loaded, tmp)
+        kill_point("export")
         found = inspect_checkpoint(tmp)
         # name the destination, not the temporary folder, in every message
         report = CheckpointReport(export_dir, found.quant_config, found.layers, found.problems, found.unified_groups)

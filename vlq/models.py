@@ -395,6 +395,8 @@ def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelSourceError(f"{config_file} is not valid JSON ({exc}); the checkpoint is broken.") from exc
+    except OSError as exc:
+        raise ModelSourceError(f"{config_file} cannot be read ({exc.strerror or exc}); fix the checkpoint folder.") from exc
     if not isinstance(config, dict):
         raise ModelSourceError(f"{config_file} must hold a JSON object, got {type(config).__name__}.")
     model_type = config.get("model_type")

@@ -105,6 +105,7 @@ class SearchResult:
     cost_excluded: tuple[str, ...] = ()
     restored_from_checkpoint: bool = False
     calibration_source: str = ""
+    score_calls: int = 0  # scoring steps run in this call (0 when scores were restored from a saved state)
 
     def lm_groups(self) -> tuple[GroupDecision, ...]:
         prefix = self.loaded.lm_path + "."
@@ -290,8 +291,10 @@ class _PhaseClock:
         self.first_score: float | None = None
         self.last_score: float | None = None
         self.end: float | None = None
+        self.score_calls = 0
 
     def mark_score(self, when: float | None = None):
+        self.score_calls += 1
         now = time.perf_counter() if when is None else when
         if self.first_score is None:
             self.first_score = now
@@ -378,11 +381,16 @@ def search_lm_only(
 
     restored = False
     if checkpoint is not None:
+        from .state import check_resume, search_settings, write_sidecar
+
         checkpoint = Path(checkpoint)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         restored = checkpoint.exists()
+        settings = search_settings(loaded, scheme, calibration)
         if restored:
-            _check_search_checkpoint(checkpoint, scheme, loaded)
+            check_resume(checkpoint, settings)  # names any differing setting; weights-only read
+        else:
+            write_sidecar(checkpoint, settings)
 
     data = list(calibration.to(loaded.device).batches)
     say(f"search {scheme.id}: {len(data)} batches of {calibration.batch_size}x{calibration.seq_len} tokens")
@@ -392,8 +400,11 @@ def search_lm_only(
         torch.cuda.reset_peak_memory_stats()
     was_training = model.training
     model.eval()
+    from .state import modelopt_state_io
+
+    oom_message = None
     try:
-        with PeakRss() as rss:
+        with PeakRss() as rss, modelopt_state_io():
             clock.start = time.perf_counter()
             _, state = mtq.auto_quantize(
                 model,
@@ -420,15 +431,10 @@ def search_lm_only(
             raise SearchStateError(f"Search checkpoint {checkpoint} was made with other settings: {message}") from exc
         raise
     except RuntimeError as exc:
-        if _is_cuda_oom(exc):
-            raise ResourceError(
-                f"GPU out of memory during the AutoQuant search {scheme.id} "
-                f"(batch_size={calibration.batch_size}, seq_len={calibration.seq_len}, "
-                f"num_calib_steps={scheme.num_calib_steps}, num_score_steps={scheme.num_score_steps}). "
-                "Lower batch_size or seq_len first (scoring keeps activations for the backward pass), "
-                "or use method=kl_div with fewer score steps."
-            ) from exc
-        raise
+        if not _is_cuda_oom(exc):
+            raise
+        # Keep only the text: the exception's traceback pins every frame's activations on the GPU.
+        oom_message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
     finally:
         model.train(was_training)
         # ModelOpt switches on gradient checkpointing for HF models while scoring; the searched
@@ -436,6 +442,18 @@ def search_lm_only(
         for candidate in (model, loaded.vlm):
             if getattr(candidate, "is_gradient_checkpointing", False):
                 candidate.gradient_checkpointing_disable()
+    if oom_message is not None:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise ResourceError(
+            f"GPU out of memory during the AutoQuant search {scheme.id} "
+            f"(batch_size={calibration.batch_size}, seq_len={calibration.seq_len}, "
+            f"num_calib_steps={scheme.num_calib_steps}, num_score_steps={scheme.num_score_steps}). "
+            "Lower batch_size or seq_len first (scoring keeps activations for the backward pass), "
+            f"or use method=kl_div with fewer score steps. ({oom_message})"
+        )
     peak_gpu = torch.cuda.max_memory_allocated() if cuda else None
 
     groups = decisions_from_state(state, name_prefix=prefix)
@@ -456,12 +474,14 @@ def search_lm_only(
         cost_excluded=excluded,
         restored_from_checkpoint=restored,
         calibration_source=calibration.source,
+        score_calls=clock.score_calls,
     )
     result.effective_bits = lm_effective_bits(result.lm_groups())
     say(
         f"search {scheme.id}: {result.effective_bits:.3f} effective bits over the LM, "
         f"{result.times.total_s:.1f}s (calibrate {result.times.calibrate_s:.1f}s, "
         f"score {result.times.score_s:.1f}s, solve {result.times.solve_s:.1f}s)"
+        + (f"; calibration and scores restored from {checkpoint}, no scoring step ran" if restored and not result.score_calls else "")
     )
     return result
 
@@ -476,16 +496,10 @@ def _refuse_already_quantized(loaded: LoadedVLM) -> None:
 
 
 def _check_search_checkpoint(path: Path, scheme: Scheme, loaded: LoadedVLM) -> None:
-    """Refuse unreadable checkpoints early; ModelOpt itself checks formats/method/setup on restore."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise SearchStateError(
-            f"Search checkpoint {path} cannot be read ({type(exc).__name__}: {exc}). Delete it to "
-            "search again from scratch."
-        ) from exc
-    if not isinstance(state, dict) or "candidate_stats" not in state:
-        raise SearchStateError(f"{path} is not an AutoQuant search checkpoint (no candidate_stats).")
+    """Refuse unreadable or unsafe checkpoints early (weights-only read); see :mod:`vlq.state`."""
+    from .state import load_search_state
+
+    state = load_search_state(path)
     method = state.get("method")
     if method not in (None, scheme.method):
         raise SearchStateError(
