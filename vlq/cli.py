@@ -37,6 +37,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data", help="calibration text: a local .txt (one sample per line) or .jsonl with a 'text' field")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")
+    p.add_argument("--images", help="image+text calibration instead of text: 'generated' (seeded synthetic images) or a "
+                   "local imagefolder folder (images + metadata.jsonl) / .jsonl of image paths with a text field")
 
 
 def build_scheme(args):
@@ -59,7 +61,12 @@ def _load(args, scheme):
     _say(f"loading {args.model} on {args.device}")
     loaded = load_vlm(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     batches = max(scheme.num_calib_steps, scheme.num_score_steps)
-    if loaded.tokenizer is not None:
+    if getattr(args, "images", None):
+        from .calibration import image_text_calibration
+
+        calibration = image_text_calibration(loaded, args.images, num_batches=batches, batch_size=scheme.batch_size,
+                                             seq_len=scheme.seq_len, seed=getattr(args, "seed", 0))
+    elif loaded.tokenizer is not None:
         calibration = text_batches(loaded.tokenizer, vocab_size=loaded.vocab_size, num_batches=batches,
                                    batch_size=scheme.batch_size, seq_len=scheme.seq_len, path=args.data)
     else:
@@ -156,6 +163,10 @@ def cmd_export(args) -> int:
 
     check_export_dir(out / CHECKPOINT_DIR, args.overwrite)
     args.model = args.model or manifest.model_source
+    if args.images is None:  # an image+text search is restored from the batches it was scored on
+        from .calibration import images_option_from_source
+
+        args.images, args.seed = images_option_from_source(manifest.calibration_source)
     loaded, calibration, result, restored = _search(args, manifest.scheme, out)
     if restored.groups != manifest.groups:
         raise VlqError("The restored search decided differently from the saved manifest; the search state does not match it.")
@@ -210,6 +221,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare_calibration(args) -> int:
+    """Text-only vs image+text search on one model and budget (issue 7): agreement, rank correlation, plot."""
+    from .compare import compare_calibrations, search_and_compare
+    from .manifest import Manifest
+
+    if bool(args.text_manifest) != bool(args.image_manifest):
+        raise VlqError("--text-manifest and --image-manifest go together (compare two saved searches).")
+    if args.text_manifest:
+        comparison = compare_calibrations(Manifest.load(args.text_manifest), Manifest.load(args.image_manifest))
+        out = Path(args.out or "runs/compare-calibration")
+        comparison.write(out)
+    else:
+        from .calibration import image_text_calibration
+
+        scheme = build_scheme(args)
+        out = Path(args.out or f"runs/compare-calibration-{scheme.id}")
+        images, args.images = args.images or "generated", None  # _load builds the text-only side
+        loaded, text = _load(args, scheme)
+        if text.kind != "text":
+            raise VlqError(f"{args.model} has no tokenizer, so there is no real text to compare against ({text.source}).")
+        image_text = image_text_calibration(loaded, images, num_batches=len(text), batch_size=scheme.batch_size,
+                                            seq_len=scheme.seq_len, seed=args.seed)
+        _say(f"image+text calibration: {image_text.num_samples} samples from {image_text.source}")
+        comparison = search_and_compare(loaded, scheme, text, image_text, out_dir=out, progress=_say).comparison
+    print(comparison.markdown(plot_path=str(out / "comparison.png")))
+    _say(f"comparison written to {out / 'comparison.md'} (+ comparison.json, comparison.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model source (default: the one in the manifest)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data")
+    p.add_argument("--images", help="image+text calibration of the search (default: the one its manifest names)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -254,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifests", nargs="*", help="manifest.json files (per-layer format maps)")
     p.add_argument("--sweeps", nargs="*", help="sweep.json files (Pareto curves)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare-calibration", help="search text-only and image+text on one model and budget; compare the decisions")
+    _model_args(p)
+    _scheme_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    p.add_argument("--text-manifest", help="compare two saved manifests instead of searching: the text-only one")
+    p.add_argument("--image-manifest", help="... and the image+text one")
+    p.add_argument("--out", help="folder for comparison.md/.json/.png and both manifests")
+    p.set_defaults(func=cmd_compare_calibration)
 
     p = sub.add_parser("explain", help="print the live ModelOpt facts vlq relies on")
     p.add_argument("--format", default="fp8", help="format whose config entries to show")

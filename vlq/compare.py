@@ -1,0 +1,382 @@
+"""Text-only versus image+text calibration: does the search decide differently when it sees images?
+
+The language model of Qwen2.5-VL reads visual tokens in deployment, but text-only calibration never
+shows it any.  :func:`compare_calibrations` takes two manifests of the same model, formats, target
+and method — one searched on text, one on image+text — and reports
+
+* per-group decision agreement (same chosen format, fraction of groups);
+* rank correlation (Spearman, average ranks for ties) of the sensitivity scores, over every
+  (group, quantized format) pair and per format;
+* which layers move: groups whose decision changed, and the largest shifts in sensitivity rank.
+
+A group's *sensitivity* is its score for the most aggressive candidate format (lowest effective
+bits): that is the choice the bit budget presses on.  Scores of the two runs are on different
+scales (different losses), which is why only ranks are compared.
+
+:func:`search_and_compare` runs both searches on private copies of one loaded model, checks the
+vision/lm_head guards on each and returns the comparison with both manifests.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import ManifestMismatch, SchemeError
+from .manifest import Manifest
+from .schemes import FORMATS, NO_QUANT
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Rank statistics (numpy only; scipy is optional and not used)
+# ------------------------------------------------------------------------------------------------
+
+
+def average_ranks(values) -> np.ndarray:
+    """Ranks 1..n of ``values``, ties sharing their average rank (scipy's ``rankdata(method='average')``)."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman(a, b) -> float | None:
+    """Spearman's rank correlation of ``a`` and ``b``; ``None`` when undefined (n < 2 or a constant side)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"spearman needs equal lengths, got {a.shape} and {b.shape}")
+    if len(a) < 2:
+        return None
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    if denom == 0.0:
+        return None
+    return float((ra * rb).sum() / denom)
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupComparison:
+    """One decision group under both calibrations."""
+
+    name: str
+    layer: int | None
+    label: str  # member leaf names, e.g. q_proj+k_proj+v_proj
+    text_chosen: str
+    image_text_chosen: str
+    text_scores: tuple[tuple[str, float], ...]  # (format, score) for every quantized candidate
+    image_text_scores: tuple[tuple[str, float], ...]
+    text_rank: float  # sensitivity rank among all groups, 1 = least sensitive
+    image_text_rank: float
+
+    @property
+    def agrees(self) -> bool:
+        return self.text_chosen == self.image_text_chosen
+
+    @property
+    def rank_shift(self) -> float:
+        """Positive: more sensitive under image+text calibration."""
+        return self.image_text_rank - self.text_rank
+
+
+@dataclass(frozen=True)
+class CalibrationComparison:
+    """Text-only versus image+text search on the same model, formats, target and method."""
+
+    model_source: str
+    scheme_id: str
+    formats: tuple[str, ...]  # quantized candidate formats
+    sensitivity_format: str  # the format whose score is a group's sensitivity
+    target_bits: float
+    text_source: str
+    image_text_source: str
+    text_bits: float
+    image_text_bits: float
+    groups: tuple[GroupComparison, ...]
+    spearman: float | None  # over every (group, quantized format) pair
+    spearman_by_format: tuple[tuple[str, float | None], ...]
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def n_agree(self) -> int:
+        return sum(g.agrees for g in self.groups)
+
+    @property
+    def agreement(self) -> float:
+        return self.n_agree / len(self.groups) if self.groups else 1.0
+
+    @property
+    def moved(self) -> tuple[GroupComparison, ...]:
+        """Groups whose chosen format differs between the two calibrations."""
+        return tuple(g for g in self.groups if not g.agrees)
+
+    def largest_rank_shifts(self, n: int = 5) -> tuple[GroupComparison, ...]:
+        return tuple(sorted(self.groups, key=lambda g: (-abs(g.rank_shift), g.name))[:n])
+
+    def moved_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({g.layer for g in self.moved if g.layer is not None}))
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["agreement"] = self.agreement
+        data["n_agree"] = self.n_agree
+        data["moved"] = [g.name for g in self.moved]
+        data["moved_layers"] = list(self.moved_layers())
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    # -- report --------------------------------------------------------------------------------
+    def summary_rows(self) -> list[list[str]]:
+        def rho(v):
+            return "undefined" if v is None else f"{v:.3f}"
+
+        rows = [
+            ["model", self.model_source],
+            ["scheme", self.scheme_id],
+            ["text-only calibration", self.text_source],
+            ["image+text calibration", self.image_text_source],
+            ["LM effective bits (text / image+text)", f"{self.text_bits:.3f} / {self.image_text_bits:.3f} (target {self.target_bits:g})"],
+            ["decision agreement", f"{self.n_agree}/{len(self.groups)} groups ({self.agreement:.1%})"],
+            ["Spearman rho, all (group, format) scores", rho(self.spearman)],
+        ]
+        rows += [[f"Spearman rho, {fmt} scores", rho(v)] for fmt, v in self.spearman_by_format]
+        rows.append(["layers whose decisions move", ", ".join(map(str, self.moved_layers())) or "none"])
+        return rows
+
+    def markdown(self, *, plot_path: str | None = None, top: int = 8, fmt: str = "github") -> str:
+        from tabulate import tabulate
+
+        parts = ["## Text-only vs image+text calibration", "", tabulate(self.summary_rows(), headers=["", ""], tablefmt=fmt), ""]
+        if self.moved:
+            parts += [
+                "### Groups whose decision moves", "",
+                tabulate(
+                    [[g.name, g.text_chosen, g.image_text_chosen, f"{g.text_rank:g}", f"{g.image_text_rank:g}"] for g in self.moved],
+                    headers=["group", "text-only", "image+text", "text rank", "image+text rank"], tablefmt=fmt,
+                ),
+                "",
+            ]
+        else:
+            parts += ["Every group gets the same format under both calibrations.", ""]
+        parts += [
+            f"### Largest shifts in {self.sensitivity_format} sensitivity rank (1 = least sensitive)", "",
+            tabulate(
+                [[g.name, f"{g.text_rank:g}", f"{g.image_text_rank:g}", f"{g.rank_shift:+g}", "yes" if g.agrees else "no"]
+                 for g in self.largest_rank_shifts(top)],
+                headers=["group", "text rank", "image+text rank", "shift", "same decision"], tablefmt=fmt,
+            ),
+            "",
+        ]
+        if plot_path:
+            parts += [f"![text-only vs image+text sensitivity scores]({plot_path})", ""]
+        return "\n".join(parts)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Scatter of text-only vs image+text scores per (group, format), colored by decision agreement."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=110)
+        markers = "osD^v<>"
+        positive = [s for g in self.groups for _, s in g.text_scores + g.image_text_scores if s > 0]
+        floor = min(positive) / 10 if positive else 1e-12
+        for k, fmt in enumerate(self.formats):
+            for agrees, color, label in ((True, "tab:green", "same decision"), (False, "tab:red", "decision moves")):
+                xs, ys = [], []
+                for g in self.groups:
+                    if g.agrees != agrees:
+                        continue
+                    xs.append(max(dict(g.text_scores)[fmt], floor))
+                    ys.append(max(dict(g.image_text_scores)[fmt], floor))
+                if xs:
+                    ax.scatter(xs, ys, c=color, marker=markers[k % len(markers)], alpha=0.8, edgecolors="none",
+                               label=f"{fmt}: {label} ({len(xs)})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("text-only sensitivity score")
+        ax.set_ylabel("image+text sensitivity score")
+        rho = "undefined" if self.spearman is None else f"{self.spearman:.3f}"
+        ax.set_title(f"{self.scheme_id}\nagreement {self.agreement:.0%}, Spearman rho {rho}", fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(True, which="both", alpha=0.2)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """``comparison.json``, ``comparison.png`` and ``comparison.md`` (which embeds the plot) in ``out_dir``."""
+        from .export import atomic_write_text
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        png = self.plot(out / "comparison.png")
+        js = atomic_write_text(out / "comparison.json", self.to_json())
+        md = atomic_write_text(out / "comparison.md", self.markdown(plot_path=png.name) + "\n")
+        return {"json": js, "plot": png, "markdown": md}
+
+
+def _label(members: tuple[str, ...]) -> str:
+    return "+".join(m.rsplit(".", 1)[-1] for m in members)
+
+
+def _scores(group, formats: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    by_format = {c.format: c.score for c in group.candidates}
+    return tuple((f, float(by_format[f])) for f in formats)
+
+
+def compare_calibrations(text: Manifest, image_text: Manifest) -> CalibrationComparison:
+    """Compare two manifests of one model, formats, target and method, calibrated differently.
+
+    Refuses manifests of different models or schemes (the comparison would mean nothing) and
+    manifests whose decision groups differ.  Deterministic: the same manifests give an equal result.
+    """
+    problems = []
+    if text.model_source != image_text.model_source:
+        problems.append(f"model {text.model_source!r} != {image_text.model_source!r}")
+    for field in ("formats", "effective_bits", "method"):
+        a, b = getattr(text.scheme, field), getattr(image_text.scheme, field)
+        if a != b:
+            problems.append(f"{field} {a!r} != {b!r}")
+    if problems:
+        raise SchemeError("Text-only and image+text searches must share model and budget to be compared: " + "; ".join(problems) + ".")
+    text_groups = {g.name: g for g in text.groups}
+    image_groups = {g.name: g for g in image_text.groups}
+    if set(text_groups) != set(image_groups):
+        only_text = sorted(set(text_groups) - set(image_groups))
+        only_image = sorted(set(image_groups) - set(text_groups))
+        raise ManifestMismatch(f"The two manifests decide different groups (only text-only: {only_text[:3]}, only image+text: {only_image[:3]}).")
+    formats = tuple(f for f in text.scheme.formats if f != NO_QUANT)
+    sensitivity_format = min(formats, key=lambda f: (FORMATS[f].effective_bits if f in FORMATS else 16.0, f))
+    names = [g.name for g in text.groups]  # manifest order: layer by layer
+    for name in names:
+        if text_groups[name].members != image_groups[name].members:
+            raise ManifestMismatch(f"group {name} has members {text_groups[name].members} vs {image_groups[name].members}.")
+    text_sens = [dict(_scores(text_groups[n], formats))[sensitivity_format] for n in names]
+    image_sens = [dict(_scores(image_groups[n], formats))[sensitivity_format] for n in names]
+    text_ranks, image_ranks = average_ranks(text_sens), average_ranks(image_sens)
+    groups = []
+    for i, name in enumerate(names):
+        t, v = text_groups[name], image_groups[name]
+        match = _LAYER_RE.search(name + ".")
+        groups.append(GroupComparison(
+            name=name,
+            layer=int(match.group(1)) if match else None,
+            label=_label(t.members),
+            text_chosen=t.chosen,
+            image_text_chosen=v.chosen,
+            text_scores=_scores(t, formats),
+            image_text_scores=_scores(v, formats),
+            text_rank=float(text_ranks[i]),
+            image_text_rank=float(image_ranks[i]),
+        ))
+    all_text = [s for g in groups for _, s in g.text_scores]
+    all_image = [s for g in groups for _, s in g.image_text_scores]
+    by_format = tuple(
+        (f, spearman([dict(g.text_scores)[f] for g in groups], [dict(g.image_text_scores)[f] for g in groups]))
+        for f in formats
+    )
+    return CalibrationComparison(
+        model_source=text.model_source,
+        scheme_id=text.scheme.id,
+        formats=formats,
+        sensitivity_format=sensitivity_format,
+        target_bits=float(text.scheme.effective_bits),
+        text_source=text.calibration_source,
+        image_text_source=image_text.calibration_source,
+        text_bits=float(text.effective_bits),
+        image_text_bits=float(image_text.effective_bits),
+        groups=tuple(groups),
+        spearman=spearman(all_text, all_image),
+        spearman_by_format=by_format,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Both searches, guarded
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComparisonRun:
+    comparison: CalibrationComparison
+    text_manifest: Manifest
+    image_text_manifest: Manifest
+
+
+def search_and_compare(
+    loaded,
+    scheme,
+    text_calibration,
+    image_text_calibration,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ComparisonRun:
+    """Search ``scheme`` on a copy of ``loaded`` with each calibration set and compare the two.
+
+    ``loaded`` itself is never quantized.  Each search must pass the vision-tower and lm_head guards
+    and its manifest must match the searcher state and the live quantizers; with ``out_dir`` the
+    manifests go to ``out_dir/text/manifest.json`` and ``out_dir/image_text/manifest.json`` and the
+    comparison's JSON, Markdown and plot next to them.
+    """
+    from .search import check_guards, search_lm_only
+
+    say = progress or (lambda _msg: None)
+    if image_text_calibration.kind != "image_text":
+        raise SchemeError(f"The image+text side got {image_text_calibration.kind!r} calibration data ({image_text_calibration.source}).")
+    if text_calibration.kind == "image_text":
+        raise SchemeError(f"The text-only side got image+text calibration data ({text_calibration.source}).")
+    manifests = {}
+    for label, calibration in (("text", text_calibration), ("image_text", image_text_calibration)):
+        say(f"{label} search on {calibration.source}")
+        copy_ = copy.deepcopy(loaded)
+        result = search_lm_only(copy_, scheme, calibration, progress=say)
+        for guard in check_guards(result):
+            guard.require()
+        manifest = Manifest.from_search(result)
+        manifest.verify(state=result.modelopt_state, model=copy_.vlm).require()
+        if out_dir is not None:
+            manifest.save(Path(out_dir) / label / "manifest.json")
+        manifests[label] = manifest
+        del result, copy_
+        gc.collect()
+        if getattr(loaded.device, "type", "cpu") == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+    comparison = compare_calibrations(manifests["text"], manifests["image_text"])
+    if out_dir is not None:
+        comparison.write(out_dir)
+    return ComparisonRun(comparison, manifests["text"], manifests["image_text"])
