@@ -52,7 +52,7 @@ def test_recommended_settings_3b_gpu(benchmark, gpu_pristine_vlm):
         loaded = copy.deepcopy(pristine)
         try:
             result = search_lm_only(loaded, Scheme(**base, **settings), calibration_for(settings))
-            return Manifest.from_search(result), result.times.total_s, result.peak_gpu_bytes / 2**30
+            return Manifest.from_search(result), result.times.total_s, result.peak_gpu_own_bytes / 2**30
         finally:
             del loaded
             gc.collect()

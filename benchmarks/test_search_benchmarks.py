@@ -43,6 +43,7 @@ def _record(benchmark, result, calibration, device_name):
         solve_s=round(result.times.solve_s, 3),
         peak_rss_gib=round(result.peak_rss_bytes / 2**30, 3),
         peak_gpu_gib=None if result.peak_gpu_bytes is None else round(result.peak_gpu_bytes / 2**30, 3),
+        peak_gpu_own_gib=None if result.peak_gpu_own_bytes is None else round(result.peak_gpu_own_bytes / 2**30, 3),
         effective_bits=round(result.effective_bits, 4),
         total_score=result.total_score,
         num_calib_steps=scheme.num_calib_steps,

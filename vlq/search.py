@@ -106,6 +106,9 @@ class SearchResult:
     restored_from_checkpoint: bool = False
     calibration_source: str = ""
     score_calls: int = 0  # scoring steps run in this call (0 when scores were restored from a saved state)
+    # peak GPU memory as if the searched model were the only thing on the GPU (other resident
+    # tensors, e.g. a test session's read-only copy of the model, subtracted)
+    peak_gpu_own_bytes: int | None = None
 
     def lm_groups(self) -> tuple[GroupDecision, ...]:
         prefix = self.loaded.lm_path + "."
@@ -439,6 +442,8 @@ def search_lm_only(
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        model_bytes = sum(t.numel() * t.element_size() for t in (*loaded.vlm.parameters(), *loaded.vlm.buffers()) if t.is_cuda)
+        other_gpu_bytes = max(0, torch.cuda.memory_allocated() - model_bytes)
     was_training = model.training
     model.eval()
     from .state import modelopt_state_io
@@ -516,6 +521,7 @@ def search_lm_only(
         restored_from_checkpoint=restored,
         calibration_source=calibration.source,
         score_calls=clock.score_calls,
+        peak_gpu_own_bytes=None if peak_gpu is None else peak_gpu - other_gpu_bytes,
     )
     result.effective_bits = lm_effective_bits(result.lm_groups())
     say(
