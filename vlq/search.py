@@ -18,6 +18,7 @@ typed :class:`GroupDecision` objects.
 from __future__ import annotations
 
 import fnmatch
+import gc
 import os
 import threading
 import time
@@ -408,10 +409,16 @@ def search_lm_only(
     clock = _PhaseClock()
     forward = make_forward_step(loaded, scheme.strategy)
 
+    gpu_peak_seen = [0]
+
     def forward_step(m, batch):
         if torch.is_inference_mode_enabled():  # kl_div scoring runs under inference mode
             clock.mark_score()
         out = forward(m, batch)
+        if out.is_cuda:
+            # ModelOpt's gradient searcher resets CUDA's peak counter when scoring starts, so the
+            # calibration peak is read here, before that reset can happen.
+            gpu_peak_seen[0] = max(gpu_peak_seen[0], torch.cuda.max_memory_allocated())
         return out
 
     def loss_func(output, batch):
@@ -441,6 +448,7 @@ def search_lm_only(
     cuda = loaded.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
+        gc.collect()  # garbage from earlier work (reference cycles) would otherwise count as "other"
         torch.cuda.reset_peak_memory_stats()
         model_bytes = sum(t.numel() * t.element_size() for t in (*loaded.vlm.parameters(), *loaded.vlm.buffers()) if t.is_cuda)
         other_gpu_bytes = max(0, torch.cuda.memory_allocated() - model_bytes)
@@ -500,7 +508,7 @@ def search_lm_only(
             "Lower batch_size or seq_len first (scoring keeps activations for the backward pass), "
             f"or use method=kl_div with fewer score steps. ({oom_message})"
         )
-    peak_gpu = torch.cuda.max_memory_allocated() if cuda else None
+    peak_gpu = max(torch.cuda.max_memory_allocated(), gpu_peak_seen[0]) if cuda else None
 
     groups = decisions_from_state(state, name_prefix=prefix)
     result = SearchResult(
