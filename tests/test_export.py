@@ -79,8 +79,6 @@ def test_unquantized_checkpoint_has_no_quantized_layers(tiny_checkpoint):
 
 
 def test_inspector_catches_unshared_fused_scales(searched_fp8, tmp_path):
-    import json
-
     from safetensors.torch import load_file, save_file
 
     dest = export_checkpoint(searched_fp8, tmp_path / "ckpt").path

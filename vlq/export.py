@@ -25,13 +25,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from ._atomic import atomic_write
 from .errors import CheckpointError
-from .schemes import FORMATS, NO_QUANT
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
@@ -122,19 +122,7 @@ def unify_fused_scales(model: nn.Module) -> list[tuple[str, ...]]:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(text))
 
 
 def _is_checkpoint_dir(path: Path) -> bool:

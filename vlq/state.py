@@ -32,12 +32,12 @@ import math
 import os
 import pickle
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from ._atomic import atomic_write
 from .errors import SearchStateError
 
 SIDECAR_SUFFIX = ".vlq.json"
@@ -228,17 +228,7 @@ def _atomic_torch_save(obj: Any, f, **kwargs) -> None:
     if not isinstance(f, (str, os.PathLike)):
         torch.save(_sanitize_for_save(obj), f, **kwargs)
         return
-    path = Path(f)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(_sanitize_for_save(obj), fh, **kwargs)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(f, lambda fh: torch.save(_sanitize_for_save(obj), fh, **kwargs), binary=True)
     scored = isinstance(obj, dict) and bool(obj.get("candidate_stats"))
     kill_point("scoring" if scored else "calibration")
 
