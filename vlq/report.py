@@ -139,6 +139,13 @@ def comparison_table(comparison, fmt: str = "github") -> str:
     return tabulate(rows, headers=["benchmark", "base s", "new s", "time", "base GiB", "new GiB", "memory", "verdict"], tablefmt=fmt)
 
 
+def _save_png(fig, path: _Path) -> None:
+    """Write a figure atomically: readers never see half a PNG."""
+    from ._atomic import atomic_write
+
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100), binary=True)
+
+
 def _plt():
     import matplotlib
 
@@ -164,7 +171,7 @@ def plot_scaling(rows: list[BenchRow], out_dir: _Path) -> list[_Path]:
         ax[1].set_xlabel(knob), ax[1].set_ylabel("peak memory (GiB)")
         fig.tight_layout()
         path = out_dir / f"scaling_{knob}.png"
-        fig.savefig(path, dpi=100)
+        _save_png(fig, path)
         plt.close(fig)
         written.append(path)
     return written
@@ -196,7 +203,7 @@ def plot_format_map(manifest: Manifest, path: _Path) -> _Path:
     ax.legend(handles=[Patch(color=FORMAT_COLORS.get(f, "#000"), label=f) for f in formats], fontsize=7,
               bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -212,7 +219,7 @@ def plot_pareto(sweep: dict, path: _Path) -> _Path:
     ax.set_xlabel("achieved LM effective bits"), ax.set_ylabel("total sensitivity score")
     ax.set_title("score once, solve many: " + "+".join(sweep["scheme"]["formats"]), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
