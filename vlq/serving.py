@@ -150,6 +150,13 @@ def _num_text_layers(path: Path) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def _layer_named(layers, name: str):
+    for layer in layers:
+        if layer.name == name:
+            return layer
+    raise KeyError(name)
+
+
 @dataclass(frozen=True)
 class ServedLayer:
     """One module of the served (or resolved) model that carries a quant method."""
@@ -224,10 +231,7 @@ class ServingReport:
     peak_rss_bytes: int = 0
 
     def layer(self, name: str) -> ServedLayer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
+        return _layer_named(self.layers, name)
 
 
 @dataclass(frozen=True)
@@ -243,10 +247,7 @@ class QuantResolution:
     errors: tuple[str, ...] = ()
 
     def layer(self, name: str) -> ServedLayer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
+        return _layer_named(self.layers, name)
 
 
 @dataclass(frozen=True)
