@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ManifestMismatch
 from .schemes import FORMATS, NO_QUANT, Scheme, live_signature
-from .search import Candidate, GroupDecision, SearchResult, decisions_from_state, lm_effective_bits
+from .search import Candidate, GroupDecision, SearchResult, decisions_from_state, groups_within, lm_effective_bits
 
 MANIFEST_VERSION = 1
 
@@ -107,9 +107,7 @@ class Manifest:
     def with_groups(self, groups, *, effective_bits: float | None = None) -> "Manifest":
         """A copy with other decisions (re-solve, or a tampered copy in tests)."""
         groups = tuple(groups)
-        bits = effective_bits if effective_bits is not None else lm_effective_bits(
-            [GroupDecision(g.name, g.members, g.chosen, g.candidates, True, 1.0) for g in groups]
-        )
+        bits = effective_bits if effective_bits is not None else lm_effective_bits(groups)
         return Manifest(
             self.model_source, self.lm_path, self.vision_root, self.tied_lm_head, self.scheme, groups,
             bits, sum(next(c.score for c in g.candidates if c.format == g.chosen) for g in groups),
@@ -216,7 +214,7 @@ class Manifest:
 
     def _self_consistency(self) -> list[str]:
         problems = []
-        bits = lm_effective_bits([GroupDecision(g.name, g.members, g.chosen, g.candidates, True, 1.0) for g in self.groups])
+        bits = lm_effective_bits(self.groups)
         if not math.isclose(bits, self.effective_bits, rel_tol=1e-9, abs_tol=1e-9):
             problems.append(f"effective_bits {self.effective_bits} != {bits} recomputed from the groups' costs")
         return problems
@@ -224,8 +222,7 @@ class Manifest:
     def _against_state(self, state: dict[str, Any]) -> list[str]:
         problems = self._self_consistency()
         decided = decisions_from_state(state, name_prefix=self.strategy_prefix)
-        prefix = self.lm_path + "."
-        expected = {g.name: g for g in decided if all(m.startswith(prefix) for m in g.members)}
+        expected = {g.name: g for g in groups_within(decided, self.lm_path)}
         mine = {g.name: g for g in self.groups}
         for name in sorted(set(expected) - set(mine)):
             problems.append(f"group {name} is in the searcher state but not in the manifest")

@@ -65,10 +65,6 @@ class GroupDecision:
                 return c
         raise KeyError(f"{fmt} is not a candidate of {self.name}")
 
-    @property
-    def uncompressed_cost(self) -> float:
-        return self.candidate(NO_QUANT).cost if any(c.format == NO_QUANT for c in self.candidates) else 0.0
-
 
 @dataclass(frozen=True)
 class PhaseTimes:
@@ -112,18 +108,11 @@ class SearchResult:
     peak_gpu_own_bytes: int | None = None
 
     def lm_groups(self) -> tuple[GroupDecision, ...]:
-        prefix = self.loaded.lm_path + "."
-        return tuple(g for g in self.groups if all(m.startswith(prefix) for m in g.members))
+        return groups_within(self.groups, self.loaded.lm_path)
 
     def other_groups(self) -> tuple[GroupDecision, ...]:
         lm = set(self.lm_groups())
         return tuple(g for g in self.groups if g not in lm)
-
-    def formats_chosen(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for g in self.lm_groups():
-            counts[g.chosen] = counts.get(g.chosen, 0) + 1
-        return counts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,10 +180,25 @@ def resolve_decisions(state: dict[str, Any], effective_bits: float, *, name_pref
     return decisions_from_state(state, name_prefix=name_prefix, recipe=recipe)
 
 
-def lm_effective_bits(groups: tuple[GroupDecision, ...] | list[GroupDecision]) -> float:
-    """Effective bits over ``groups``: chosen cost over uncompressed cost, times 16."""
-    chosen = sum(g.candidate(g.chosen).cost for g in groups)
-    full = sum(g.uncompressed_cost for g in groups)
+def groups_within(groups, module_path: str) -> tuple:
+    """The groups whose every member lies under ``module_path`` (the language model's, usually)."""
+    prefix = module_path + "."
+    return tuple(g for g in groups if all(m.startswith(prefix) for m in g.members))
+
+
+def _cost(group, fmt: str, default: float | None = None) -> float:
+    for c in group.candidates:
+        if c.format == fmt:
+            return c.cost
+    if default is None:
+        raise KeyError(f"{fmt} is not a candidate of {group.name}")
+    return default
+
+
+def lm_effective_bits(groups) -> float:
+    """Effective bits over ``groups`` (decisions or manifest groups): chosen cost over uncompressed cost, x16."""
+    chosen = sum(_cost(g, g.chosen) for g in groups)
+    full = sum(_cost(g, NO_QUANT, default=0.0) for g in groups)
     if full <= 0:
         raise SearchStateError("No language-model weight is counted in the search state (zero cost denominator).")
     return chosen / full * 16.0

@@ -25,7 +25,7 @@ from .errors import ManifestMismatch, SchemeError
 from .manifest import Manifest, ManifestGroup
 from .models import LoadedVLM
 from .schemes import Scheme
-from .search import SearchResult, lm_effective_bits, resolve_decisions, search_lm_only
+from .search import SearchResult, groups_within, lm_effective_bits, resolve_decisions, search_lm_only
 
 SWEEP_VERSION = 1
 STATE_FILE = "search_state.pth"
@@ -96,9 +96,8 @@ class SweepResult:
 
 def manifest_for_target(base: Manifest, result: SearchResult, target_bits: float) -> Manifest:
     """The manifest a search at ``target_bits`` would write, from ``result``'s saved scores."""
-    prefix = result.loaded.lm_path + "."
     decided = resolve_decisions(result.modelopt_state, target_bits, name_prefix=base.strategy_prefix)
-    lm = [d for d in decided if all(m.startswith(prefix) for m in d.members)]
+    lm = groups_within(decided, result.loaded.lm_path)
     groups = [ManifestGroup.from_decision(d) for d in lm]
     manifest = base.with_groups(groups, effective_bits=lm_effective_bits(lm))
     return dataclasses.replace(manifest, scheme=base.scheme.with_(effective_bits=float(target_bits)))
