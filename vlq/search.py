@@ -501,8 +501,6 @@ def search_lm_only(
             if getattr(candidate, "is_gradient_checkpointing", False):
                 candidate.gradient_checkpointing_disable()
     if oom_message is not None:
-        import gc
-
         gc.collect()
         torch.cuda.empty_cache()
         raise ResourceError(
