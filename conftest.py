@@ -15,7 +15,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
+
+from vlq import _compat
+
+_compat.apply_torchvision_schema_shim()  # before any test imports transformers' image code
 
 
 def pytest_addoption(parser):
@@ -141,6 +145,6 @@ def vllm_runner(vllm_device):
     reason = vllm_skip_reason(vllm_device)
     if reason is not None:
         pytest.skip(reason)
-    from vlq.serving import VllmRunner
+    from vlq.vllm_runner import VllmRunner
 
     return functools.partial(VllmRunner, device=vllm_device)

@@ -36,7 +36,7 @@ CANDIDATES = [
 def test_recommended_settings_3b_gpu(benchmark, gpu_pristine_vlm):
     import torch
 
-    base = dict(formats=("fp8", "nvfp4"), effective_bits=6.0, method="gradient", strategy="extract", seq_len=512)
+    base = dict(formats=("fp8", "nvfp4"), target_bits=6.0, method="gradient", strategy="extract", seq_len=512)
     pristine = gpu_pristine_vlm
     # one pool of samples: every setting draws its first batches from the same rows
     pool = _synthetic_for(pristine, Scheme(**base, **REFERENCE))

@@ -14,18 +14,19 @@ import pytest
 from vlq.calibration import synthetic_batches
 from vlq.schemes import Scheme
 from vlq.search import search_lm_only
-from vlq.sweep import sweep_targets
+from vlq import pipeline
+from vlq.inputs import RunFolder
 
 from .test_search_benchmarks import _record
 
-BASE_CPU = dict(formats=("fp8", "int4_awq"), effective_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=64, batch_size=1)
+BASE_CPU = dict(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=64, batch_size=1)
 CPU_GRID = (
     [("num_score_steps", dict(num_score_steps=n)) for n in (1, 2, 4, 8)]
     + [("seq_len", dict(seq_len=n)) for n in (32, 64, 128, 256)]
     + [("batch_size", dict(batch_size=n)) for n in (1, 2, 4)]
-    + [("num_formats", dict(formats=f, effective_bits=8.0)) for f in (("fp8",), ("fp8", "int4_awq"), ("fp8", "int4_awq", "int8_sq"))]
+    + [("num_formats", dict(formats=f, target_bits=8.0)) for f in (("fp8",), ("fp8", "int4_awq"), ("fp8", "int4_awq", "int8_sq"))]
 )
-BASE_GPU = dict(formats=("fp8", "nvfp4"), effective_bits=6.0, num_calib_steps=8, num_score_steps=8, seq_len=512, batch_size=1)
+BASE_GPU = dict(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=8, num_score_steps=8, seq_len=512, batch_size=1)
 GPU_GRID = (
     [("num_score_steps", dict(num_score_steps=n, num_calib_steps=n)) for n in (4, 16)]
     + [("seq_len", dict(seq_len=n)) for n in (256, 1024)]
@@ -84,7 +85,7 @@ def _sweep(benchmark, pristine, scheme, cal, tmp_path, device_name):
     holder = {}
 
     def run():
-        holder["sweep"] = sweep_targets(pristine, scheme, cal, SWEEP_TARGETS, tmp_path / "sweep", overwrite=True)
+        holder["sweep"] = pipeline.sweep(pristine, scheme, cal, SWEEP_TARGETS, RunFolder(tmp_path / "sweep"), overwrite=True)
         return holder["sweep"]
 
     sweep = benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
@@ -104,7 +105,7 @@ def _sweep(benchmark, pristine, scheme, cal, tmp_path, device_name):
 
 
 def test_sweep_tiny_cpu(benchmark, pristine_vlm, calibration, tmp_path):
-    scheme = Scheme(formats=("fp8", "int4_awq"), effective_bits=8.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
+    scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=8.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
     _sweep(benchmark, pristine_vlm, scheme, calibration, tmp_path, "cpu")
 
 
@@ -112,6 +113,6 @@ def test_sweep_tiny_cpu(benchmark, pristine_vlm, calibration, tmp_path):
 def test_sweep_3b_gpu(benchmark, gpu_pristine_vlm, tmp_path):
     import torch
 
-    scheme = Scheme(formats=("fp8", "nvfp4"), effective_bits=8.0, num_calib_steps=32, num_score_steps=32, seq_len=512)
+    scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=8.0, num_calib_steps=32, num_score_steps=32, seq_len=512)
     _sweep(benchmark, gpu_pristine_vlm, scheme, _synthetic_for(gpu_pristine_vlm, scheme), tmp_path, torch.cuda.get_device_name(0))
     torch.cuda.empty_cache()

@@ -7,11 +7,12 @@ import copy
 import pytest
 
 from vlq.errors import CheckpointError
-from vlq.export import CheckpointQuantConfig, checkpoint_module_name, export_checkpoint, inspect_checkpoint
+from vlq.checkpoint import CheckpointQuantConfig, checkpoint_module_name, inspect_checkpoint
+from vlq.export import export_checkpoint
 from vlq.schemes import Scheme
 from vlq.search import search_lm_only
 
-FP8 = Scheme(formats=("fp8",), effective_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
+FP8 = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_export_of_a_search_that_quantized_vision_and_lm_head_is_refused(pristin
     """Negative control: the unguarded mask search quantizes the tied lm_head and the vision tower;
     the export's on-disk check refuses it and leaves nothing behind."""
     loaded = copy.deepcopy(pristine_vlm)
-    scheme = Scheme(formats=("fp8",), effective_bits=8.0, strategy="mask", num_calib_steps=1, num_score_steps=1, seq_len=32)
+    scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=1, num_score_steps=1, seq_len=32)
     search_lm_only(loaded, scheme, calibration, disable_vision=False, exclude_cost=False)
     with pytest.raises(CheckpointError, match=r"(?s)ckpt fails .*vision tensor visual\.blocks\.0\.attn\.qkv\.weight has dtype F8_E4M3.*does not exclude lm_head"):
         export_checkpoint(loaded, tmp_path / "ckpt")

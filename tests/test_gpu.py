@@ -25,13 +25,13 @@ pytestmark = pytest.mark.gpu
 SEQ_LEN = 512
 STEPS = 16
 GPU_MATRIX = [
-    Scheme(formats=("fp8", "nvfp4"), effective_bits=6.0, method="gradient", strategy="extract",
+    Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, method="gradient", strategy="extract",
            num_calib_steps=STEPS, num_score_steps=STEPS, seq_len=SEQ_LEN),
-    Scheme(formats=("fp8", "nvfp4"), effective_bits=6.0, method="gradient", strategy="mask",
+    Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, method="gradient", strategy="mask",
            num_calib_steps=STEPS, num_score_steps=STEPS, seq_len=SEQ_LEN),
-    Scheme(formats=("mxfp8", "w4a16_nvfp4"), effective_bits=6.0, method="gradient", strategy="extract",
+    Scheme(formats=("mxfp8", "w4a16_nvfp4"), target_bits=6.0, method="gradient", strategy="extract",
            num_calib_steps=STEPS, num_score_steps=STEPS, seq_len=SEQ_LEN),
-    Scheme(formats=("fp8", "int4_awq"), effective_bits=6.0, method="kl_div", strategy="extract",
+    Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, method="kl_div", strategy="extract",
            num_calib_steps=4, num_score_steps=2, seq_len=SEQ_LEN),
 ]
 
@@ -80,11 +80,11 @@ def gpu_searched(request, gpu_pristine_vlm, gpu_calibration, tmp_path_factory):
         export = export_checkpoint(loaded, tmp_path_factory.mktemp(scheme.id) / "ckpt", verify=False)
         on_disk = manifest.verify(checkpoint=export.path)
         out = GpuSearched(
-            scheme, manifest, (vision.ok, vision.problems), (head.ok, head.problems), live.mismatches, state.mismatches,
-            on_disk.mismatches, export.report.problems, result.effective_bits, result.modelopt_effective_bits,
+            scheme, manifest, (vision.ok, vision.problems), (head.ok, head.problems), live.problems, state.problems,
+            on_disk.problems, export.report.check.problems, result.achieved_bits, result.modelopt_achieved_bits,
             result.is_satisfied, result.times, (result.peak_gpu_bytes or 0) / 2**30, tuple(loaded.lm_module_names()),
         )
-        print(f"\n[gpu] {scheme.id}: {result.times} peak {out.peak_gpu_gib:.2f} GiB, bits {result.effective_bits:.3f}, "
+        print(f"\n[gpu] {scheme.id}: {result.times} peak {out.peak_gpu_gib:.2f} GiB, bits {result.achieved_bits:.3f}, "
               f"formats {manifest.format_counts()}")
     finally:
         del loaded
@@ -110,8 +110,8 @@ def test_manifest_state_quantizers_export_agree(gpu_searched):
 def test_bits_within_bounds(gpu_searched):
     scheme = gpu_searched.scheme
     assert gpu_searched.satisfied
-    assert scheme.minimum_effective_bits - 1e-9 <= gpu_searched.effective_bits <= scheme.effective_bits + 1e-9
-    assert gpu_searched.modelopt_bits == pytest.approx(gpu_searched.effective_bits)
+    assert scheme.minimum_bits - 1e-9 <= gpu_searched.achieved_bits <= scheme.target_bits + 1e-9
+    assert gpu_searched.modelopt_bits == pytest.approx(gpu_searched.achieved_bits)
 
 
 def test_every_lm_linear_decided_and_fused_groups_share(gpu_searched):
@@ -131,7 +131,7 @@ def test_tied_lm_head_never_reaches_an_export_quantized(gpu_pristine_vlm, gpu_ca
     assert gpu_pristine_vlm.tied_lm_head
     loaded = copy.deepcopy(gpu_pristine_vlm)
     try:
-        scheme = Scheme(formats=("fp8",), effective_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=SEQ_LEN)
+        scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=SEQ_LEN)
         result = search_lm_only(loaded, scheme, gpu_calibration, disable_vision=False, exclude_cost=False)
         assert not LmHeadGuard(loaded).check(result).ok
         assert not VisionGuard(loaded).check(result).ok

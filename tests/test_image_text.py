@@ -24,7 +24,8 @@ from vlq.calibration import (
     synthetic_image_text_batches,
     text_batches,
 )
-from vlq.compare import CalibrationComparison, compare_calibrations, search_and_compare, spearman
+from vlq import pipeline
+from vlq.compare import CalibrationComparison, compare_calibrations, spearman
 from vlq.errors import CalibrationDataError, SchemeError
 from vlq.export import ExportResult, export_checkpoint
 from vlq.manifest import Manifest
@@ -37,7 +38,7 @@ SEED = 0
 
 
 def _scheme(method: str, strategy: str, **kw) -> Scheme:
-    fields = dict(formats=("fp8",), effective_bits=12.0, method=method, strategy=strategy,
+    fields = dict(formats=("fp8",), target_bits=12.0, method=method, strategy=strategy,
                   num_calib_steps=2, num_score_steps=1, seq_len=SEQ_LEN)
     fields.update(kw)
     return Scheme(**fields)
@@ -221,13 +222,13 @@ def test_image_text_search_keeps_vision_and_lm_head_unquantized(image_searched):
 def test_image_text_manifest_verifies(image_searched):
     manifest = image_searched.manifest
     manifest.verify(state=image_searched.result.modelopt_state).require()
-    assert image_searched.live_report.ok, image_searched.live_report.mismatches
+    assert image_searched.live_report.ok, image_searched.live_report.problems
     manifest.verify(checkpoint=image_searched.export.path).require()
-    assert image_searched.export.report.ok, image_searched.export.report.problems
+    assert image_searched.export.report.check.ok, image_searched.export.report.check.problems
     assert manifest.calibration_source.startswith("image_text:generated")
     assert sorted(m for g in manifest.groups for m in g.members) == sorted(image_searched.result.loaded.lm_module_names())
     assert image_searched.result.is_satisfied
-    assert image_searched.result.modelopt_effective_bits == pytest.approx(image_searched.result.effective_bits)
+    assert image_searched.result.modelopt_achieved_bits == pytest.approx(image_searched.result.achieved_bits)
 
 
 @pytest.mark.parametrize("method", ["gradient", "kl_div"])
@@ -237,7 +238,7 @@ def test_extract_and_mask_agree_on_image_text(image_searches, method):
     extract, mask = image_searches(_scheme(method, "extract")), image_searches(_scheme(method, "mask"))
     decisions = {k: {g.name: g.chosen for g in v.manifest.groups} for k, v in (("extract", extract), ("mask", mask))}
     assert decisions["extract"] == decisions["mask"]
-    assert extract.result.effective_bits == pytest.approx(mask.result.effective_bits)
+    assert extract.result.achieved_bits == pytest.approx(mask.result.achieved_bits)
     scores = [[c.score for g in r.manifest.groups for c in g.candidates] for r in (extract, mask)]
     assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-9)
 
@@ -272,7 +273,7 @@ def test_comparison_reports_agreement_correlation_and_moves(comparison, text_man
 def test_comparison_is_deterministic_for_a_fixed_seed(pristine_vlm, comparison, text_calibration, tmp_path):
     """A second, independent run (fresh batches from the same seed, fresh searches) is equal."""
     image_again = image_text_batches(pristine_vlm.processor, num_batches=2, seq_len=SEQ_LEN, seed=SEED, vocab_size=pristine_vlm.vocab_size)
-    run = search_and_compare(pristine_vlm, _scheme("gradient", "extract"), text_calibration, image_again, out_dir=tmp_path)
+    run = pipeline.compare_calibration(pristine_vlm, _scheme("gradient", "extract"), text_calibration, image_again, out_dir=tmp_path)
     assert run.comparison == comparison
     assert run.comparison.to_json() == comparison.to_json()
     # and the report files it wrote
@@ -396,7 +397,7 @@ def test_3b_image_text_search_both_strategies_and_comparison(gpu_pristine_vlm, t
     decisions, manifests = {}, {}
     for strategy in ("extract", "mask", "text"):
         image = strategy != "text"
-        scheme = Scheme(formats=formats, effective_bits=6.0, method="gradient", strategy=strategy if image else "mask",
+        scheme = Scheme(formats=formats, target_bits=6.0, method="gradient", strategy=strategy if image else "mask",
                         num_calib_steps=steps, num_score_steps=steps, seq_len=seq_len)
         copy_ = copy.deepcopy(loaded)
         try:

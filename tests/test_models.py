@@ -16,8 +16,8 @@ from vlq.models import (
     build_tiny_checkpoint,
     fingerprint_parameters,
     load_vlm,
-    resolve_model_source,
 )
+from vlq.inputs import resolve_model_source
 
 
 def _sha(path):

@@ -12,7 +12,8 @@ from vlq.manifest import Manifest
 from vlq.report import compare_runs, load_benchmarks, write_report
 from vlq.schemes import Scheme
 from vlq.search import search_lm_only
-from vlq.sweep import sweep_targets
+from vlq import pipeline
+from vlq.inputs import RunFolder
 
 SAVED = Path(__file__).resolve().parent.parent / "reports" / "benchmarks" / "h200-3b.json"
 
@@ -29,7 +30,7 @@ def _slower_copy(tmp_path, factor):
 def test_saved_benchmark_is_readable():
     machine, rows = load_benchmarks(SAVED)
     assert machine["gpu"] == "NVIDIA H200" and len(rows) == 4
-    assert all(r.peak_gpu_gib and r.effective_bits <= 6.0 for r in rows)
+    assert all(r.peak_gpu_gib and r.achieved_bits <= 6.0 for r in rows)
 
 
 def test_comparison_flags_a_regression(tmp_path):
@@ -44,9 +45,9 @@ def test_comparison_flags_a_regression(tmp_path):
 def run_outputs(pristine_vlm, calibration, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
     loaded = copy.deepcopy(pristine_vlm)
-    scheme = Scheme(formats=("fp8", "int4_awq"), effective_bits=6.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
+    scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
     manifest_path = Manifest.from_search(search_lm_only(loaded, scheme, calibration)).save(out / "run" / "manifest.json")
-    sweep_targets(pristine_vlm, scheme.with_(effective_bits=7.0), calibration, (7.0, 5.0), out / "sweep", export=False)
+    pipeline.sweep(pristine_vlm, scheme.with_(target_bits=7.0), calibration, (7.0, 5.0), RunFolder(out / "sweep"), export_targets=False)
     return manifest_path, out / "sweep" / "sweep.json"
 
 

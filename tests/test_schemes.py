@@ -18,13 +18,13 @@ from vlq.schemes import (
 
 
 def test_scheme_id_grammar():
-    scheme = Scheme(formats="fp8+int4_awq", effective_bits=6.0, method="kl_div", strategy="mask")
+    scheme = Scheme(formats="fp8+int4_awq", target_bits=6.0, method="kl_div", strategy="mask")
     assert scheme.id == "fp8+int4_awq-6b-kl_div-mask"
     assert scheme.formats == ("fp8", "int4_awq")
 
 
 def test_scheme_yaml_round_trip(tmp_path):
-    scheme = Scheme(formats=("fp8", "w4a8_awq"), effective_bits=5.5, method="kl_div", strategy="mask", num_calib_steps=3)
+    scheme = Scheme(formats=("fp8", "w4a8_awq"), target_bits=5.5, method="kl_div", strategy="mask", num_calib_steps=3)
     path = tmp_path / "scheme.yaml"
     path.write_text(scheme.to_yaml())
     assert Scheme.from_yaml(path) == scheme
@@ -56,9 +56,13 @@ def test_scheme_validation(kwargs, message):
         Scheme(**kwargs)
 
 
-@pytest.mark.parametrize("name, bits", [("fp8", 8), ("int4_awq", 4), ("w4a8_awq", 4), ("int8_sq", 8), ("nvfp4", 4.5), ("mxfp8", 8)])
-def test_format_bits_come_from_modelopt(name, bits):
-    assert get_format(name).effective_bits == pytest.approx(bits)
+@pytest.mark.parametrize("name, bits", [("fp8", 8), ("int4_awq", 4), ("w4a8_awq", 4), ("int8_sq", 8), ("nvfp4", 4.5),
+                                        ("w4a16_nvfp4", 4.5), ("mxfp8", 8)])
+def test_format_bits_equal_modelopts_cost_model(name, bits):
+    """vlq keeps each format's bits as data (schemes validate without importing ModelOpt); they must
+    equal what the installed ModelOpt's AutoQuant cost model counts."""
+    assert get_format(name).bits == pytest.approx(bits)
+    assert get_format(name).modelopt_bits() == pytest.approx(get_format(name).bits)
 
 
 def test_servability():
@@ -69,7 +73,7 @@ def test_servability():
     mixed = servability(["fp8", "mxfp8"])
     assert not mixed.servable and "MIXED_PRECISION" in mixed.reason
     with pytest.raises(SchemeError, match="vLLM cannot serve"):
-        Scheme(formats=("fp8", "int8_sq"), effective_bits=8).require_servable()
+        Scheme(formats=("fp8", "int8_sq"), target_bits=8).require_servable()
 
 
 def test_pattern_entries_name_the_global_patterns():

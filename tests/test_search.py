@@ -25,7 +25,7 @@ FORMAT_SETS = {
     "fp8+int8_sq": (("fp8", "int8_sq"), 8.0),
 }
 MATRIX = [
-    Scheme(formats=formats, effective_bits=bits, method=method, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32)
+    Scheme(formats=formats, target_bits=bits, method=method, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32)
     for formats, bits in FORMAT_SETS.values()
     for method in ("gradient", "kl_div")
     for strategy in ("extract", "mask")
@@ -74,7 +74,7 @@ def test_manifest_matches_searcher_state(searched):
 
 
 def test_manifest_matches_live_quantizers(searched):
-    assert searched.live_report.ok, searched.live_report.mismatches
+    assert searched.live_report.ok, searched.live_report.problems
 
 
 def test_manifest_matches_exported_config(searched):
@@ -97,15 +97,15 @@ def test_export_passes_on_disk_checks(searched):
 
 def test_effective_bits_within_bounds(searched):
     scheme = searched.result.scheme
-    bits = searched.result.effective_bits
-    assert scheme.minimum_effective_bits - 1e-9 <= bits <= scheme.effective_bits + 1e-9
+    bits = searched.result.achieved_bits
+    assert scheme.minimum_bits - 1e-9 <= bits <= scheme.target_bits + 1e-9
     assert searched.result.is_satisfied
-    assert bits == pytest.approx(searched.manifest.effective_bits)
+    assert bits == pytest.approx(searched.manifest.achieved_bits)
 
 
 def test_effective_bits_counts_language_model_only(searched):
     # with vision and lm_head cost-excluded (mask) or absent (extract), ModelOpt's own figure is the LM's
-    assert searched.result.modelopt_effective_bits == pytest.approx(searched.result.effective_bits)
+    assert searched.result.modelopt_achieved_bits == pytest.approx(searched.result.achieved_bits)
 
 
 def test_every_lm_linear_has_one_decision(searched):
@@ -147,11 +147,11 @@ def test_extract_and_mask_make_the_same_decisions(pristine_vlm, calibration, met
     """
     decisions = {}
     for strategy in ("extract", "mask"):
-        scheme = Scheme(formats=("fp8", "int4_awq"), effective_bits=6.0, method=method, strategy=strategy,
+        scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, method=method, strategy=strategy,
                         num_calib_steps=2, num_score_steps=2, seq_len=32)
         result = search_lm_only(copy.deepcopy(pristine_vlm), scheme, calibration)
         decisions[strategy] = {g.name: (g.chosen, tuple(c.format for c in g.candidates)) for g in result.lm_groups()}
-        decisions[strategy + "_bits"] = result.effective_bits
+        decisions[strategy + "_bits"] = result.achieved_bits
         decisions[strategy + "_scores"] = [c.score for g in result.lm_groups() for c in g.candidates]
     assert decisions["extract"] == decisions["mask"]
     assert decisions["extract_bits"] == pytest.approx(decisions["mask_bits"])
@@ -168,7 +168,7 @@ def unguarded_search(pristine_vlm, calibration):
     Text-only calibration never runs the vision tower, so its groups score 0 and the solver
     quantizes them: exactly the failure the guards exist for.
     """
-    scheme = Scheme(formats=("fp8",), effective_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=32)
+    scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=32)
     return search_lm_only(copy.deepcopy(pristine_vlm), scheme, calibration, disable_vision=False, exclude_cost=False)
 
 
@@ -177,7 +177,7 @@ def test_vision_guard_catches_a_search_that_quantizes_vision(unguarded_search):
     assert not report.ok
     assert any("model.visual.blocks.0.attn.qkv" in p for p in report.problems)
     assert any("search chose fp8 for vision group" in p for p in report.problems)
-    with pytest.raises(GuardViolation, match="VisionGuard failed"):
+    with pytest.raises(GuardViolation, match=r"VisionGuard\) failed"):
         report.require()
 
 
@@ -191,7 +191,7 @@ def test_lm_head_guard_catches_a_quantized_lm_head(unguarded_search):
 def test_manifest_refuses_state_that_quantizes_outside_the_lm(unguarded_search):
     manifest = Manifest.from_search(unguarded_search)
     report = manifest.verify(state=unguarded_search.modelopt_state)
-    assert any("outside the language model" in m for m in report.mismatches)
+    assert any("outside the language model" in m for m in report.problems)
 
 
 def test_vision_guard_catches_changed_vision_weights(fresh_vlm):
@@ -207,7 +207,7 @@ def test_vision_guard_catches_changed_vision_weights(fresh_vlm):
 
 @pytest.fixture(scope="module")
 def fp8_extract(pristine_vlm, calibration, tmp_path_factory) -> Searched:
-    scheme = Scheme(formats=("fp8", "int4_awq"), effective_bits=6.0, strategy="extract", num_calib_steps=2, num_score_steps=2, seq_len=32)
+    scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, strategy="extract", num_calib_steps=2, num_score_steps=2, seq_len=32)
     return _search_and_export(pristine_vlm, calibration, scheme, tmp_path_factory.mktemp("tamper"))
 
 
@@ -228,23 +228,23 @@ def test_tampered_manifest_fails_against_checkpoint(fp8_extract):
     bad = _tampered(fp8_extract.manifest)
     report = bad.verify(checkpoint=fp8_extract.export.path)
     members = bad.groups[0].members
-    assert len(report.mismatches) == len(members)
-    assert all(any(m in msg for m in members) for msg in report.mismatches)
+    assert len(report.problems) == len(members)
+    assert all(any(m in msg for m in members) for msg in report.problems)
 
 
 def test_tampered_bits_fail_self_consistency(fp8_extract):
-    bad = dataclasses.replace(fp8_extract.manifest, effective_bits=fp8_extract.manifest.effective_bits - 0.5)
+    bad = dataclasses.replace(fp8_extract.manifest, effective_bits=fp8_extract.manifest.achieved_bits - 0.5)
     with pytest.raises(ManifestMismatch, match="effective_bits"):
         bad.verify(state=fp8_extract.result.modelopt_state).require()
 
 
 def test_tampered_manifest_fails_against_live_model(pristine_vlm, calibration):
     loaded = copy.deepcopy(pristine_vlm)
-    scheme = Scheme(formats=("fp8", "int4_awq"), effective_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
+    scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
     manifest = Manifest.from_search(search_lm_only(loaded, scheme, calibration))
     assert manifest.verify(model=loaded.vlm).ok
     report = _tampered(manifest).verify(model=loaded.vlm)
-    assert not report.ok and "live quantizers" in report.mismatches[0]
+    assert not report.ok and "live quantizers" in report.problems[0]
 
 
 # ---- refused before calibration -------------------------------------------------------------------
@@ -252,18 +252,18 @@ def test_tampered_manifest_fails_against_live_model(pristine_vlm, calibration):
 
 def test_infeasible_bits_refused_with_minimum():
     with pytest.raises(SchemeError, match=r"minimum achievable over the language model is 4\.0000"):
-        Scheme(formats=("fp8", "int4_awq"), effective_bits=3.5)
+        Scheme(formats=("fp8", "int4_awq"), target_bits=3.5)
 
 
 @pytest.mark.parametrize("bits", [0, -1, 16.5, float("nan")])
 def test_bits_outside_range_refused(bits):
     with pytest.raises(SchemeError, match=r"effective_bits must be in \(0, 16\]"):
-        Scheme(formats=("fp8",), effective_bits=bits)
+        Scheme(formats=("fp8",), target_bits=bits)
 
 
 def test_counting_vision_at_16_bits_makes_a_target_infeasible(fresh_vlm, calibration):
     """Why mask must cost-exclude: disabled-but-counted vision layers push the minimum above 8."""
-    scheme = Scheme(formats=("fp8",), effective_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=32)
+    scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=32)
     with pytest.raises(SchemeError, match="minimum achievable effective bits is") as excinfo:
         search_lm_only(fresh_vlm, scheme, calibration, exclude_cost=False)
     minimum = float(str(excinfo.value).split("minimum achievable effective bits is ")[1].split()[0].rstrip("."))
@@ -271,13 +271,13 @@ def test_counting_vision_at_16_bits_makes_a_target_infeasible(fresh_vlm, calibra
 
 
 def test_cuda_format_refused_on_cpu(fresh_vlm, calibration):
-    scheme = Scheme(formats=("fp8", "nvfp4"), effective_bits=6.0)
+    scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0)
     with pytest.raises(SchemeError, match="nvfp4 need a CUDA GPU"):
         search_lm_only(fresh_vlm, scheme, calibration)
 
 
 def test_second_search_on_quantized_model_refused(fresh_vlm, calibration):
-    scheme = Scheme(formats=("fp8",), effective_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
+    scheme = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
     search_lm_only(fresh_vlm, scheme, calibration)
     with pytest.raises(SchemeError, match="already carries ModelOpt quantizers"):
         search_lm_only(fresh_vlm, scheme, calibration)

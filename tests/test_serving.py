@@ -24,8 +24,6 @@ from vlq.manifest import Manifest
 from vlq.schemes import NO_QUANT, Scheme
 from vlq.search import make_forward_step, search_lm_only
 from vlq.serving import (
-    GenerationResult,
-    VllmRunner,
     check_against_reference,
     check_image_sensitivity,
     check_kv_cache,
@@ -35,11 +33,10 @@ from vlq.serving import (
     check_vision_and_head_unquantized,
     check_vision_probe,
     expected_lm_formats,
-    preflight,
-    resolve_quant_methods,
     run_checks,
     vllm_layer_name,
 )
+from vlq.vllm_runner import GenerationResult, VllmRunner, preflight, resolve_quant_methods
 
 VLLM = pytest.mark.vllm
 
@@ -76,7 +73,7 @@ def _needs_vllm():
 
 
 def _fp8_scheme(bits=8.0, strategy="extract"):
-    return Scheme(formats=("fp8",), effective_bits=bits, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32)
+    return Scheme(formats=("fp8",), target_bits=bits, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32)
 
 
 def _search_export(pristine, calibration, run_dir: Path, scheme: Scheme, *, kv=False, **export_kwargs):
@@ -305,7 +302,7 @@ def test_unservable_formats_refused_up_front(tiny_checkpoint, tmp_path, formats)
 
 def test_real_fp8_int4_awq_export_refused(pristine_vlm, calibration, tmp_path):
     """The pipeline's default scheme (fp8+int4_awq) exports fine but is expected-unservable."""
-    scheme = Scheme(formats=("fp8", "int4_awq"), effective_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
+    scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
     assert not scheme.vllm_servability().servable
     _, path, _ = _search_export(pristine_vlm, calibration, tmp_path, scheme)
     with pytest.raises(ServingError, match="int4_awq"):
@@ -444,7 +441,7 @@ def test_fp8_3b_random_serves_on_cpu(tmp_path, tiny_checkpoint):
     with PeakRss() as rss:
         loaded = build_3b_random()
         t_build = time.perf_counter() - t0
-        scheme = Scheme(formats=("fp8",), effective_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=16)
+        scheme = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=16)
         calibration = synthetic_batches(vocab_size=loaded.vocab_size, num_batches=1, seq_len=16, max_token_id=900)
         result = search_lm_only(loaded, scheme, calibration)
         manifest = Manifest.from_search(result)

@@ -11,30 +11,32 @@ from vlq.errors import SchemeError
 from vlq.manifest import Manifest
 from vlq.schemes import Scheme
 from vlq.search import search_lm_only
-from vlq.sweep import decision_agreement, sweep_targets
+from vlq import pipeline
+from vlq.inputs import RunFolder
+from vlq.sweep import decision_agreement
 
-SCHEME = Scheme(formats=("fp8", "int4_awq"), effective_bits=7.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
+SCHEME = Scheme(formats=("fp8", "int4_awq"), target_bits=7.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
 TARGETS = (7.0, 5.0, 4.5, 10.0)
 
 
 @pytest.fixture(scope="module")
 def sweep(pristine_vlm, calibration, tmp_path_factory):
-    return sweep_targets(pristine_vlm, SCHEME, calibration, TARGETS, tmp_path_factory.mktemp("sweep"))
+    return pipeline.sweep(pristine_vlm, SCHEME, calibration, TARGETS, RunFolder(tmp_path_factory.mktemp("sweep")))
 
 
 def test_every_target_exported_and_verified(sweep):
     assert [p.target_bits for p in sweep.points] == list(TARGETS)
     for point in sweep.points:
         assert point.verified and (point.export_path / "config.json").exists()
-        assert point.effective_bits <= point.target_bits + 1e-9
+        assert point.achieved_bits <= point.target_bits + 1e-9
 
 
 def test_each_target_equals_a_fresh_search(sweep, pristine_vlm, calibration):
     for point in sweep.points[1:3]:
-        fresh = search_lm_only(copy.deepcopy(pristine_vlm), SCHEME.with_(effective_bits=point.target_bits), calibration)
+        fresh = search_lm_only(copy.deepcopy(pristine_vlm), SCHEME.with_(target_bits=point.target_bits), calibration)
         fresh_manifest = Manifest.from_search(fresh)
         assert point.manifest.groups == fresh_manifest.groups
-        assert point.effective_bits == pytest.approx(fresh_manifest.effective_bits)
+        assert point.achieved_bits == pytest.approx(fresh_manifest.achieved_bits)
 
 
 def test_lower_targets_never_score_better(sweep):
@@ -57,5 +59,5 @@ def test_agreement_detects_a_different_decision(sweep):
 
 def test_infeasible_target_refused_before_search(pristine_vlm, calibration, tmp_path):
     with pytest.raises(SchemeError, match="minimum achievable"):
-        sweep_targets(pristine_vlm, SCHEME, calibration, (6.0, 3.0), tmp_path)
+        pipeline.sweep(pristine_vlm, SCHEME, calibration, (6.0, 3.0), RunFolder(tmp_path))
     assert not (tmp_path / "search_state.pth").exists()

@@ -102,6 +102,25 @@ def synthetic_batches(
     return CalibrationSet(_batches_from_ids(ids, batch_size), f"synthetic(seed={seed})", batch_size, seq_len, vocab_size, "synthetic")
 
 
+def vision_token_cap(config) -> int:
+    """The highest token id plain synthetic text may use: just below Qwen's first vision marker.
+
+    Random tokens that happen to be ``<|image_pad|>`` or ``<|vision_start|>`` make the VLM's forward
+    look for image features that do not exist; text-only synthetic data stays below them.
+    """
+    markers = [getattr(config, name, None) for name in ("image_token_id", "video_token_id", "vision_start_token_id")]
+    markers = [int(m) for m in markers if m is not None]
+    return min(markers) - 1 if markers else int(config.get_text_config().vocab_size) - 1
+
+
+def synthetic_text_calibration(
+    config, *, vocab_size: int, num_batches: int, batch_size: int = 1, seq_len: int = 64, seed: int = 0,
+) -> CalibrationSet:
+    """Seeded random text tokens for a model without a tokenizer, capped below the vision markers."""
+    return synthetic_batches(vocab_size=vocab_size, num_batches=num_batches, batch_size=batch_size, seq_len=seq_len,
+                             seed=seed, max_token_id=vision_token_cap(config))
+
+
 def load_text_samples(path: str | os.PathLike | None = None, *, text_field: str = "text") -> list[str]:
     """Read text samples from a local .txt (one sample per line) or .jsonl/.json file via ``datasets``."""
     import datasets

@@ -1,28 +1,36 @@
-"""``vlq`` command line: wires the stages together; all logic lives in the stage modules."""
+"""``vlq`` command line: parse, validate (before any heavy import), call :mod:`vlq.pipeline`, print.
+
+Every bad input is refused with one ``vlq: error:`` line on stderr and exit code 2, before torch,
+ModelOpt or vLLM are imported.  While a command runs, third-party output goes to the run folder's
+``log.txt`` (``--verbose`` shows it); the terminal shows vlq's stages, one progress bar per long
+phase, then the tables.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-import time
 from pathlib import Path
+from typing import IO, Iterator
 
-from .errors import VlqError
+from .errors import SchemeError, VlqError
+from .inputs import DataRequest, ModelRequest, RunFolder
 
-STATE_FILE = "search_state.pth"
-MANIFEST_FILE = "manifest.json"
-CHECKPOINT_DIR = "checkpoint"
+SCHEME_FIELDS = ("formats", "target_bits", "method", "strategy", "num_calib_steps", "num_score_steps", "batch_size",
+                 "seq_len", "kv_cache_fp8")
 
 
-def _say(msg: str) -> None:
-    print(f"[vlq {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
 
 
 def _scheme_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scheme")
+    g = p.add_argument_group("scheme (default: formats vLLM serves on the device: fp8 at 12 bits on CPU, fp8+nvfp4 at 6 on CUDA)")
     g.add_argument("--scheme", help="YAML scheme file (other scheme flags override its fields)")
-    g.add_argument("--formats", help="candidate formats joined by '+', e.g. fp8+int4_awq")
-    g.add_argument("--bits", type=float, dest="effective_bits", help="effective-bits target over the LM")
+    g.add_argument("--formats", help="candidate formats joined by '+', e.g. fp8+nvfp4 (`vlq explain` lists them)")
+    g.add_argument("--bits", type=float, dest="target_bits", help="target bits per LM weight (16 = no compression)")
     g.add_argument("--method", choices=["gradient", "kl_div"])
     g.add_argument("--strategy", choices=["extract", "mask"])
     g.add_argument("--calib-steps", type=int, dest="num_calib_steps")
@@ -32,156 +40,229 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-fp8", action="store_true", default=None, help="add FP8 KV-cache quantization after the search")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="local checkpoint folder, 'tiny' (default) or 'qwen2.5-vl-3b-random'")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+def _model_args(p: argparse.ArgumentParser, *, default_model: str | None = "tiny") -> None:
+    p.add_argument("--model", default=default_model,
+                   help="local Qwen2.5-VL checkpoint folder, 'tiny' (default) or 'qwen2.5-vl-3b-random'")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, or cuda")
     p.add_argument("--data", help="calibration text: a local .txt (one sample per line) or .jsonl with a 'text' field")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")
     p.add_argument("--images", help="image+text calibration instead of text: 'generated' (seeded synthetic images) or a "
                    "local imagefolder folder (images + metadata.jsonl) / .jsonl of image paths with a text field")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated images / synthetic tokens")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")
 
 
-RECOMMENDED_FULL_SIZE = {"num_calib_steps": 16, "num_score_steps": 16, "batch_size": 1, "seq_len": 512}
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="show third-party output (ModelOpt, transformers, vLLM) "
+                   "on the terminal instead of the run's log.txt")
 
 
-def build_scheme(args):
-    from .schemes import Scheme
+# ------------------------------------------------------------------------------------------------
+# Validation (light) and resolution
+# ------------------------------------------------------------------------------------------------
 
-    base = Scheme.from_yaml(args.scheme).to_dict() if args.scheme else Scheme().to_dict()
-    if not args.scheme and getattr(args, "model", "tiny") not in (None, "tiny"):
-        # Full-size models get the measured recommendation (README: 16+16 steps x 512 tokens kept
-        # 97.9% of the 128+128 reference decisions in 28 s on an H200); the tiny model keeps its
-        # seconds-long defaults.
-        base.update(RECOMMENDED_FULL_SIZE)
-    for key in ("formats", "effective_bits", "method", "strategy", "num_calib_steps", "num_score_steps", "batch_size", "seq_len", "kv_cache_fp8"):
+
+def _scheme(args, device: str, *, full_size: bool):
+    """The scheme the flags ask for, on top of the device's default (or the --scheme file)."""
+    from .schemes import Scheme, default_scheme
+
+    base = Scheme.from_yaml(args.scheme).to_dict() if args.scheme else default_scheme(device, full_size=full_size).to_dict()
+    for key in SCHEME_FIELDS:
         value = getattr(args, key, None)
         if value is not None:
             base[key] = value
     return Scheme.from_dict(base)
 
 
-def _load(args, scheme):
-    from .calibration import synthetic_batches, text_batches
-    from .models import load_vlm, resolve_model_source
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
 
-    resolve_model_source(args.model)  # cheap validation before heavy imports and loading
-    scheme.require_device(args.device)
-    _say(f"loading {args.model} on {args.device}")
-    loaded = load_vlm(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    batches = max(scheme.num_calib_steps, scheme.num_score_steps)
-    if getattr(args, "images", None):
-        from .calibration import image_text_calibration
-
-        calibration = image_text_calibration(loaded, args.images, num_batches=batches, batch_size=scheme.batch_size,
-                                             seq_len=scheme.seq_len, seed=getattr(args, "seed", 0))
-    elif loaded.tokenizer is not None:
-        calibration = text_batches(loaded.tokenizer, vocab_size=loaded.vocab_size, num_batches=batches,
-                                   batch_size=scheme.batch_size, seq_len=scheme.seq_len, path=args.data)
-    else:
-        calibration = synthetic_batches(vocab_size=loaded.vocab_size, num_batches=batches, batch_size=scheme.batch_size, seq_len=scheme.seq_len)
-    _say(f"calibration: {calibration.num_samples} samples x {calibration.seq_len} tokens from {calibration.source}")
-    return loaded, calibration
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _search(args, scheme, out: Path):
-    from .manifest import Manifest
-    from .search import check_guards, search_lm_only
-
-    loaded, calibration = _load(args, scheme)
-    result = search_lm_only(loaded, scheme, calibration, checkpoint=out / STATE_FILE, progress=_say)
-    for guard in check_guards(result):
-        guard.require()
-    manifest = Manifest.from_search(result)
-    manifest.verify(state=result.modelopt_state, model=loaded.vlm).require()
-    manifest.save(out / MANIFEST_FILE)
-    _say(f"manifest written to {out / MANIFEST_FILE}")
-    return loaded, calibration, result, manifest
+def _requests(args) -> tuple[ModelRequest, DataRequest]:
+    """Model and data requests, validated without heavy imports (device 'auto' still unresolved)."""
+    device = args.device if args.device != "auto" else "cpu"
+    model = ModelRequest(args.model, device, getattr(args, "trust_remote_code", False))
+    data = DataRequest(getattr(args, "data", None), getattr(args, "images", None), getattr(args, "seed", 0))
+    return model, data
 
 
-def _export(args, loaded, calibration, result, manifest, out: Path):
-    from .export import add_fp8_kv_cache, export_checkpoint
-    from .report import CheckLine
-    from .search import check_guards, make_forward_step
-
-    if manifest.scheme.kv_cache_fp8:
-        add_fp8_kv_cache(loaded, calibration, make_forward_step(loaded, "extract"))
-    export = export_checkpoint(loaded, out / CHECKPOINT_DIR, overwrite=args.overwrite)
-    verify = manifest.verify(checkpoint=export.path).require()
-    vision, head = check_guards(result)
-    _say(f"checkpoint written to {export.path}")
-    return [
-        CheckLine("vision tower unquantized (VisionGuard)", vision.ok, f"{vision.checked} vision linears, weights unchanged"),
-        CheckLine("lm_head unquantized", head.ok, "tied to embeddings" if loaded.tied_lm_head else ""),
-        CheckLine("manifest == searcher state == live quantizers", True, f"{len(manifest.groups)} groups"),
-        CheckLine("manifest == exported config", verify.ok, export.report.quant_config.quant_algo or "unquantized"),
-        CheckLine("checkpoint on disk", export.report.ok,
-                  f"{len(export.report.quantized_layers())} quantized layers, {export.report.unified_groups} fused groups share scales, "
-                  "vision BF16 and excluded"),
-    ]
+def _prepare(args):
+    """Validate everything light first (paths, formats, bits), then resolve the device and the scheme."""
+    model, data = _requests(args)
+    full_size = model.source != "tiny"
+    _scheme(args, "cpu" if args.device == "auto" else args.device, full_size=full_size)  # formats/bits errors, fast
+    device = _resolve_device(args.device)
+    model = ModelRequest(model.source, device, model.trust_remote_code)
+    scheme = _scheme(args, device, full_size=full_size)
+    scheme.require_device(device)
+    return model, data, scheme
 
 
-def cmd_search(args) -> int:
-    from .report import layer_table
+@contextlib.contextmanager
+def _session(folder: RunFolder | None, verbose: bool) -> Iterator[tuple[IO[str], object]]:
+    """Third-party output to ``folder``'s log; yields the terminal and a progress reporter on it."""
+    from .console import third_party_to_log
+    from .progress import Lines, TerminalBars
 
-    scheme = build_scheme(args)
-    out = Path(args.out or f"runs/{scheme.id}")
-    _, _, _, manifest = _search(args, scheme, out)
-    print(layer_table(manifest))
-    return 0
+    with third_party_to_log(folder.log if folder else None, verbose=verbose) as terminal:
+        bars = TerminalBars(terminal) if getattr(terminal, "isatty", lambda: False)() else Lines(terminal)
+        yield terminal, bars
+
+
+def _print(*blocks: str) -> None:
+    print("\n\n".join(b for b in blocks if b), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------------
 
 
 def cmd_run(args) -> int:
-    from .export import check_export_dir
-    from .report import layer_table, summary_table
+    from .files import check_export_dir
 
-    from .models import resolve_model_source
+    model, data, scheme = _prepare(args)
+    folder = RunFolder(args.out or f"runs/{scheme.id}").require_writable()
+    check_export_dir(folder.checkpoint, args.overwrite)
+    verdict = scheme.vllm_servability()
+    with _session(folder, args.verbose) as (terminal, progress):
+        if not verdict.servable:
+            progress.stage(f"note: {verdict.reason} The export is checked on disk only.")
+        from . import pipeline
 
-    scheme = build_scheme(args)
-    out = Path(args.out or f"runs/{scheme.id}")
-    if args.check_serving:
-        scheme.require_servable()  # an unservable scheme is refused before loading or searching
-    resolve_model_source(args.model)  # a bad model source is refused before anything is created
-    scheme.require_device(args.device)
-    check_export_dir(out / CHECKPOINT_DIR, args.overwrite)
-    loaded, calibration, result, manifest = _search(args, scheme, out)
-    checks = _export(args, loaded, calibration, result, manifest, out)
-    print()
-    print(layer_table(manifest))
-    print()
-    print(summary_table(manifest, checks))
-    ok = all(c.ok for c in checks)
-    if args.check_serving:
-        from .serving import check_cli
+        loaded = pipeline.load_model(model, progress=progress)
+        outcome = pipeline.run(loaded, scheme, data, folder, overwrite=args.overwrite, serve=not args.no_serve, progress=progress)
+    from .report import layer_table, served_layer_table, summary_table
 
-        print()
-        ok = check_cli(argparse.Namespace(path=str(out / CHECKPOINT_DIR), manifest=str(out / MANIFEST_FILE), reference=None)) == 0 and ok
-    return 0 if ok else 1
+    _print("", layer_table(outcome.searched.manifest), summary_table(outcome.searched.manifest, outcome.checks))
+    if outcome.served is not None:
+        _print(f"vLLM ({outcome.served.expectations_from} gives the expected formats):",
+               served_layer_table(outcome.served.layers, outcome.served.expected), outcome.served.note)
+    else:
+        _print(f"vLLM check skipped: {outcome.serve_skipped}")
+    print(f"\nrun folder {folder.root} (third-party output in {folder.log})")
+    return 0 if outcome.ok else 1
+
+
+def cmd_search(args) -> int:
+    model, data, scheme = _prepare(args)
+    folder = RunFolder(args.out or f"runs/{scheme.id}").require_writable()
+    with _session(folder, args.verbose) as (terminal, progress):
+        from . import pipeline
+
+        loaded = pipeline.load_model(model, progress=progress)
+        calibration = pipeline.calibrate(loaded, scheme, data, progress=progress)
+        searched = pipeline.search(loaded, scheme, calibration, run=folder, progress=progress)
+    from .report import checks_table, layer_table
+
+    _print(layer_table(searched.manifest), checks_table(searched.checks))
+    return 0
 
 
 def cmd_export(args) -> int:
     """Re-apply a saved search (no re-scoring) and export it."""
+    from .files import check_export_dir
+
+    folder = RunFolder(args.run_dir)
+    for needed in (folder.manifest, folder.search_state):
+        if not needed.exists():
+            raise VlqError(f"{folder.root} has no {needed.name}; pass a folder written by `vlq search --out FOLDER`.")
+    check_export_dir(folder.checkpoint, args.overwrite)
     from .manifest import Manifest
+
+    saved = Manifest.load(folder.manifest)
+    args.model = args.model or saved.model_source
+    model, data = _requests(args)
+    model = ModelRequest(model.source, _resolve_device(args.device), model.trust_remote_code)
+    saved.scheme.require_device(model.device)
+    given = args.data is not None or args.images is not None
+    with _session(folder, args.verbose) as (terminal, progress):
+        from . import pipeline
+
+        loaded = pipeline.load_model(model, progress=progress)
+        searched = pipeline.restore(folder, loaded, data if given else None, progress=progress)
+        exported = pipeline.export(searched, folder, overwrite=args.overwrite, progress=progress)
     from .report import layer_table, summary_table
 
-    out = Path(args.run_dir)
-    manifest = Manifest.load(out / MANIFEST_FILE)
-    if not (out / STATE_FILE).exists():
-        raise VlqError(f"{out} has no {STATE_FILE}; run `vlq search --out {out}` first.")
-    from .export import check_export_dir
-
-    check_export_dir(out / CHECKPOINT_DIR, args.overwrite)
-    args.model = args.model or manifest.model_source
-    if args.images is None:  # an image+text search is restored from the batches it was scored on
-        from .calibration import images_option_from_source
-
-        args.images, args.seed = images_option_from_source(manifest.calibration_source)
-    loaded, calibration, result, restored = _search(args, manifest.scheme, out)
-    if restored.groups != manifest.groups:
-        raise VlqError("The restored search decided differently from the saved manifest; the search state does not match it.")
-    checks = _export(args, loaded, calibration, result, restored, out)
-    print(layer_table(restored))
-    print(summary_table(restored, checks))
+    checks = searched.checks + exported.checks
+    _print(layer_table(searched.manifest), summary_table(searched.manifest, checks))
     return 0 if all(c.ok for c in checks) else 1
+
+
+def cmd_sweep(args) -> int:
+    """Score once, then decide (and optionally export and verify) every effective-bits target."""
+    targets = _float_list(args.targets, "--targets")
+    if not targets:
+        raise SchemeError("--targets needs at least one effective-bits target, e.g. --targets 8,7,6.")
+    exports: list[float] | bool = True if args.export == "all" else _float_list(args.export or "", "--export")
+    model, data, scheme = _prepare(args)
+    for target in targets:
+        scheme.with_(target_bits=target)  # refuse an infeasible target before loading anything
+    folder = RunFolder(args.out or f"runs/sweep-{'+'.join(scheme.formats)}-{scheme.method}-{scheme.strategy}").require_writable()
+    with _session(folder, args.verbose) as (terminal, progress):
+        from . import pipeline
+
+        loaded = pipeline.load_model(model, progress=progress)
+        calibration = pipeline.calibrate(loaded, scheme, data, progress=progress)
+        result = pipeline.sweep(loaded, scheme, calibration, targets, folder, export_targets=exports,
+                                overwrite=args.overwrite, progress=progress)
+    from .report import sweep_table
+
+    _print(sweep_table(result.points),
+           f"one search {result.search_s:.1f}s; all decisions {result.decisions_s:.1f}s; with exports {result.total_s:.1f}s; "
+           f"written to {folder.sweep}")
+    return 0 if all(p.verified for p in result.points if p.export_path is not None) else 1
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise SchemeError(f"{flag} takes comma-separated numbers (e.g. 8,7,6); got {text!r}.") from exc
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.out, benchmarks=args.benchmarks or [], manifests=args.manifests or [],
+                        sweeps=args.sweeps or [], baseline=args.baseline)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_compare_calibration(args) -> int:
+    """Text-only vs image+text search on one model and budget: agreement, rank correlation, plot."""
+    from .manifest import Manifest
+
+    if bool(args.text_manifest) != bool(args.image_manifest):
+        raise VlqError("--text-manifest and --image-manifest go together (compare two saved searches).")
+    if args.text_manifest:
+        from .compare import compare_calibrations
+
+        comparison = compare_calibrations(Manifest.load(args.text_manifest), Manifest.load(args.image_manifest))
+        out = Path(args.out or "runs/compare-calibration")
+        comparison.write(out)
+    else:
+        images = args.images or "generated"
+        args.images = None  # the text side is calibrated from --data / the corpus
+        model, text_data, scheme = _prepare(args)
+        image_data = DataRequest(images=images, seed=args.seed)
+        out = Path(args.out or f"runs/compare-calibration-{scheme.id}")
+        with _session(RunFolder(out).require_writable(), args.verbose) as (terminal, progress):
+            from . import pipeline
+
+            loaded = pipeline.load_model(model, progress=progress)
+            text = pipeline.calibrate(loaded, scheme, text_data, progress=progress)
+            if text.kind != "text":
+                raise VlqError(f"{model.source} has no tokenizer, so there is no real text to compare against ({text.source}).")
+            image_text = pipeline.calibrate(loaded, scheme, image_data, progress=progress)
+            comparison = pipeline.compare_calibration(loaded, scheme, text, image_text, out_dir=out, progress=progress).comparison
+    print(comparison.markdown(plot_path=str(out / "comparison.png")))
+    print(f"comparison written to {out / 'comparison.md'} (+ comparison.json, comparison.png)")
+    return 0
 
 
 def cmd_explain(args) -> int:
@@ -192,108 +273,71 @@ def cmd_explain(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .serving import check_cli
+    """Serve an exported checkpoint in vLLM and check it layer by layer."""
+    import importlib.util
 
-    return check_cli(args)
+    from .vllm_runner import preflight
 
-
-def cmd_sweep(args) -> int:
-    """Score once, then decide, export and verify every effective-bits target."""
-    from .sweep import sweep_targets
-
-    scheme = build_scheme(args)
-    targets = [float(t) for t in args.targets.split(",") if t.strip()]
-    for target in targets:
-        scheme.with_(effective_bits=target)  # refuse an infeasible target before loading anything
-    out = Path(args.out or f"runs/sweep-{'+'.join(scheme.formats)}-{scheme.method}-{scheme.strategy}")
-    loaded, calibration = _load(args, scheme)
-    result = sweep_targets(loaded, scheme, calibration, targets, out, export=not args.no_export,
-                           overwrite=args.overwrite, progress=_say)
-    from tabulate import tabulate
-
-    print(tabulate([[p.target_bits, f"{p.effective_bits:.3f}", f"{p.total_score:.4g}", p.manifest.format_counts(),
-                     f"{p.resolve_s:.2f}", f"{p.export_s:.2f}", "PASS" if p.verified or args.no_export else "FAIL"]
-                    for p in result.points],
-                   headers=["target", "achieved", "score", "formats", "re-solve s", "export+verify s", "verified"], tablefmt="github"))
-    print(f"one search {result.search_s:.1f}s; all decisions {result.decisions_s:.1f}s; with exports {result.total_s:.1f}s")
-    _say(f"sweep written to {out / 'sweep.json'}")
-    return 0
-
-
-def cmd_report(args) -> int:
-    from .report import write_report
-
-    path = write_report(args.out, benchmarks=args.benchmarks or [], manifests=args.manifests or [],
-                        sweeps=args.sweeps or [], baseline=args.baseline)
-    _say(f"report written to {path}")
-    return 0
-
-
-def cmd_compare_calibration(args) -> int:
-    """Text-only vs image+text search on one model and budget (issue 7): agreement, rank correlation, plot."""
-    from .compare import compare_calibrations, search_and_compare
+    path = Path(args.path).expanduser().resolve()
+    pre = preflight(path)  # light: refuses what vLLM cannot serve before an engine starts
+    if importlib.util.find_spec("vllm") is None:
+        raise VlqError("`vlq check` needs vLLM, found no vllm package; install it (scripts/install.sh installs the CPU build).")
     from .manifest import Manifest
 
-    if bool(args.text_manifest) != bool(args.image_manifest):
-        raise VlqError("--text-manifest and --image-manifest go together (compare two saved searches).")
-    if args.text_manifest:
-        comparison = compare_calibrations(Manifest.load(args.text_manifest), Manifest.load(args.image_manifest))
-        out = Path(args.out or "runs/compare-calibration")
-        comparison.write(out)
-    else:
-        from .calibration import image_text_calibration
+    manifest = Manifest.load(args.manifest) if args.manifest else None
+    folder = RunFolder(path.parent) if (path.parent / RunFolder.MANIFEST).exists() else None
+    with _session(folder, args.verbose) as (terminal, progress):
+        from . import pipeline
 
-        scheme = build_scheme(args)
-        out = Path(args.out or f"runs/compare-calibration-{scheme.id}")
-        images, args.images = args.images or "generated", None  # _load builds the text-only side
-        loaded, text = _load(args, scheme)
-        if text.kind != "text":
-            raise VlqError(f"{args.model} has no tokenizer, so there is no real text to compare against ({text.source}).")
-        image_text = image_text_calibration(loaded, images, num_batches=len(text), batch_size=scheme.batch_size,
-                                            seq_len=scheme.seq_len, seed=args.seed)
-        _say(f"image+text calibration: {image_text.num_samples} samples from {image_text.source}")
-        comparison = search_and_compare(loaded, scheme, text, image_text, out_dir=out, progress=_say).comparison
-    print(comparison.markdown(plot_path=str(out / "comparison.png")))
-    _say(f"comparison written to {out / 'comparison.md'} (+ comparison.json, comparison.png)")
-    return 0
+        served = pipeline.serve_check(path, manifest=manifest, reference=args.reference, progress=progress)
+    from .report import checks_table, served_layer_table
+
+    _print(f"vlq check {path} ({pre.quant_algo or 'unquantized'}; expected formats from {served.expectations_from})",
+           served_layer_table(served.layers, served.expected), checks_table(served.checks), served.note)
+    return 0 if served.ok else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Parser and entry point
+# ------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlq", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vlq", description="Quantize the language model of Qwen2.5-VL with ModelOpt "
+                                     "AutoQuant, keep the vision tower BF16, check the export in vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="search -> manifest -> export -> verify (tiny model by default)")
+    p = sub.add_parser("run", help="search -> manifest -> export -> on-disk checks -> vLLM (tiny model by default)")
     _model_args(p)
     _scheme_args(p)
     p.add_argument("--out", help="run folder (default runs/<scheme id>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in the run folder")
-    p.add_argument("--check-serving", action="store_true",
-                   help="refuse a scheme vLLM cannot serve before loading, and check the export in vLLM (`vlq check`)")
+    p.add_argument("--no-serve", action="store_true", help="skip the vLLM check of the export")
+    _common(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("search", help="LM-only AutoQuant search; writes manifest.json and the search state")
     _model_args(p)
     _scheme_args(p)
     p.add_argument("--out", help="run folder (default runs/<scheme id>)")
+    _common(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="export the checkpoint of a finished search (state restored, not re-scored)")
     p.add_argument("run_dir", help="folder written by `vlq search`")
-    p.add_argument("--model", default=None, help="model source (default: the one in the manifest)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data")
-    p.add_argument("--images", help="image+text calibration of the search (default: the one its manifest names)")
-    p.add_argument("--trust-remote-code", action="store_true")
+    _model_args(p, default_model=None)
     p.add_argument("--overwrite", action="store_true")
+    _common(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("sweep", help="score once, solve many: decide/export/verify several effective-bits targets")
+    p = sub.add_parser("sweep", help="score once, solve many: decide several effective-bits targets (export some)")
     _model_args(p)
     _scheme_args(p)
     p.add_argument("--targets", required=True, help="comma-separated effective-bits targets, e.g. 8,7,6,5")
+    p.add_argument("--export", help="targets to export and verify: comma-separated (e.g. 6,5) or 'all' (default: none)")
     p.add_argument("--out", help="sweep folder")
-    p.add_argument("--no-export", action="store_true", help="decide only (manifests), no checkpoints")
     p.add_argument("--overwrite", action="store_true")
+    _common(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="Markdown tables and PNG plots from saved benchmarks, manifests and sweeps")
@@ -307,10 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare-calibration", help="search text-only and image+text on one model and budget; compare the decisions")
     _model_args(p)
     _scheme_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
     p.add_argument("--text-manifest", help="compare two saved manifests instead of searching: the text-only one")
     p.add_argument("--image-manifest", help="... and the image+text one")
     p.add_argument("--out", help="folder for comparison.md/.json/.png and both manifests")
+    _common(p)
     p.set_defaults(func=cmd_compare_calibration)
 
     p = sub.add_parser("explain", help="print the live ModelOpt facts vlq relies on")
@@ -319,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="serve an exported checkpoint in vLLM and check it layer by layer")
     p.add_argument("path", help="exported checkpoint folder")
-    p.add_argument("--manifest", help="manifest.json to compare per-layer methods against")
+    p.add_argument("--manifest", help="manifest.json to compare per-layer methods against (default: the run folder's)")
     p.add_argument("--reference", help="BF16 checkpoint to compare greedy outputs against")
+    _common(p)
     p.set_defaults(func=cmd_check)
     return parser
 

@@ -13,21 +13,18 @@ A group's *sensitivity* is its score for the most aggressive candidate format (l
 bits): that is the choice the bit budget presses on.  Scores of the two runs are on different
 scales (different losses), which is why only ranks are compared.
 
-:func:`search_and_compare` runs both searches on private copies of one loaded model, checks the
-vision/lm_head guards on each and returns the comparison with both manifests.
+:func:`vlq.pipeline.compare_calibration` runs both searches on private copies of one loaded model
+(every guard checked) and calls :func:`compare_calibrations`.
 """
 
 from __future__ import annotations
 
-import copy
-import gc
 import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -237,7 +234,7 @@ class CalibrationComparison:
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """``comparison.json``, ``comparison.png`` and ``comparison.md`` (which embeds the plot) in ``out_dir``."""
-        from .export import atomic_write_text
+        from .files import atomic_write_text
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +262,7 @@ def compare_calibrations(text: Manifest, image_text: Manifest) -> CalibrationCom
     problems = []
     if text.model_source != image_text.model_source:
         problems.append(f"model {text.model_source!r} != {image_text.model_source!r}")
-    for field in ("formats", "effective_bits", "method"):
+    for field in ("formats", "target_bits", "method"):
         a, b = getattr(text.scheme, field), getattr(image_text.scheme, field)
         if a != b:
             problems.append(f"{field} {a!r} != {b!r}")
@@ -278,7 +275,7 @@ def compare_calibrations(text: Manifest, image_text: Manifest) -> CalibrationCom
         only_image = sorted(set(image_groups) - set(text_groups))
         raise ManifestMismatch(f"The two manifests decide different groups (only text-only: {only_text[:3]}, only image+text: {only_image[:3]}).")
     formats = tuple(f for f in text.scheme.formats if f != NO_QUANT)
-    sensitivity_format = min(formats, key=lambda f: (FORMATS[f].effective_bits if f in FORMATS else 16.0, f))
+    sensitivity_format = min(formats, key=lambda f: (FORMATS[f].bits if f in FORMATS else 16.0, f))
     names = [g.name for g in text.groups]  # manifest order: layer by layer
     for name in names:
         if text_groups[name].members != image_groups[name].members:
@@ -312,71 +309,12 @@ def compare_calibrations(text: Manifest, image_text: Manifest) -> CalibrationCom
         scheme_id=text.scheme.id,
         formats=formats,
         sensitivity_format=sensitivity_format,
-        target_bits=float(text.scheme.effective_bits),
+        target_bits=float(text.scheme.target_bits),
         text_source=text.calibration_source,
         image_text_source=image_text.calibration_source,
-        text_bits=float(text.effective_bits),
-        image_text_bits=float(image_text.effective_bits),
+        text_bits=float(text.achieved_bits),
+        image_text_bits=float(image_text.achieved_bits),
         groups=tuple(groups),
         spearman=spearman(all_text, all_image),
         spearman_by_format=by_format,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Both searches, guarded
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ComparisonRun:
-    comparison: CalibrationComparison
-    text_manifest: Manifest
-    image_text_manifest: Manifest
-
-
-def search_and_compare(
-    loaded,
-    scheme,
-    text_calibration,
-    image_text_calibration,
-    *,
-    out_dir: str | os.PathLike | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ComparisonRun:
-    """Search ``scheme`` on a copy of ``loaded`` with each calibration set and compare the two.
-
-    ``loaded`` itself is never quantized.  Each search must pass the vision-tower and lm_head guards
-    and its manifest must match the searcher state and the live quantizers; with ``out_dir`` the
-    manifests go to ``out_dir/text/manifest.json`` and ``out_dir/image_text/manifest.json`` and the
-    comparison's JSON, Markdown and plot next to them.
-    """
-    from .search import check_guards, search_lm_only
-
-    say = progress or (lambda _msg: None)
-    if image_text_calibration.kind != "image_text":
-        raise SchemeError(f"The image+text side got {image_text_calibration.kind!r} calibration data ({image_text_calibration.source}).")
-    if text_calibration.kind == "image_text":
-        raise SchemeError(f"The text-only side got image+text calibration data ({text_calibration.source}).")
-    manifests = {}
-    for label, calibration in (("text", text_calibration), ("image_text", image_text_calibration)):
-        say(f"{label} search on {calibration.source}")
-        copy_ = copy.deepcopy(loaded)
-        result = search_lm_only(copy_, scheme, calibration, progress=say)
-        for guard in check_guards(result):
-            guard.require()
-        manifest = Manifest.from_search(result)
-        manifest.verify(state=result.modelopt_state, model=copy_.vlm).require()
-        if out_dir is not None:
-            manifest.save(Path(out_dir) / label / "manifest.json")
-        manifests[label] = manifest
-        del result, copy_
-        gc.collect()
-        if getattr(loaded.device, "type", "cpu") == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
-    comparison = compare_calibrations(manifests["text"], manifests["image_text"])
-    if out_dir is not None:
-        comparison.write(out_dir)
-    return ComparisonRun(comparison, manifests["text"], manifests["image_text"])

@@ -47,7 +47,7 @@ def explain(format_name: str = "fp8") -> str:
          for e in pattern_entries(fmt.config)],
         headers=["index", "kind", "quantizer_name", "parent_class", "enable", "from default list"], tablefmt="github"))
     parts.append("vlq formats\n" + tabulate(
-        [[f.name, f.modelopt_config, f"{f.effective_bits:g}", f.export_quant_algo, "CUDA" if f.needs_cuda else "CPU+CUDA",
+        [[f.name, f.modelopt_config, f"{f.bits:g}", f.export_quant_algo, "CUDA" if f.needs_cuda else "CPU+CUDA",
           "yes" if f.vllm_servable else "no"] for f in FORMATS.values()],
         headers=["format", "ModelOpt config", "bits", "export quant_algo", "runs on", "vLLM serves"], tablefmt="github"))
     return "\n\n".join(parts)

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import Check
 from .errors import ManifestMismatch
 from .schemes import FORMATS, NO_QUANT, Scheme, live_signature
-from .search import Candidate, GroupDecision, SearchResult, decisions_from_state, groups_within, lm_effective_bits
+from .search import Candidate, GroupDecision, SearchResult, decisions_from_state, groups_within, lm_achieved_bits
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: effective_bits renamed achieved_bits; scheme version 2
 
 
 @dataclass(frozen=True)
@@ -50,27 +51,6 @@ class ManifestGroup:
 
 
 @dataclass(frozen=True)
-class VerifyReport:
-    """Every disagreement found by :meth:`Manifest.verify`, by the source it was checked against."""
-
-    checked: tuple[str, ...]
-    mismatches: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.mismatches
-
-    def require(self) -> "VerifyReport":
-        if self.mismatches:
-            shown = "\n  ".join(self.mismatches[:25])
-            more = f"\n  ... and {len(self.mismatches) - 25} more" if len(self.mismatches) > 25 else ""
-            raise ManifestMismatch(
-                f"Manifest does not match {', '.join(self.checked)} ({len(self.mismatches)} mismatches):\n  {shown}{more}"
-            )
-        return self
-
-
-@dataclass(frozen=True)
 class Manifest:
     """The language model's per-group decisions and what produced them."""
 
@@ -80,7 +60,7 @@ class Manifest:
     tied_lm_head: bool
     scheme: Scheme
     groups: tuple[ManifestGroup, ...]
-    effective_bits: float
+    achieved_bits: float
     total_score: float
     strategy_prefix: str  # name prefix that maps the searched model's names to full-VLM names
     calibration_source: str = ""
@@ -98,16 +78,16 @@ class Manifest:
             tied_lm_head=result.loaded.tied_lm_head,
             scheme=result.scheme,
             groups=tuple(ManifestGroup.from_decision(g) for g in lm_groups),
-            effective_bits=result.effective_bits,
+            achieved_bits=result.achieved_bits,
             total_score=sum(g.candidate(g.chosen).score for g in lm_groups),
             strategy_prefix=result.loaded.lm_path if result.scheme.strategy == "extract" else "",
             calibration_source=result.calibration_source,
         )
 
-    def with_groups(self, groups, *, effective_bits: float | None = None) -> "Manifest":
+    def with_groups(self, groups, *, achieved_bits: float | None = None) -> "Manifest":
         """A copy with other decisions (re-solve, or a tampered copy in tests)."""
         groups = tuple(groups)
-        bits = effective_bits if effective_bits is not None else lm_effective_bits(groups)
+        bits = achieved_bits if achieved_bits is not None else lm_achieved_bits(groups)
         return Manifest(
             self.model_source, self.lm_path, self.vision_root, self.tied_lm_head, self.scheme, groups,
             bits, sum(next(c.score for c in g.candidates if c.format == g.chosen) for g in groups),
@@ -143,7 +123,7 @@ class Manifest:
             },
             "scheme": self.scheme.to_dict(),
             "scheme_id": self.scheme.id,
-            "effective_bits": self.effective_bits,
+            "achieved_bits": self.achieved_bits,
             "total_score": self.total_score,
             "strategy_prefix": self.strategy_prefix,
             "calibration_source": self.calibration_source,
@@ -155,8 +135,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
         version = data.get("vlq_manifest_version")
-        if version != MANIFEST_VERSION:
-            raise ManifestMismatch(f"Manifest version {version!r} is not supported; this vlq reads {MANIFEST_VERSION}.")
+        if version == 1:  # version 1 called the achieved bits "effective_bits"
+            data = {**data, "achieved_bits": data.get("effective_bits")}
+        elif version != MANIFEST_VERSION:
+            raise ManifestMismatch(f"Manifest version {version!r} is not supported; this vlq reads versions 1 and {MANIFEST_VERSION}.")
         model = data["model"]
         return cls(
             model_source=model["source"],
@@ -165,7 +147,7 @@ class Manifest:
             tied_lm_head=bool(model["tied_lm_head"]),
             scheme=Scheme.from_dict(data["scheme"]),
             groups=tuple(ManifestGroup.from_dict(g) for g in data["groups"]),
-            effective_bits=float(data["effective_bits"]),
+            achieved_bits=float(data["achieved_bits"]),
             total_score=float(data["total_score"]),
             strategy_prefix=data.get("strategy_prefix", ""),
             calibration_source=data.get("calibration_source", ""),
@@ -177,7 +159,7 @@ class Manifest:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary file in the same folder, renamed into place."""
-        from .export import atomic_write_text
+        from .files import atomic_write_text
 
         return atomic_write_text(Path(path), self.to_json())
 
@@ -196,7 +178,7 @@ class Manifest:
             raise ManifestMismatch(f"Manifest {path} lacks field {exc}; it was not written by vlq.") from exc
 
     # -- verification --------------------------------------------------------------------------
-    def verify(self, *, state: dict[str, Any] | None = None, model=None, checkpoint: str | os.PathLike | None = None) -> VerifyReport:
+    def verify(self, *, state: dict[str, Any] | None = None, model=None, checkpoint: str | os.PathLike | None = None) -> Check:
         """Check this manifest against any of: ModelOpt's search state, the live VLM, a checkpoint."""
         checked, problems = [], []
         if state is not None:
@@ -210,13 +192,15 @@ class Manifest:
             problems += self._against_checkpoint(checkpoint)
         if not checked:
             raise ValueError("verify() needs at least one of state=, model=, checkpoint=.")
-        return VerifyReport(tuple(checked), tuple(problems))
+        members = sum(len(g.members) for g in self.groups)
+        return Check(f"manifest == {' == '.join(checked)}", tuple(problems), members,
+                     f"{len(self.groups)} groups, {members} modules", ManifestMismatch)
 
     def _self_consistency(self) -> list[str]:
         problems = []
-        bits = lm_effective_bits(self.groups)
-        if not math.isclose(bits, self.effective_bits, rel_tol=1e-9, abs_tol=1e-9):
-            problems.append(f"effective_bits {self.effective_bits} != {bits} recomputed from the groups' costs")
+        bits = lm_achieved_bits(self.groups)
+        if not math.isclose(bits, self.achieved_bits, rel_tol=1e-9, abs_tol=1e-9):
+            problems.append(f"achieved_bits {self.achieved_bits} != {bits} recomputed from the groups' costs")
         return problems
 
     def _against_state(self, state: dict[str, Any]) -> list[str]:
@@ -260,7 +244,7 @@ class Manifest:
         return problems
 
     def _against_checkpoint(self, checkpoint) -> list[str]:
-        from .export import CheckpointQuantConfig, checkpoint_module_name
+        from .checkpoint import CheckpointQuantConfig, checkpoint_module_name
 
         config = CheckpointQuantConfig.read(checkpoint)
         problems = []

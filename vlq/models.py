@@ -28,6 +28,7 @@ from torch import nn
 
 from . import _compat
 from .errors import ModelSourceError
+from .inputs import QWEN25_VL_3B_RANDOM, TINY, validate_checkpoint_dir
 
 _compat.apply_torchvision_schema_shim()
 
@@ -35,9 +36,6 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 QWEN25_VL_3B_CONFIG = DATA_DIR / "qwen2_5_vl_3b_config.json"
 CALIBRATION_CORPUS = DATA_DIR / "calibration_corpus.txt"
 
-TINY = "tiny"
-QWEN25_VL_3B_RANDOM = "qwen2.5-vl-3b-random"
-SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 
 #: Bump when the tiny model's recipe changes so cached builds are not reused.
 TINY_RECIPE_VERSION = 1
@@ -164,7 +162,7 @@ class LoadedVLM:
 
 def vision_tower_root(vlm: nn.Module) -> str:
     """Name of the vision tower inside the VLM (``model.visual`` for transformers 5.x)."""
-    for name, module in vlm.named_modules():
+    for name, _module in vlm.named_modules():
         if name.endswith("visual") and name.count(".") <= 1:
             return name
     raise ModelSourceError(
@@ -373,50 +371,6 @@ def tiny_checkpoint_path(cache_dir: str | os.PathLike | None = None, seed: int =
 # --------------------------------------------------------------------------------------------
 
 
-def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
-    """Check, before any heavy work, that ``path`` is a Qwen2.5-VL checkpoint folder."""
-    if not path.exists():
-        raise ModelSourceError(
-            f"Model path {path} does not exist. Pass a local Qwen2.5-VL checkpoint folder, "
-            f"'{TINY}' for the embedded tiny model, or '{QWEN25_VL_3B_RANDOM}' for the 3B "
-            "architecture with random weights."
-        )
-    if not path.is_dir():
-        raise ModelSourceError(f"Model path {path} is a file; pass the checkpoint folder that holds config.json.")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelSourceError(
-            f"{path} has no config.json, so it is not a Hugging Face checkpoint folder. "
-            "Point vlq at the folder that holds config.json and the *.safetensors files."
-        )
-    if not os.access(config_file, os.R_OK):
-        raise ModelSourceError(f"{config_file} is not readable; fix its permissions.")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelSourceError(f"{config_file} is not valid JSON ({exc}); the checkpoint is broken.") from exc
-    except OSError as exc:
-        raise ModelSourceError(f"{config_file} cannot be read ({exc.strerror or exc}); fix the checkpoint folder.") from exc
-    if not isinstance(config, dict):
-        raise ModelSourceError(f"{config_file} must hold a JSON object, got {type(config).__name__}.")
-    model_type = config.get("model_type")
-    if model_type != SUPPORTED_MODEL_TYPE:
-        kind = "a text-only LLM" if "vision_config" not in config else "another vision-language family"
-        raise ModelSourceError(
-            f"{path} holds model_type={model_type!r} ({kind}); vlq quantizes the language model of "
-            f"Qwen2.5-VL (model_type='{SUPPORTED_MODEL_TYPE}', architecture "
-            "Qwen2_5_VLForConditionalGeneration). Point it at a Qwen2.5-VL checkpoint."
-        )
-    if "quantization_config" in config:
-        raise ModelSourceError(
-            f"{path} is already quantized (config.json has quantization_config: "
-            f"{config['quantization_config'].get('quant_method', '?')}); search needs the BF16 original."
-        )
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelSourceError(f"{path} has config.json but no *.safetensors weights.")
-    return config
-
-
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -511,12 +465,3 @@ def load_vlm(
     if str(source) == QWEN25_VL_3B_RANDOM:
         return build_3b_random(dtype=dtype, device=device)
     return load_checkpoint(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-
-
-def resolve_model_source(source: str | os.PathLike) -> str:
-    """Check a model source cheaply (no weights read) and return its canonical form."""
-    if str(source) in (TINY, QWEN25_VL_3B_RANDOM):
-        return str(source)
-    path = Path(source).expanduser().resolve()
-    validate_checkpoint_dir(path)
-    return str(path)

@@ -6,20 +6,18 @@ import json as _json
 import os as _os
 import re
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path as _Path
 
 from tabulate import tabulate
 
+from .checks import Check
 from .manifest import Manifest
+from .schemes import NO_QUANT
+from .serving import LM_HEAD_NAMES, LM_LINEAR_RE, VISION_PREFIX
+from .vllm_runner import ServedLayer
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.(.+)$")
-
-
-@dataclass(frozen=True)
-class CheckLine:
-    check: str
-    ok: bool
-    detail: str
 
 
 def layer_rows(manifest: Manifest) -> list[list[str]]:
@@ -43,19 +41,45 @@ def layer_table(manifest: Manifest, fmt: str = "github") -> str:
     return tabulate(rows[1:], headers=rows[0], tablefmt=fmt)
 
 
-def summary_table(manifest: Manifest, checks: list[CheckLine], fmt: str = "github") -> str:
+def summary_table(manifest: Manifest, checks: Sequence[Check], fmt: str = "github") -> str:
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(manifest.format_counts().items()))
     head = tabulate(
         [
             ["scheme", manifest.scheme.id],
-            ["LM effective bits", f"{manifest.effective_bits:.3f} (target {manifest.scheme.effective_bits:g})"],
+            ["LM effective bits", f"{manifest.achieved_bits:.3f} (target {manifest.scheme.target_bits:g})"],
             ["decision groups", f"{len(manifest.groups)} ({counts})"],
             ["total sensitivity score", f"{manifest.total_score:.6g}"],
         ],
         tablefmt=fmt,
     )
-    body = tabulate([[c.check, "PASS" if c.ok else "FAIL", c.detail] for c in checks], headers=["check", "result", "detail"], tablefmt=fmt)
-    return head + "\n\n" + body
+    return head + "\n\n" + checks_table(checks, fmt)
+
+
+def checks_table(checks: Sequence[Check], fmt: str = "github") -> str:
+    """One row per check: name, PASS/FAIL, the detail line or the first problems."""
+    rows = [[c.name, "PASS" if c.ok else "FAIL", c.summary()] for c in checks]
+    return tabulate(rows, headers=["check", "result", "detail"], tablefmt=fmt)
+
+
+def served_layer_table(layers: Sequence[ServedLayer], expected: dict[str, str] | None = None, fmt: str = "github") -> str:
+    """vLLM's per-layer view: every vision linear, LM linear and lm_head with its quant method and dtype."""
+    rows = []
+    for layer in layers:
+        lm = LM_LINEAR_RE.match(layer.name)
+        if not (layer.name.startswith(VISION_PREFIX) or lm or layer.name in LM_HEAD_NAMES):
+            continue
+        want = (expected or {}).get(layer.name, NO_QUANT if not lm else "?")
+        rows.append([layer.name, layer.layer_cls, layer.quant_method, layer.weight_dtype or "-", want])
+    return tabulate(rows, headers=["layer (vLLM)", "class", "quant method", "weight dtype", "expected"], tablefmt=fmt)
+
+
+def sweep_table(points: Sequence, fmt: str = "github") -> str:
+    """One row per effective-bits target of a sweep (SweepPoint objects)."""
+    rows = [[p.target_bits, f"{p.achieved_bits:.3f}", f"{p.total_score:.4g}", p.manifest.format_counts(),
+             f"{p.resolve_s:.2f}", "-" if p.export_path is None else f"{p.export_s:.2f}",
+             "-" if p.export_path is None else ("PASS" if p.verified else "FAIL")] for p in points]
+    return tabulate(rows, headers=["target bits", "achieved", "score", "formats", "re-solve s", "export+verify s", "verified"],
+                    tablefmt=fmt)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,7 +100,7 @@ class BenchRow:
     solve_s: float | None
     peak_rss_gib: float | None
     peak_gpu_gib: float | None
-    effective_bits: float | None
+    achieved_bits: float | None
     settings: dict
 
     def knob(self, knob: str):
@@ -95,7 +119,7 @@ def load_benchmarks(path: str | _os.PathLike) -> tuple[dict, list[BenchRow]]:
             name=bench["name"], variant=extra.get("variant", bench["name"]), seconds=float(bench["stats"]["mean"]),
             calibrate_s=extra.get("calibrate_s"), score_s=extra.get("score_s"), solve_s=extra.get("solve_s"),
             peak_rss_gib=extra.get("peak_rss_gib"), peak_gpu_gib=extra.get("peak_gpu_gib"),
-            effective_bits=extra.get("effective_bits"), settings=extra,
+            achieved_bits=extra.get("achieved_bits", extra.get("effective_bits")), settings=extra,
         ))
     return data.get("machine_info", {}), rows
 
@@ -106,7 +130,7 @@ def benchmark_table(rows: list[BenchRow], fmt: str = "github") -> str:
 
     return tabulate(
         [[r.name.split("[")[-1].rstrip("]"), f(r.seconds, 1), f(r.calibrate_s, 1), f(r.score_s, 1), f(r.solve_s, 1),
-          f(r.peak_rss_gib), f(r.peak_gpu_gib), f(r.effective_bits, 3)] for r in rows],
+          f(r.peak_rss_gib), f(r.peak_gpu_gib), f(r.achieved_bits, 3)] for r in rows],
         headers=["benchmark", "search s", "calibrate s", "score s", "solve s", "peak RSS GiB", "peak GPU GiB", "LM bits"],
         tablefmt=fmt,
     )
@@ -139,9 +163,14 @@ def comparison_table(comparison, fmt: str = "github") -> str:
     return tabulate(rows, headers=["benchmark", "base s", "new s", "time", "base GiB", "new GiB", "memory", "verdict"], tablefmt=fmt)
 
 
+def _achieved(point: dict) -> float:
+    """Achieved bits of a saved sweep point (files before scheme version 2 call it effective_bits)."""
+    return float(point.get("achieved_bits", point.get("effective_bits")))
+
+
 def _save_png(fig, path: _Path) -> None:
     """Write a figure atomically: readers never see half a PNG."""
-    from ._atomic import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100), binary=True)
 
@@ -199,7 +228,7 @@ def plot_format_map(manifest: Manifest, path: _Path) -> _Path:
     ax.set_xticks(range(len(columns)), columns, rotation=20, fontsize=7)
     ax.set_yticks(range(len(body)), [r[0] for r in body], fontsize=6)
     ax.set_ylabel("decoder layer")
-    ax.set_title(f"{manifest.scheme.id}: {manifest.effective_bits:.2f} LM bits", fontsize=8)
+    ax.set_title(f"{manifest.scheme.id}: {manifest.achieved_bits:.2f} LM bits", fontsize=8)
     ax.legend(handles=[Patch(color=FORMAT_COLORS.get(f, "#000"), label=f) for f in formats], fontsize=7,
               bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
@@ -211,7 +240,7 @@ def plot_format_map(manifest: Manifest, path: _Path) -> _Path:
 def plot_pareto(sweep: dict, path: _Path) -> _Path:
     """Effective bits against total sensitivity score for the targets of one sweep."""
     plt = _plt()
-    points = sorted((p["effective_bits"], p["total_score"], p["target_bits"]) for p in sweep["points"])
+    points = sorted((_achieved(p), p["total_score"], p["target_bits"]) for p in sweep["points"])
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
     for bits, score, target in points:
@@ -233,7 +262,7 @@ def write_report(
     baseline: str | _os.PathLike | None = None,
 ) -> _Path:
     """Write ``out_dir/README.md`` with tables and the PNG plots next to it. Returns the Markdown path."""
-    from .export import atomic_write_text
+    from .files import atomic_write_text
 
     out = _Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +288,7 @@ def write_report(
     for path in sweeps:
         sweep = _json.loads(_Path(path).read_text())
         png = plot_pareto(sweep, out / f"pareto_{_Path(path).parent.name or 'sweep'}.png")
-        table = tabulate([[p["target_bits"], f"{p['effective_bits']:.3f}", f"{p['total_score']:.4g}", p["format_counts"],
+        table = tabulate([[p["target_bits"], f"{_achieved(p):.3f}", f"{p['total_score']:.4g}", p["format_counts"],
                            f"{p['resolve_s']:.2f}", f"{p['export_s']:.2f}", p["verified"]] for p in sweep["points"]],
                          headers=["target", "achieved", "score", "formats", "re-solve s", "export+verify s", "verified"], tablefmt="github")
         sections.append(f"## Sweep: search {sweep['search_s']:.1f}s, all decisions {sweep['decisions_s']:.1f}s, "

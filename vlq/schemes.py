@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from .errors import SchemeError
 
-SCHEME_VERSION = 1
+SCHEME_VERSION = 2  # 2: effective_bits renamed target_bits (the achieved value lives in results)
 
 METHODS = ("gradient", "kl_div")
 STRATEGIES = ("extract", "mask")
@@ -55,6 +55,10 @@ class QuantFormat:
     export_quant_algo: str
     needs_cuda: bool
     description: str
+    #: Bits per weight as AutoQuant's cost model counts them (NVFP4: 4.5 with its scales).  Kept here
+    #: so schemes validate without importing ModelOpt; tests/test_schemes.py pins each to ModelOpt's
+    #: live ``QuantRecipe(config).compression * 16``.
+    bits: float = 16.0
 
     @property
     def config(self) -> dict[str, Any]:
@@ -62,9 +66,8 @@ class QuantFormat:
 
         return copy.deepcopy(getattr(mtq_config, self.modelopt_config))
 
-    @property
-    def effective_bits(self) -> float:
-        """Bits per weight as AutoQuant's cost model counts them (NVFP4: 4.5 with its scales)."""
+    def modelopt_bits(self) -> float:
+        """The same figure read from the installed ModelOpt (what :attr:`bits` must equal)."""
         from modelopt.torch.quantization.algorithms import QuantRecipe
 
         return QuantRecipe(self.modelopt_config).compression * 16
@@ -142,16 +145,27 @@ def live_signature(module) -> QuantizerSignature:
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
-        QuantFormat("fp8", "FP8_DEFAULT_CFG", "FP8", False, "FP8 E4M3 weights and activations, per-tensor scales"),
-        QuantFormat("int4_awq", "INT4_AWQ_CFG", "W4A16_AWQ", False, "INT4 weights in blocks of 128 (AWQ), BF16 activations"),
-        QuantFormat("w4a8_awq", "W4A8_AWQ_BETA_CFG", "W4A8_AWQ", False, "INT4 AWQ weights, FP8 activations"),
-        QuantFormat("int8_sq", "INT8_SMOOTHQUANT_CFG", "W8A8_SQ_PER_CHANNEL", False, "INT8 SmoothQuant, per-channel weights"),
-        QuantFormat("nvfp4", "NVFP4_DEFAULT_CFG", "NVFP4", True, "NVFP4 weights and activations, blocks of 16"),
-        QuantFormat("w4a16_nvfp4", "W4A16_NVFP4_CFG", "W4A16_NVFP4", True, "NVFP4 weights, BF16 activations"),
-        QuantFormat("mxfp8", "MXFP8_DEFAULT_CFG", "MXFP8", True, "MXFP8 weights and activations, blocks of 32"),
+        QuantFormat("fp8", "FP8_DEFAULT_CFG", "FP8", False, "FP8 E4M3 weights and activations, per-tensor scales", 8.0),
+        QuantFormat("int4_awq", "INT4_AWQ_CFG", "W4A16_AWQ", False, "INT4 weights in blocks of 128 (AWQ), BF16 activations", 4.0),
+        QuantFormat("w4a8_awq", "W4A8_AWQ_BETA_CFG", "W4A8_AWQ", False, "INT4 AWQ weights, FP8 activations", 4.0),
+        QuantFormat("int8_sq", "INT8_SMOOTHQUANT_CFG", "W8A8_SQ_PER_CHANNEL", False, "INT8 SmoothQuant, per-channel weights", 8.0),
+        QuantFormat("nvfp4", "NVFP4_DEFAULT_CFG", "NVFP4", True, "NVFP4 weights and activations, blocks of 16", 4.5),
+        QuantFormat("w4a16_nvfp4", "W4A16_NVFP4_CFG", "W4A16_NVFP4", True, "NVFP4 weights, BF16 activations", 4.5),
+        QuantFormat("mxfp8", "MXFP8_DEFAULT_CFG", "MXFP8", True, "MXFP8 weights and activations, blocks of 32", 8.0),
     )
 }
 NO_QUANT = "none"  # the format name vlq gives AutoQuant's always-present "do not quantize" choice
+
+
+#: Export quant_algo -> vlq format name (what a checkpoint config says, in vlq's names).
+ALGO_TO_FORMAT = {f.export_quant_algo: f.name for f in FORMATS.values()}
+
+
+def format_of_algo(algo: str | None) -> str:
+    """vlq's name for an exported quant_algo; ``None`` (unquantized) is :data:`NO_QUANT`."""
+    if algo is None:
+        return NO_QUANT
+    return ALGO_TO_FORMAT.get(algo, algo.lower())
 
 
 def get_format(name: str) -> QuantFormat:
@@ -184,11 +198,11 @@ class Scheme:
 
     ``strategy='extract'`` searches the extracted text model (loss through the parent's lm_head);
     ``strategy='mask'`` searches the whole VLM with vision tower and lm_head disabled *and*
-    cost-excluded so ``effective_bits`` counts the language model only.
+    cost-excluded so the bit budget (``target_bits``) counts the language model only.
     """
 
     formats: tuple[str, ...] = ("fp8", "int4_awq")
-    effective_bits: float = 6.0
+    target_bits: float = 6.0
     method: str = "gradient"
     strategy: str = "extract"
     num_calib_steps: int = 4
@@ -214,16 +228,16 @@ class Scheme:
             raise SchemeError(f"Unknown method {self.method!r}; use one of {METHODS}.")
         if self.strategy not in STRATEGIES:
             raise SchemeError(f"Unknown strategy {self.strategy!r}; use one of {STRATEGIES}.")
-        bits = float(self.effective_bits)
+        bits = float(self.target_bits)
         if not math.isfinite(bits) or not 0 < bits <= 16:
-            raise SchemeError(f"effective_bits must be in (0, 16], got {self.effective_bits}.")
-        object.__setattr__(self, "effective_bits", bits)
-        minimum = self.minimum_effective_bits
+            raise SchemeError(f"target_bits must be in (0, 16], got {self.target_bits}.")
+        object.__setattr__(self, "target_bits", bits)
+        minimum = self.minimum_bits
         if bits < minimum - 1e-9:
             raise SchemeError(
-                f"effective_bits={bits} is infeasible for formats {'+'.join(formats)}: the minimum "
+                f"target_bits={bits} is infeasible for formats {'+'.join(formats)}: the minimum "
                 f"achievable over the language model is {minimum:.4f} (every layer in "
-                f"{self.most_compressed_format}). Raise effective_bits to at least {minimum:.4f} or add a "
+                f"{self.most_compressed_format}). Raise target_bits (--bits) to at least {minimum:.4f} or add a "
                 "smaller format."
             )
         for label in ("num_calib_steps", "num_score_steps", "batch_size"):
@@ -239,17 +253,17 @@ class Scheme:
 
     @property
     def most_compressed_format(self) -> str:
-        return min(self.format_objects, key=lambda f: f.effective_bits).name
+        return min(self.format_objects, key=lambda f: f.bits).name
 
     @property
-    def minimum_effective_bits(self) -> float:
+    def minimum_bits(self) -> float:
         """Lowest LM-only effective bits these formats can reach (every group in the smallest)."""
-        return min(f.effective_bits for f in self.format_objects)
+        return min(f.bits for f in self.format_objects)
 
     @property
     def id(self) -> str:
         """Readable id: ``fp8+int4_awq-6.0b-gradient-extract``."""
-        return f"{'+'.join(self.formats)}-{self.effective_bits:g}b-{self.method}-{self.strategy}"
+        return f"{'+'.join(self.formats)}-{self.target_bits:g}b-{self.method}-{self.strategy}"
 
     def modelopt_formats(self) -> list[str]:
         return [f.modelopt_config for f in self.format_objects]
@@ -285,10 +299,14 @@ class Scheme:
         if not isinstance(data, dict):
             raise SchemeError(f"A scheme must be a mapping, got {type(data).__name__}.")
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - ({"effective_bits"} if data.get("version") == 1 else set()))
         if unknown:
             raise SchemeError(f"Unknown scheme keys {unknown}; known keys: {sorted(known)}.")
         data = dict(data)
+        if data.get("version") == 1:  # version 1 called the target "effective_bits"
+            data["version"] = SCHEME_VERSION
+            if "effective_bits" in data:
+                data["target_bits"] = data.pop("effective_bits")
         if "formats" in data and isinstance(data["formats"], list):
             data["formats"] = tuple(data["formats"])
         return cls(**data)
@@ -316,6 +334,24 @@ class Scheme:
 
     def with_(self, **changes) -> "Scheme":
         return replace(self, **changes)
+
+
+#: Measured recommendation for full-size models (reports/README.md: 16+16 steps x 512 tokens kept
+#: about 97% of the 128+128 reference decisions on an H200); the tiny model keeps its seconds-long defaults.
+RECOMMENDED_FULL_SIZE = {"num_calib_steps": 16, "num_score_steps": 16, "batch_size": 1, "seq_len": 512}
+
+
+def default_scheme(device: str = "cpu", *, full_size: bool = False) -> Scheme:
+    """What ``vlq run`` searches with no scheme options: formats vLLM serves on ``device``.
+
+    CPU: FP8 against BF16 per group (vLLM's CPU build runs FP8; ModelOpt's NVFP4 needs CUDA).
+    CUDA: FP8 + NVFP4 (both served, alone and inside MIXED_PRECISION).
+    """
+    if str(device).startswith("cuda"):
+        scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0)
+    else:
+        scheme = Scheme(formats=("fp8",), target_bits=12.0)
+    return scheme.with_(**RECOMMENDED_FULL_SIZE) if full_size else scheme
 
 
 @dataclass(frozen=True)
@@ -439,7 +475,7 @@ def lm_only_config(format_name: str = "fp8") -> dict[str, Any]:
 
 SCHEME_FIELDS_HELP = {
     "formats": "candidate formats joined by '+', from: " + ", ".join(FORMATS),
-    "effective_bits": "target average bits per LM weight (16 = no compression)",
+    "target_bits": "target average bits per LM weight (16 = no compression)",
     "method": "gradient (Taylor score, ILP solve) or kl_div (KL of logits, threshold search)",
     "strategy": "extract (search the text model) or mask (search the VLM, vision/lm_head disabled+cost-excluded)",
 }

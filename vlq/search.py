@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import IGNORE_INDEX, CalibrationSet
+from .checks import Check
 from .errors import GuardViolation, ResourceError, SchemeError, SearchStateError
 from .models import LoadedVLM, fingerprint_parameters
+from .progress import SILENT, Progress
 from .schemes import NO_QUANT, Scheme, format_for_modelopt_name
 
 
@@ -89,8 +91,8 @@ class SearchResult:
     scheme: Scheme
     loaded: LoadedVLM
     groups: tuple[GroupDecision, ...]
-    effective_bits: float  # over the language model only
-    modelopt_effective_bits: float  # ModelOpt's own figure (denominator per its cost model)
+    achieved_bits: float  # over the language model only
+    modelopt_achieved_bits: float  # ModelOpt's own figure (denominator per its cost model)
     total_score: float
     is_satisfied: bool
     times: PhaseTimes
@@ -161,7 +163,7 @@ def decisions_from_state(state: dict[str, Any], *, name_prefix: str, recipe: dic
     return tuple(groups)
 
 
-def resolve_decisions(state: dict[str, Any], effective_bits: float, *, name_prefix: str) -> tuple[GroupDecision, ...]:
+def resolve_decisions(state: dict[str, Any], target_bits: float, *, name_prefix: str) -> tuple[GroupDecision, ...]:
     """Re-solve a finished search for another effective-bits target without re-scoring.
 
     Uses the same solver ModelOpt's ``get_auto_quantize_config(state, constraints)`` runs (its
@@ -170,9 +172,9 @@ def resolve_decisions(state: dict[str, Any], effective_bits: float, *, name_pref
     """
     from modelopt.torch.quantization.algorithms import _resolve_best_recipe
 
-    bits = float(effective_bits)
+    bits = float(target_bits)
     if not 0 < bits <= 16:
-        raise SchemeError(f"effective_bits must be in (0, 16], got {effective_bits}.")
+        raise SchemeError(f"target_bits must be in (0, 16], got {target_bits}.")
     try:
         recipe = _resolve_best_recipe(state, {"effective_bits": bits})
     except (KeyError, TypeError) as exc:
@@ -195,7 +197,7 @@ def _cost(group, fmt: str, default: float | None = None) -> float:
     return default
 
 
-def lm_effective_bits(groups) -> float:
+def lm_achieved_bits(groups) -> float:
     """Effective bits over ``groups`` (decisions or manifest groups): chosen cost over uncompressed cost, x16."""
     chosen = sum(_cost(g, g.chosen) for g in groups)
     full = sum(_cost(g, NO_QUANT, default=0.0) for g in groups)
@@ -356,6 +358,40 @@ class _PhaseClock:
         return PhaseTimes(max(0.0, first - self.start), max(0.0, last - first), max(0.0, end - last))
 
 
+class _PhaseBars:
+    """One progress bar for calibration, then one for scoring, driven by ModelOpt's calls of our
+    forward and loss functions (ModelOpt itself reports nothing we can hook)."""
+
+    def __init__(self, progress: Progress, scheme: Scheme):
+        self.progress, self.scheme = progress, scheme
+        self.phase: str | None = None
+        self._cm = self._bar = None
+
+    def _open(self, phase: str, label: str, total: int | None) -> None:
+        self.close()
+        self.phase = phase
+        self._cm = self.progress.bar(label, total)
+        self._bar = self._cm.__enter__()
+
+    def forward(self) -> None:
+        if self.phase is None:
+            self._open("calibrate", "calibration", self.scheme.num_calib_steps)
+        if self.phase == "calibrate":
+            self._bar.update()
+
+    def scored(self) -> None:
+        if self.phase != "score":
+            # gradient: one loss call per scoring step; kl_div: many forwards per step (no total)
+            total = self.scheme.num_score_steps if self.scheme.method == "gradient" else None
+            self._open("score", f"scoring ({self.scheme.method})", total)
+        self._bar.update()
+
+    def close(self) -> None:
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+
 # ------------------------------------------------------------------------------------------------
 # The search
 # ------------------------------------------------------------------------------------------------
@@ -380,7 +416,7 @@ def search_lm_only(
     disable_vision: bool = True,
     exclude_cost: bool = True,
     verbose: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> SearchResult:
     """Run ``mtq.auto_quantize`` on the language model of ``loaded`` only.
 
@@ -390,7 +426,7 @@ def search_lm_only(
     """
     import modelopt.torch.quantization as mtq
 
-    say = progress or (lambda _msg: None)
+    progress = progress or SILENT
     scheme.require_device(str(loaded.device))
     calibration.require_steps(scheme.num_calib_steps, scheme.num_score_steps)
     if calibration.vocab_size > loaded.vocab_size:
@@ -412,12 +448,16 @@ def search_lm_only(
 
     clock = _PhaseClock()
     forward = make_forward_step(loaded, scheme.strategy)
+    bars = _PhaseBars(progress, scheme)
 
     gpu_peak_seen = [0]
 
     def forward_step(m, batch):
         if torch.is_inference_mode_enabled():  # kl_div scoring runs under inference mode
             clock.mark_score()
+            bars.scored()
+        else:
+            bars.forward()
         out = forward(m, batch)
         if out.is_cuda:
             # ModelOpt's gradient searcher resets CUDA's peak counter when scoring starts, so the
@@ -427,10 +467,11 @@ def search_lm_only(
 
     def loss_func(output, batch):
         clock.mark_score()
+        bars.scored()
         loss = causal_lm_loss(output, batch)
         return loss
 
-    constraints: dict[str, Any] = {"effective_bits": scheme.effective_bits}
+    constraints: dict[str, Any] = {"effective_bits": scheme.target_bits}
     if excluded:
         constraints["cost"] = {"excluded_module_name_patterns": list(excluded)}
 
@@ -448,7 +489,7 @@ def search_lm_only(
             write_sidecar(checkpoint, settings)
 
     data = list(calibration.to(loaded.device).batches)
-    say(f"search {scheme.id}: {len(data)} batches of {calibration.batch_size}x{calibration.seq_len} tokens")
+    progress.stage(f"search {scheme.id}: {len(data)} batches of {calibration.batch_size}x{calibration.seq_len} tokens")
     cuda = loaded.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -484,7 +525,7 @@ def search_lm_only(
     except ValueError as exc:
         message = str(exc)
         if "infeasible" in message or "effective_bits" in message:
-            raise SchemeError(f"{scheme.id}: {message} Raise effective_bits or add cheaper formats.") from exc
+            raise SchemeError(f"{scheme.id}: {message} Raise target_bits (--bits) or add cheaper formats.") from exc
         if "Checkpoint" in message:
             raise SearchStateError(f"Search checkpoint {checkpoint} was made with other settings: {message}") from exc
         raise
@@ -494,6 +535,7 @@ def search_lm_only(
         # Keep only the text: the exception's traceback pins every frame's activations on the GPU.
         oom_message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
     finally:
+        bars.close()
         model.train(was_training)
         # ModelOpt switches on gradient checkpointing for HF models while scoring; the searched
         # model is used for inference and export afterwards.
@@ -517,8 +559,8 @@ def search_lm_only(
         scheme=scheme,
         loaded=loaded,
         groups=groups,
-        effective_bits=0.0,
-        modelopt_effective_bits=float(state["best"]["constraints"].get("effective_bits", float("nan"))),
+        achieved_bits=0.0,
+        modelopt_achieved_bits=float(state["best"]["constraints"].get("effective_bits", float("nan"))),
         total_score=float(state["best"]["score"]),
         is_satisfied=bool(state["best"]["is_satisfied"]),
         times=clock.times(),
@@ -533,9 +575,9 @@ def search_lm_only(
         score_calls=clock.score_calls,
         peak_gpu_own_bytes=None if peak_gpu is None else peak_gpu - other_gpu_bytes,
     )
-    result.effective_bits = lm_effective_bits(result.lm_groups())
-    say(
-        f"search {scheme.id}: {result.effective_bits:.3f} effective bits over the LM, "
+    result.achieved_bits = lm_achieved_bits(result.lm_groups())
+    progress.stage(
+        f"search {scheme.id}: {result.achieved_bits:.3f} effective bits over the LM, "
         f"{result.times.total_s:.1f}s (calibrate {result.times.calibrate_s:.1f}s, "
         f"score {result.times.score_s:.1f}s, solve {result.times.solve_s:.1f}s)"
         + (f"; calibration and scores restored from {checkpoint}, no scoring step ran" if restored and not result.score_calls else "")
@@ -550,19 +592,6 @@ def _refuse_already_quantized(loaded: LoadedVLM) -> None:
                 f"The model already carries ModelOpt quantizers (first: {name}); a search needs a fresh "
                 "BF16 model. Load it again (or copy the fixture) before searching."
             )
-
-
-def _check_search_checkpoint(path: Path, scheme: Scheme, loaded: LoadedVLM) -> None:
-    """Refuse unreadable or unsafe checkpoints early (weights-only read); see :mod:`vlq.state`."""
-    from .state import load_search_state
-
-    state = load_search_state(path)
-    method = state.get("method")
-    if method not in (None, scheme.method):
-        raise SearchStateError(
-            f"Search checkpoint {path} was made with method={method!r} but this search uses "
-            f"method={scheme.method!r}. Use another checkpoint path or the same method."
-        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -581,23 +610,6 @@ def enabled_quantizers(module: nn.Module, prefix: str = "") -> list[str]:
     return found
 
 
-@dataclass(frozen=True)
-class GuardReport:
-    """Outcome of a guard: ``ok`` and, when not, every offending name and why."""
-
-    name: str
-    ok: bool
-    problems: tuple[str, ...]
-    checked: int
-
-    def require(self) -> "GuardReport":
-        if not self.ok:
-            shown = "\n  ".join(self.problems[:20])
-            more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
-            raise GuardViolation(f"{self.name} failed ({len(self.problems)} problems):\n  {shown}{more}")
-        return self
-
-
 class VisionGuard:
     """Proves the vision tower stayed BF16 through a search.
 
@@ -606,13 +618,13 @@ class VisionGuard:
     fingerprint taken at load time.
     """
 
-    name = "VisionGuard"
+    name = "vision tower unquantized (VisionGuard)"
 
     def __init__(self, loaded: LoadedVLM):
         self.loaded = loaded
         self.expected_fingerprint = loaded.vision.fingerprint
 
-    def check(self, result: SearchResult | None = None) -> GuardReport:
+    def check(self, result: SearchResult | None = None) -> Check:
         loaded = self.loaded
         tower = loaded.vlm.get_submodule(loaded.vision.root)
         problems = [f"enabled quantizer {q}" for q in enabled_quantizers(tower, loaded.vision.root)]
@@ -629,26 +641,28 @@ class VisionGuard:
         dtypes = sorted({str(p.dtype) for p in tower.parameters()})
         if tuple(dtypes) != loaded.vision.dtypes:
             problems.append(f"vision parameter dtypes {dtypes} != {list(loaded.vision.dtypes)} at load")
-        return GuardReport(self.name, not problems, tuple(problems), len(loaded.vision.linear_names))
+        checked = len(loaded.vision.linear_names)
+        return Check(self.name, tuple(problems), checked, f"{checked} vision linears, weights unchanged", GuardViolation)
 
 
 class LmHeadGuard:
     """Proves ``lm_head`` (tied to the embeddings in Qwen2.5-VL-3B) carries no enabled quantizer."""
 
-    name = "LmHeadGuard"
+    name = "lm_head unquantized (LmHeadGuard)"
 
     def __init__(self, loaded: LoadedVLM):
         self.loaded = loaded
 
-    def check(self, result: SearchResult | None = None) -> GuardReport:
+    def check(self, result: SearchResult | None = None) -> Check:
         head = self.loaded.lm_head
         problems = [f"enabled quantizer {q}" for q in enabled_quantizers(head, "lm_head")]
         if result is not None:
             for group in result.groups:
                 if any(fnmatch.fnmatch(m, "*lm_head") for m in group.members) and group.chosen != NO_QUANT:
                     problems.append(f"search chose {group.chosen} for {group.name}")
-        return GuardReport(self.name, not problems, tuple(problems), 1)
+        detail = "tied to the embeddings" if self.loaded.tied_lm_head else "untied"
+        return Check(self.name, tuple(problems), 1, detail, GuardViolation)
 
 
-def check_guards(result: SearchResult) -> tuple[GuardReport, GuardReport]:
+def check_guards(result: SearchResult) -> tuple[Check, Check]:
     return VisionGuard(result.loaded).check(result), LmHeadGuard(result.loaded).check(result)

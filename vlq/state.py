@@ -19,7 +19,7 @@ rerun, skipping the work already done.  vlq adds three things around that file:
 
 ``VLQ_TEST_KILL_AFTER`` (test hook): ``calibration`` or ``scoring`` SIGKILLs the process right after
 the state of that phase is saved; ``export`` right after the checkpoint files are written to the
-temporary export folder (see :func:`kill_point`).  Tests use it to interrupt real runs at exact
+temporary export folder (see :func:`vlq.files.kill_point`).  Tests use it to interrupt real runs at exact
 points.
 """
 
@@ -31,29 +31,16 @@ import json
 import math
 import os
 import pickle
-import signal
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from ._atomic import atomic_write
+from .files import atomic_write, atomic_write_text, kill_point
 from .errors import SearchStateError
 
 SIDECAR_SUFFIX = ".vlq.json"
 SIDECAR_VERSION = 1
-KILL_ENV = "VLQ_TEST_KILL_AFTER"
-
-
-# ------------------------------------------------------------------------------------------------
-# Test hook
-# ------------------------------------------------------------------------------------------------
-
-
-def kill_point(name: str) -> None:
-    """SIGKILL this process when ``VLQ_TEST_KILL_AFTER`` names ``name`` (an interrupt, not an exception)."""
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,8 +106,6 @@ def sidecar_path(state_path: str | os.PathLike) -> Path:
 
 
 def write_sidecar(state_path: str | os.PathLike, settings: dict[str, Any]) -> Path:
-    from .export import atomic_write_text
-
     return atomic_write_text(sidecar_path(state_path), json.dumps(settings, indent=1) + "\n")
 
 

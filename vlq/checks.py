@@ -1,0 +1,61 @@
+"""The one result type of every guarantee vlq checks: guards, manifest verification, the checkpoint
+on disk, serving.
+
+A :class:`Check` is plain data (name, problems, how many things were checked, a detail line);
+``ok`` is "no problems", and :meth:`Check.require` raises the error class of the stage that made
+it, listing the problems.  Tables of checks are rendered in :mod:`vlq.report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .errors import VlqError
+
+#: How many problems an error message lists before "... and N more".
+SHOWN_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Check:
+    """One guarantee: what was checked, and every problem found (none when it holds)."""
+
+    name: str
+    problems: tuple[str, ...] = ()
+    checked: int = 0  # how many layers / groups / files the check looked at
+    detail: str = ""  # one line for tables when the check passes
+    error: type[VlqError] = field(default=VlqError, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "problems", tuple(self.problems))
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def require(self) -> "Check":
+        """Return ``self`` when the check holds, else raise the stage's error listing the problems."""
+        if self.problems:
+            shown = "\n  ".join(self.problems[:SHOWN_PROBLEMS])
+            more = f"\n  ... and {len(self.problems) - SHOWN_PROBLEMS} more" if len(self.problems) > SHOWN_PROBLEMS else ""
+            raise self.error(f"{self.name} failed ({len(self.problems)} problems):\n  {shown}{more}")
+        return self
+
+    def summary(self) -> str:
+        """The detail line when the check holds, else its first problems."""
+        if self.ok:
+            return self.detail
+        first = "; ".join(self.problems[:3])
+        return first + (f" (+{len(self.problems) - 3} more)" if len(self.problems) > 3 else "")
+
+
+def all_ok(checks: Iterable[Check]) -> bool:
+    return all(c.ok for c in checks)
+
+
+def require_all(checks: Iterable[Check]) -> tuple[Check, ...]:
+    checks = tuple(checks)
+    for c in checks:
+        c.require()
+    return checks

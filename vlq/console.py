@@ -1,0 +1,62 @@
+"""Keep the terminal for vlq: third-party output (ModelOpt's prints and warnings, transformers and vLLM
+logs, C-level writes of extensions) goes to the run's ``log.txt`` while a command runs.
+
+Both the Python streams and file descriptors 1 and 2 are redirected, so prints from ModelOpt, Python
+warnings and output written by compiled code or child processes all land in the log.  vlq's own
+lines and progress bars go to the stream :func:`third_party_to_log` yields: the real terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Iterator
+
+
+def _own_stream(stream: IO[str]) -> tuple[IO[str], int | None]:
+    """A stream that keeps writing where ``stream`` writes now, even after fds 1/2 are redirected."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return stream, None  # not backed by a descriptor (e.g. pytest's capsys): keep the object
+    dup = os.dup(fd)
+    return os.fdopen(dup, "w", buffering=1, encoding="utf-8", errors="replace", closefd=True), dup
+
+
+@contextlib.contextmanager
+def third_party_to_log(log_path: str | os.PathLike | None, *, verbose: bool = False) -> Iterator[IO[str]]:
+    """Redirect everything but vlq's own output to ``log_path``; yield the terminal stream.
+
+    With ``verbose`` (or no log path) nothing is redirected and the terminal is ``sys.stdout``.
+    """
+    if verbose or log_path is None:
+        yield sys.stdout
+        return
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal, own_fd = _own_stream(sys.stdout)
+    saved_fds = (os.dup(1), os.dup(2))
+    saved_streams = (sys.stdout, sys.stderr)
+    with open(log_path, "a", buffering=1, encoding="utf-8", errors="replace") as log:
+        log.write(f"\n===== vlq {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+        log.flush()
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        try:
+            yield terminal
+        finally:
+            log.flush()
+            sys.stdout, sys.stderr = saved_streams
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
+            if own_fd is not None:
+                terminal.close()

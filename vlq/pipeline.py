@@ -1,0 +1,424 @@
+"""The one entry that runs vlq's stages in order; the CLI, sweeps, comparisons, tests and benchmarks
+all go through it, so a stage changes in one place.
+
+    load_model ─► calibrate ─► search (+ guards, manifest verified) ─► export (+ on-disk checks)
+               ─► serve_check (vLLM)                               ─► vlq.report tables
+
+Each stage takes typed inputs and returns a frozen result carrying the :class:`vlq.checks.Check`
+objects it made.  A stage that cannot keep its guarantees raises that stage's
+:class:`vlq.errors.VlqError`; a check that only reports (serving) is returned failed.  The run
+folder's file names live in :class:`vlq.inputs.RunFolder`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .calibration import (
+    CalibrationSet,
+    image_text_calibration,
+    images_option_from_source,
+    synthetic_text_calibration,
+    text_batches,
+)
+from .checks import Check
+from .compare import CalibrationComparison, compare_calibrations
+from .errors import CalibrationDataError, ManifestMismatch, SchemeError, SearchStateError
+from .export import ExportResult, add_fp8_kv_cache, export_checkpoint
+from .inputs import DataRequest, ModelRequest, RunFolder
+from .manifest import Manifest
+from .models import LoadedVLM, load_vlm
+from .progress import SILENT, Progress
+from .schemes import Scheme
+from .search import SearchResult, check_guards, make_forward_step, search_lm_only
+from .sweep import SweepPoint, SweepResult, manifest_for_target
+from .vllm_runner import QuantResolution, ServedLayer, ServingReport
+
+# ------------------------------------------------------------------------------------------------
+# Stage results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Searched:
+    """A finished LM-only search whose guards held and whose manifest matches the searcher state
+    and the live quantizers.  ``loaded`` now carries the quantizers (fake-quantized in place)."""
+
+    loaded: LoadedVLM
+    calibration: CalibrationSet
+    result: SearchResult
+    manifest: Manifest
+    checks: tuple[Check, ...]
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A checkpoint on disk that matches its manifest and keeps every on-disk guarantee."""
+
+    export: ExportResult
+    checks: tuple[Check, ...]
+
+    @property
+    def path(self) -> Path:
+        return self.export.path
+
+
+@dataclass(frozen=True)
+class Served:
+    """What vLLM made of a checkpoint: per-layer methods, and generations where kernels exist."""
+
+    checkpoint: Path
+    expected: dict[str, str]  # vLLM layer name -> expected format
+    expectations_from: str
+    layers: tuple[ServedLayer, ...]
+    checks: tuple[Check, ...]
+    report: ServingReport | None = None  # None when only resolved (no kernels on this device)
+    resolution: QuantResolution | None = None
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run: RunFolder
+    searched: Searched
+    exported: Exported
+    served: Served | None = None
+    serve_skipped: str = ""  # why serving was not checked, when it was not
+
+    @property
+    def checks(self) -> tuple[Check, ...]:
+        return self.searched.checks + self.exported.checks + (self.served.checks if self.served else ())
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+@dataclass(frozen=True)
+class ComparisonRun:
+    comparison: CalibrationComparison
+    text_manifest: Manifest
+    image_text_manifest: Manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------
+
+
+def load_model(request: ModelRequest, *, progress: Progress = SILENT) -> LoadedVLM:
+    """Stage 1: the BF16 model on ``request.device`` (``auto`` resolved by the caller)."""
+    progress.stage(f"loading {request.source} on {request.device}")
+    return load_vlm(request.source, device=request.device, trust_remote_code=request.trust_remote_code)
+
+
+def calibrate(loaded: LoadedVLM, scheme: Scheme, data: DataRequest = DataRequest(), *, progress: Progress = SILENT) -> CalibrationSet:
+    """Stage 2: as many batches as the scheme's calibration and scoring steps need.
+
+    Image+text when ``data.images`` is set; else text from ``data.text`` (or the shipped corpus)
+    through the model's tokenizer; a model without a tokenizer (random-weight shapes) gets seeded
+    synthetic tokens below the vision markers.
+    """
+    batches = max(scheme.num_calib_steps, scheme.num_score_steps)
+    if data.images is not None:
+        calibration = image_text_calibration(loaded, data.images, num_batches=batches, batch_size=scheme.batch_size,
+                                             seq_len=scheme.seq_len, seed=data.seed)
+    elif loaded.tokenizer is not None:
+        calibration = text_batches(loaded.tokenizer, vocab_size=loaded.vocab_size, num_batches=batches,
+                                   batch_size=scheme.batch_size, seq_len=scheme.seq_len, path=data.text)
+    else:
+        if data.text is not None:
+            raise CalibrationDataError(f"{loaded.source} has no tokenizer, so the text in {data.text} cannot be tokenized; "
+                                       "load a checkpoint folder with its tokenizer, or drop --data.")
+        calibration = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=batches,
+                                                 batch_size=scheme.batch_size, seq_len=scheme.seq_len, seed=data.seed)
+    progress.stage(f"calibration: {calibration.num_samples} samples x {calibration.seq_len} tokens from {calibration.source}")
+    return calibration
+
+
+def search(
+    loaded: LoadedVLM,
+    scheme: Scheme,
+    calibration: CalibrationSet,
+    *,
+    run: RunFolder | None = None,
+    save_manifest: bool = True,
+    progress: Progress = SILENT,
+) -> Searched:
+    """Stages 3–5: the LM-only search on ``loaded`` (quantized in place), its guards, its manifest.
+
+    With ``run`` the search state is saved to (and resumed from) ``run.search_state`` and, unless
+    ``save_manifest`` is False, the manifest written to ``run.manifest`` — only after every check holds.
+    """
+    result = search_lm_only(loaded, scheme, calibration, checkpoint=run.search_state if run else None, progress=progress)
+    guards = tuple(g.require() for g in check_guards(result))
+    manifest = Manifest.from_search(result)
+    verified = manifest.verify(state=result.modelopt_state, model=loaded.vlm).require()
+    if run is not None and save_manifest:
+        manifest.save(run.manifest)
+        progress.stage(f"manifest written to {run.manifest}")
+    return Searched(loaded, calibration, result, manifest, guards + (verified,))
+
+
+def export(
+    searched: Searched,
+    destination: RunFolder | str | Path,
+    *,
+    overwrite: bool = False,
+    progress: Progress = SILENT,
+) -> Exported:
+    """Stage 6: write the checkpoint (atomically), then prove it on disk and against the manifest."""
+    path = destination.checkpoint if isinstance(destination, RunFolder) else Path(destination)
+    loaded = searched.loaded
+    with progress.bar("export", total=3) as bar:
+        if searched.manifest.scheme.kv_cache_fp8:
+            add_fp8_kv_cache(loaded, searched.calibration, make_forward_step(loaded, "extract"))
+        bar.update()
+        exported = export_checkpoint(loaded, path, overwrite=overwrite)  # inspects before moving into place
+        bar.update()
+        verified = searched.manifest.verify(checkpoint=exported.path).require()
+        bar.update()
+    progress.stage(f"checkpoint written to {exported.path}")
+    return Exported(exported, (verified, exported.report.check))
+
+
+def serve_check(
+    checkpoint: str | Path,
+    *,
+    manifest: Manifest | None = None,
+    reference: str | Path | None = None,
+    progress: Progress = SILENT,
+) -> Served:
+    """Stage 7: load the checkpoint in vLLM and check it layer by layer (and its outputs).
+
+    Formats without kernels on this machine's vLLM (NVFP4/MXFP8 on CPU) are checked up to config
+    parsing and per-layer method resolution; ``note`` says so.  Needs an importable vLLM.
+    """
+    from .serving import check_resolution, expected_lm_formats, run_checks
+    from .vllm_runner import default_device, preflight, resolve_quant_methods, serve_checkpoint
+
+    path = Path(checkpoint).expanduser().resolve()
+    pre = preflight(path)
+    if reference is not None:
+        preflight(reference)
+    if manifest is None and (path.parent / RunFolder.MANIFEST).exists():  # a `vlq run` folder
+        manifest = Manifest.load(path.parent / RunFolder.MANIFEST)
+    source = "the manifest" if manifest is not None else "the checkpoint's quantization config"
+    expected = expected_lm_formats(manifest=manifest) if manifest is not None else expected_lm_formats(checkpoint=path)
+    device = default_device()
+    if device not in pre.runnable_on:
+        with progress.bar("vLLM per-layer resolution"):
+            resolution = resolve_quant_methods(path)
+        note = (f"vLLM has no {device} kernels for {', '.join(pre.algos)}: checked config parsing and per-layer "
+                "method resolution only; generation NOT run.")
+        return Served(path, expected, source, resolution.layers, check_resolution(resolution, manifest=manifest),
+                      resolution=resolution, note=note)
+    with progress.bar(f"vLLM engine ({device})"):
+        reference_report = serve_checkpoint(reference, device=device) if reference is not None else None
+        report = serve_checkpoint(path, device=device)
+    checks = run_checks(report, manifest=manifest, reference=reference_report)
+    note = (f"engine start {report.engine_start_s:.1f}s, generation {report.generate_s:.1f}s; text tokens "
+            f"{list(report.text.token_ids)}, image tokens {list(report.image.token_ids)}")
+    return Served(path, expected, source, report.layers, checks, report=report, note=note)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole runs
+# ------------------------------------------------------------------------------------------------
+
+
+def serving_skip_reason(scheme: Scheme) -> str | None:
+    """Why ``vlq run`` cannot check this scheme's export in vLLM here (None when it can)."""
+    from .capabilities import vllm_platform
+
+    verdict = scheme.vllm_servability()
+    if not verdict.servable:
+        return verdict.reason
+    if vllm_platform() is None:
+        return "vLLM is not installed here (scripts/install.sh installs the CPU build)"
+    return None
+
+
+def run(
+    loaded: LoadedVLM,
+    scheme: Scheme,
+    data: DataRequest,
+    folder: RunFolder,
+    *,
+    overwrite: bool = False,
+    serve: bool = True,
+    progress: Progress = SILENT,
+) -> RunOutcome:
+    """calibrate → search → export → (vLLM) on ``loaded``, which is quantized in place."""
+    calibration = calibrate(loaded, scheme, data, progress=progress)
+    searched = search(loaded, scheme, calibration, run=folder, progress=progress)
+    exported = export(searched, folder, overwrite=overwrite, progress=progress)
+    skipped = serving_skip_reason(scheme) if serve else "--no-serve"
+    served = None
+    if skipped is None:
+        served = serve_check(exported.path, manifest=searched.manifest, progress=progress)
+    return RunOutcome(folder, searched, exported, served, skipped or "")
+
+
+def restore(
+    folder: RunFolder,
+    loaded: LoadedVLM,
+    data: DataRequest | None = None,
+    *,
+    progress: Progress = SILENT,
+) -> Searched:
+    """Re-apply a saved search (no scoring) to ``loaded``: the same decisions as its manifest.
+
+    ``data`` defaults to the calibration the manifest names, so an image+text search is restored
+    from the batches it was scored on.
+    """
+    saved = Manifest.load(folder.manifest)
+    if not folder.search_state.exists():
+        raise SearchStateError(f"{folder.root} has no {RunFolder.SEARCH_STATE}; run `vlq search --out {folder.root}` first.")
+    if data is None:
+        images, seed = images_option_from_source(saved.calibration_source)
+        data = DataRequest(images=images, seed=seed)
+    calibration = calibrate(loaded, saved.scheme, data, progress=progress)
+    searched = search(loaded, saved.scheme, calibration, run=folder, progress=progress)
+    if searched.manifest.groups != saved.groups:
+        raise ManifestMismatch("The restored search decided differently from the saved manifest; the search state does not match it.")
+    return searched
+
+
+def fresh_copy(loaded: LoadedVLM) -> LoadedVLM:
+    """A private deep copy to quantize, leaving ``loaded`` BF16 (sweeps, comparisons, test fixtures)."""
+    return copy.deepcopy(loaded)
+
+
+def _release(loaded: LoadedVLM) -> None:
+    device = getattr(loaded.device, "type", "cpu")
+    del loaded
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def sweep(
+    pristine: LoadedVLM,
+    scheme: Scheme,
+    calibration: CalibrationSet,
+    targets: Sequence[float],
+    folder: RunFolder,
+    *,
+    export_targets: Sequence[float] | bool = True,
+    overwrite: bool = False,
+    progress: Progress = SILENT,
+) -> SweepResult:
+    """Score once, solve many: one search at ``targets[0]``, every target decided from its saved scores.
+
+    Targets in ``export_targets`` (``True``: all) are exported from a fresh copy that restores the
+    saved state (no calibration, no scoring); the restored decisions must equal the re-solve.
+    ``pristine`` is never modified.
+    """
+    targets = [float(t) for t in targets]
+    if not targets:
+        raise SchemeError("A sweep needs at least one effective-bits target.")
+    if len(set(targets)) != len(targets):
+        raise SchemeError(f"Sweep targets repeat: {targets}.")
+    for t in targets:
+        scheme.with_(target_bits=t)  # validates each target (range, feasibility) before any work
+    exported_set = set(targets) if export_targets is True else {float(t) for t in (export_targets or ())}
+    unknown = sorted(exported_set - set(targets))
+    if unknown:
+        raise SchemeError(f"Export targets {unknown} are not among the sweep targets {targets}.")
+    folder.root.mkdir(parents=True, exist_ok=True)
+    if folder.search_state.exists() and not overwrite:
+        raise SearchStateError(f"{folder.search_state} exists; pass --overwrite to start a new sweep there.")
+    folder.search_state.unlink(missing_ok=True)
+
+    first = scheme.with_(target_bits=targets[0])
+    loaded = fresh_copy(pristine)
+    start = time.perf_counter()
+    base = search(loaded, first, calibration, run=folder, save_manifest=False, progress=progress)
+    search_s = time.perf_counter() - start
+
+    points: list[SweepPoint] = []
+    for index, target in enumerate(targets):
+        t0 = time.perf_counter()
+        manifest = base.manifest if index == 0 else manifest_for_target(base.manifest, base.result, target)
+        resolve_s = 0.0 if index == 0 else time.perf_counter() - t0
+        progress.stage(f"sweep {target:g} bits: {manifest.achieved_bits:.3f} achieved, score {manifest.total_score:.4g}")
+        sub = folder.target(target)
+        path, export_s, verified = None, 0.0, False
+        if target in exported_set:
+            t1 = time.perf_counter()
+            if index == 0:
+                searched = base
+            else:
+                # restores the saved calibration and scores from folder.search_state: nothing is re-scored
+                searched = search(fresh_copy(pristine), first.with_(target_bits=target), calibration,
+                                  run=folder, save_manifest=False, progress=progress)
+                if searched.manifest.groups != manifest.groups:
+                    raise ManifestMismatch(
+                        f"Restoring the saved search for {target:g} bits decided differently from the re-solve; "
+                        "the search state and the solver disagree."
+                    )
+            exported = export(searched, sub, overwrite=overwrite, progress=progress)
+            path, verified = exported.path, all(c.ok for c in exported.checks)
+            export_s = time.perf_counter() - t1
+            if searched is not base:
+                _release(searched.loaded)
+        manifest.save(sub.manifest)
+        points.append(SweepPoint(target, manifest, resolve_s, path, export_s, verified))
+    result = SweepResult(first, tuple(points), search_s, pristine.source)
+    result.save(folder.sweep)
+    progress.stage(f"sweep written to {folder.sweep}")
+    return result
+
+
+def compare_calibration(
+    loaded: LoadedVLM,
+    scheme: Scheme,
+    text_calibration: CalibrationSet,
+    image_text_calibration: CalibrationSet,
+    *,
+    out_dir: str | Path | None = None,
+    progress: Progress = SILENT,
+) -> ComparisonRun:
+    """Search ``scheme`` on a fresh copy of ``loaded`` with each calibration set; compare the decisions.
+
+    Each search passes every guard and manifest check.  With ``out_dir`` the manifests go to
+    ``out_dir/text/`` and ``out_dir/image_text/`` and the comparison's JSON, Markdown and plot next
+    to them.
+    """
+    if image_text_calibration.kind != "image_text":
+        raise SchemeError(f"The image+text side got {image_text_calibration.kind!r} calibration data ({image_text_calibration.source}).")
+    if text_calibration.kind == "image_text":
+        raise SchemeError(f"The text-only side got image+text calibration data ({text_calibration.source}).")
+    manifests = {}
+    for label, calibration in (("text", text_calibration), ("image_text", image_text_calibration)):
+        progress.stage(f"{label} search on {calibration.source}")
+        copy_ = fresh_copy(loaded)
+        searched = search(copy_, scheme, calibration, progress=progress)
+        if out_dir is not None:
+            searched.manifest.save(RunFolder(Path(out_dir) / label).manifest)
+        manifests[label] = searched.manifest
+        del searched
+        _release(copy_)
+    comparison = compare_calibrations(manifests["text"], manifests["image_text"])
+    if out_dir is not None:
+        comparison.write(out_dir)
+    return ComparisonRun(comparison, manifests["text"], manifests["image_text"])
+
+
+__all__ = [
+    "ComparisonRun", "Exported", "RunOutcome", "Searched", "Served",
+    "calibrate", "compare_calibration", "export", "fresh_copy", "load_model", "restore", "run",
+    "search", "serve_check", "serving_skip_reason", "sweep",
+]
