@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="Markdown tables and PNG plots from saved benchmarks, manifests and sweeps")
-    p.add_argument("--out", default="reports", help="output folder (default reports/)")
+    p.add_argument("--out", default="runs/report", help="output folder (default runs/report; reports/README.md is hand-written)")
     p.add_argument("--benchmarks", nargs="*", help="pytest-benchmark JSON files")
     p.add_argument("--baseline", help="a saved benchmark JSON to compare against (regressions flagged)")
     p.add_argument("--manifests", nargs="*", help="manifest.json files (per-layer format maps)")
