@@ -80,7 +80,7 @@ class Manifest:
             groups=tuple(ManifestGroup.from_decision(g) for g in lm_groups),
             achieved_bits=result.achieved_bits,
             total_score=sum(g.candidate(g.chosen).score for g in lm_groups),
-            strategy_prefix=result.loaded.lm_path if result.scheme.strategy == "extract" else "",
+            strategy_prefix=result.name_prefix,
             calibration_source=result.calibration_source,
         )
 

@@ -103,6 +103,7 @@ class SearchResult:
     disabled_layers: tuple[str, ...] = ()
     cost_excluded: tuple[str, ...] = ()
     restored_from_checkpoint: bool = False
+    name_prefix: str = ""  # maps the searched module's names to full-VLM names (see searched_module)
     calibration_source: str = ""
     score_calls: int = 0  # scoring steps run in this call (0 when scores were restored from a saved state)
     # peak GPU memory as if the searched model were the only thing on the GPU (other resident
@@ -397,6 +398,17 @@ class _PhaseBars:
 # ------------------------------------------------------------------------------------------------
 
 
+def searched_module(loaded: LoadedVLM, strategy: str) -> tuple[nn.Module, str]:
+    """The module ``mtq.auto_quantize`` runs on for ``strategy``, and the prefix that maps its module
+    names to full-VLM names: the extracted text model (``extract``) or the whole VLM (``mask``).
+    The one place a strategy decides what is searched."""
+    if strategy == "extract":
+        return loaded.language_model, loaded.lm_path
+    if strategy == "mask":
+        return loaded.vlm, ""
+    raise SchemeError(f"Unknown strategy {strategy!r}; use extract or mask.")
+
+
 def restriction_patterns(loaded: LoadedVLM) -> tuple[str, ...]:
     """Module-name patterns (fnmatch, full-VLM names) that cover the vision tower and lm_head."""
     head_name = next(n for n, m in loaded.vlm.named_modules() if m is loaded.lm_head)
@@ -436,12 +448,10 @@ def search_lm_only(
         )
     _refuse_already_quantized(loaded)
 
-    if scheme.strategy == "extract":
-        model, prefix = loaded.language_model, loaded.lm_path
-        disabled: tuple[str, ...] = ()
-        excluded: tuple[str, ...] = ()
-    else:
-        model, prefix = loaded.vlm, ""
+    model, prefix = searched_module(loaded, scheme.strategy)
+    disabled: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
+    if scheme.strategy == "mask":
         patterns = restriction_patterns(loaded)
         disabled = patterns if disable_vision else ()
         excluded = patterns if exclude_cost else ()
@@ -571,6 +581,7 @@ def search_lm_only(
         disabled_layers=disabled,
         cost_excluded=excluded,
         restored_from_checkpoint=restored,
+        name_prefix=prefix,
         calibration_source=calibration.source,
         score_calls=clock.score_calls,
         peak_gpu_own_bytes=None if peak_gpu is None else peak_gpu - other_gpu_bytes,
