@@ -135,9 +135,11 @@ def cmd_run(args) -> int:
 
         loaded = pipeline.load_model(model, progress=progress)
         outcome = pipeline.run(loaded, scheme, data, folder, overwrite=args.overwrite, serve=not args.no_serve, progress=progress)
-    from .report import layer_table, served_layer_table, summary_table
+    from .report import fidelity_table, layer_table, served_layer_table, summary_table
 
-    _print("", layer_table(outcome.searched.manifest), summary_table(outcome.searched.manifest, outcome.checks))
+    manifest = outcome.searched.manifest
+    _print("", layer_table(manifest), summary_table(manifest, outcome.checks),
+           "Fidelity to the BF16 model (KLD in nats per token, held-out data):\n" + fidelity_table(manifest.fidelity))
     if outcome.served is not None:
         _print(f"vLLM ({outcome.served.expectations_from} gives the expected formats):",
                served_layer_table(outcome.served.layers, outcome.served.expected), outcome.served.note)

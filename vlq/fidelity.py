@@ -38,7 +38,10 @@ __all__ = [
     "SUMMARY_HEADERS",
     "FidelityAccumulator",
     "FidelityMetrics",
+    "FidelityReference",
+    "capture_reference",
     "logits_forward",
+    "measure_against",
     "measure_fidelity",
     "percentile",
 ]
@@ -211,7 +214,9 @@ class FidelityAccumulator:
         if self._vocab is not None and vocab != self._vocab:
             raise ValueError(f"vocabulary changed between batches: {self._vocab} then {vocab} logits per position.")
         self._vocab = vocab
-        device = base_logits.device
+        # compute where the accelerator is: a stored CPU reference meets GPU logits on the GPU
+        device = quant_logits.device if quant_logits.device.type != "cpu" else base_logits.device
+        base_logits = base_logits.to(device)
         quant_logits = quant_logits.to(device)
         labels = labels.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
@@ -365,3 +370,65 @@ def logits_forward(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
         return _as_logits(model(**inputs, use_cache=False))
 
     return forward
+
+
+# ------------------------------------------------------------------------------------------------
+# A BF16 reference captured once, measured against many times
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FidelityReference:
+    """Held-out batches and the BF16 model's logits on them, captured before anything is quantized.
+
+    A BF16 model's logits are bf16, so keeping them in bf16 on the CPU is lossless: measuring against
+    the stored logits equals measuring against the live BF16 model, without a second copy of the model
+    in memory (a 3B search would otherwise need twice its weights).  The same reference then scores
+    every measurement point (fake-quantized model, dequantized checkpoint, vLLM) and every sweep target.
+    """
+
+    batches: tuple[dict, ...]
+    logits: tuple[torch.Tensor, ...]  # one [B, T, V] tensor per batch, CPU
+    data_source: str
+    data_kind: str
+    capture_s: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.logits)
+
+
+def capture_reference(forward: Callable[[dict], Any], batches: Iterable[dict], *, data_source: str | None = None,
+                      data_kind: str | None = None) -> FidelityReference:
+    """Run the BF16 ``forward`` over ``batches`` once and keep its logits (CPU, in their own dtype)."""
+    import time
+
+    if data_source is None:
+        data_source = getattr(batches, "source", None)
+    if data_kind is None:
+        kind = getattr(batches, "kind", None)
+        data_kind = "text" if kind == "synthetic" else kind
+    if data_source is None or data_kind not in DATA_KINDS:
+        raise ValueError(f"capture_reference needs a data_source and a data_kind in {DATA_KINDS} (or a CalibrationSet).")
+    start = time.perf_counter()
+    kept_batches, kept_logits = [], []
+    with torch.no_grad():
+        for batch in batches:
+            kept_batches.append(batch)
+            kept_logits.append(_as_logits(forward(batch)).detach().to("cpu"))
+    if not kept_batches:
+        raise CalibrationDataError(f"{data_source} holds no batch; fidelity needs held-out data.")
+    return FidelityReference(tuple(kept_batches), tuple(kept_logits), data_source, data_kind, time.perf_counter() - start)
+
+
+def measure_against(reference: FidelityReference, quant_forward: Callable[[dict], Any], *, measurement_point: str,
+                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, position_chunk: int = DEFAULT_POSITION_CHUNK) -> FidelityMetrics:
+    """KL(BF16 || quant) of ``quant_forward`` over the reference's batches, against its stored logits."""
+    stored = dict(zip(map(id, reference.batches), reference.logits))
+
+    def base_forward(batch: dict) -> torch.Tensor:
+        return stored[id(batch)]
+
+    return measure_fidelity(base_forward, quant_forward, reference.batches, measurement_point=measurement_point,
+                            data_source=reference.data_source, data_kind=reference.data_kind,
+                            vocab_chunk=vocab_chunk, position_chunk=position_chunk)

@@ -8,6 +8,7 @@ reports every disagreement.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 from .checks import Check
 from .errors import ManifestMismatch
+from .fidelity import FidelityMetrics
 from .schemes import FORMATS, NO_QUANT, Scheme, live_signature
 from .search import Candidate, GroupDecision, SearchResult, decisions_from_state, groups_within, lm_achieved_bits
 
@@ -66,6 +68,8 @@ class Manifest:
     calibration_source: str = ""
     version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: measured fidelity to the BF16 model (one entry per data kind and measurement point)
+    fidelity: tuple[FidelityMetrics, ...] = field(default=(), compare=False)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -93,6 +97,11 @@ class Manifest:
             bits, sum(next(c.score for c in g.candidates if c.format == g.chosen) for g in groups),
             self.strategy_prefix, self.calibration_source, self.version, dict(self.extra),
         )
+
+    def with_fidelity(self, *metrics: FidelityMetrics) -> "Manifest":
+        """A copy that also records ``metrics`` (an entry for the same data kind and point is replaced)."""
+        kept = [m for m in self.fidelity if (m.data_kind, m.measurement_point) not in {(n.data_kind, n.measurement_point) for n in metrics}]
+        return dataclasses.replace(self, fidelity=tuple(kept) + tuple(metrics))
 
     # -- views ---------------------------------------------------------------------------------
     def group(self, name: str) -> ManifestGroup:
@@ -130,6 +139,7 @@ class Manifest:
             "format_counts": self.format_counts(),
             "groups": [g.to_dict() for g in self.groups],
             "extra": self.extra,
+            "fidelity": [m.to_dict() for m in self.fidelity],
         }
 
     @classmethod
@@ -152,6 +162,7 @@ class Manifest:
             strategy_prefix=data.get("strategy_prefix", ""),
             calibration_source=data.get("calibration_source", ""),
             extra=dict(data.get("extra", {})),
+            fidelity=tuple(FidelityMetrics.from_dict(m) for m in data.get("fidelity", ())),
         )
 
     def to_json(self) -> str:

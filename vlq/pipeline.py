@@ -13,6 +13,7 @@ folder's file names live in :class:`vlq.inputs.RunFolder`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from .checks import Check
 from .compare import CalibrationComparison, compare_calibrations
 from .errors import CalibrationDataError, ManifestMismatch, SchemeError, SearchStateError
 from .export import ExportResult, add_fp8_kv_cache, export_checkpoint
+from .fidelity import FidelityMetrics, FidelityReference, capture_reference, logits_forward, measure_against
+from .heldout import HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
 from .inputs import DataRequest, ModelRequest, RunFolder
 from .manifest import Manifest
 from .models import LoadedVLM, load_vlm
@@ -89,7 +92,7 @@ class Served:
 @dataclass(frozen=True)
 class RunOutcome:
     run: RunFolder
-    searched: Searched
+    searched: Searched  # its manifest carries the fidelity block
     exported: Exported
     served: Served | None = None
     serve_skipped: str = ""  # why serving was not checked, when it was not
@@ -143,6 +146,71 @@ def calibrate(loaded: LoadedVLM, scheme: Scheme, data: DataRequest = DataRequest
                                                  batch_size=scheme.batch_size, seq_len=scheme.seq_len, seed=data.seed)
     progress.stage(f"calibration: {calibration.num_samples} samples x {calibration.seq_len} tokens from {calibration.source}")
     return calibration
+
+
+#: Held-out rows measured for fidelity: a few for the tiny model, 32 (x the scheme's seq_len) for full-size ones.
+FIDELITY_ROWS_TINY = 8
+FIDELITY_ROWS_FULL_SIZE = 32
+
+
+def fidelity_references(
+    loaded: LoadedVLM,
+    scheme: Scheme,
+    data: DataRequest = DataRequest(),
+    *,
+    calibration: CalibrationSet | None = None,
+    rows: int | None = None,
+    kinds: Sequence[str] = ("text", "image_text"),
+    progress: Progress = SILENT,
+) -> tuple[FidelityReference, ...]:
+    """Stage 2b: held-out batches disjoint from calibration, and the BF16 model's logits on them.
+
+    Call it before ``loaded`` is quantized.  Text comes from the end of the calibration text (or the
+    shipped corpus), or — without a tokenizer — from seeded tokens of a held-out seed range; image+text
+    from generated images of a held-out seed range.  With ``calibration`` the held-out data must be
+    disjoint from it.
+    """
+    if rows is None:
+        rows = FIDELITY_ROWS_TINY if loaded.source == "tiny" or loaded.vocab_size <= 4096 else FIDELITY_ROWS_FULL_SIZE
+    forward = logits_forward(loaded.vlm)
+    references = []
+    with progress.bar("fidelity reference (BF16)", total=len(kinds)) as bar:
+        for kind in kinds:
+            if kind == "text":
+                if loaded.tokenizer is not None:
+                    heldout = heldout_text_batches(
+                        loaded.tokenizer, vocab_size=loaded.vocab_size, num_batches=rows, seq_len=scheme.seq_len,
+                        path=data.text, calibration=calibration if calibration is not None and calibration.kind == "text" else None)
+                else:
+                    heldout = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=rows,
+                                                         seq_len=scheme.seq_len, seed=HELDOUT_SEED_BASE + data.seed)
+            elif kind == "image_text":
+                image_calibration = calibration if calibration is not None and calibration.kind == "image_text" else None
+                heldout = heldout_image_text_batches(loaded, num_batches=rows, seed=data.seed, calibration=image_calibration)
+            else:
+                raise SchemeError(f"Unknown fidelity data kind {kind!r}; use text or image_text.")
+            references.append(capture_reference(forward, heldout.to(loaded.device)))
+            bar.update()
+    return tuple(references)
+
+
+def measure_fake_quant(loaded: LoadedVLM, references: Sequence[FidelityReference], *, progress: Progress = SILENT) -> tuple[FidelityMetrics, ...]:
+    """Measurement point a: the fake-quantized model right after the search, against the BF16 reference."""
+    forward = logits_forward(loaded.vlm)
+    with progress.bar("fidelity (fake-quantized)", total=len(references)) as bar:
+        metrics = []
+        for reference in references:
+            metrics.append(measure_against(reference, forward, measurement_point="fake_quant"))
+            bar.update()
+    return tuple(metrics)
+
+
+def record_fidelity(searched: Searched, metrics: Sequence[FidelityMetrics], run: RunFolder | None = None) -> Searched:
+    """``searched`` with ``metrics`` in its manifest (rewritten in ``run`` when given)."""
+    manifest = searched.manifest.with_fidelity(*metrics)
+    if run is not None:
+        manifest.save(run.manifest)
+    return dataclasses.replace(searched, manifest=manifest)
 
 
 def search(
@@ -258,9 +326,11 @@ def run(
     serve: bool = True,
     progress: Progress = SILENT,
 ) -> RunOutcome:
-    """calibrate → search → export → (vLLM) on ``loaded``, which is quantized in place."""
+    """calibrate → BF16 reference → search → fidelity → export → (vLLM) on ``loaded``, quantized in place."""
     calibration = calibrate(loaded, scheme, data, progress=progress)
+    references = fidelity_references(loaded, scheme, data, calibration=calibration, progress=progress)
     searched = search(loaded, scheme, calibration, run=folder, progress=progress)
+    searched = record_fidelity(searched, measure_fake_quant(loaded, references, progress=progress), folder)
     exported = export(searched, folder, overwrite=overwrite, progress=progress)
     skipped = serving_skip_reason(scheme) if serve else "--no-serve"
     served = None
@@ -419,6 +489,7 @@ def compare_calibration(
 
 __all__ = [
     "ComparisonRun", "Exported", "RunOutcome", "Searched", "Served",
-    "calibrate", "compare_calibration", "export", "fresh_copy", "load_model", "restore", "run",
+    "calibrate", "compare_calibration", "export", "fidelity_references", "fresh_copy", "load_model",
+    "measure_fake_quant", "record_fidelity", "restore", "run",
     "search", "serve_check", "serving_skip_reason", "sweep",
 ]

@@ -12,6 +12,7 @@ from pathlib import Path as _Path
 from tabulate import tabulate
 
 from .checks import Check
+from .fidelity import SUMMARY_HEADERS, FidelityMetrics
 from .manifest import Manifest
 from .schemes import NO_QUANT
 from .serving import LM_HEAD_NAMES, LM_LINEAR_RE, VISION_PREFIX
@@ -71,6 +72,11 @@ def served_layer_table(layers: Sequence[ServedLayer], expected: dict[str, str] |
         want = (expected or {}).get(layer.name, NO_QUANT if not lm else "?")
         rows.append([layer.name, layer.layer_cls, layer.quant_method, layer.weight_dtype or "-", want])
     return tabulate(rows, headers=["layer (vLLM)", "class", "quant method", "weight dtype", "expected"], tablefmt=fmt)
+
+
+def fidelity_table(metrics: Sequence[FidelityMetrics], fmt: str = "github") -> str:
+    """llama.cpp-style fidelity to BF16: one row per data kind and measurement point."""
+    return tabulate([m.summary_row() for m in metrics], headers=list(SUMMARY_HEADERS), tablefmt=fmt)
 
 
 def sweep_table(points: Sequence, fmt: str = "github") -> str:
