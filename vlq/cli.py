@@ -214,7 +214,8 @@ def cmd_sweep(args) -> int:
     from .report import sweep_table
 
     _print(sweep_table(result.points),
-           f"one search {result.search_s:.1f}s; all decisions {result.decisions_s:.1f}s; with exports {result.total_s:.1f}s; "
+           f"one search {result.search_s:.1f}s; all decisions {result.decisions_s:.1f}s; measured {result.measured_s:.1f}s; "
+           f"with exports {result.total_s:.1f}s; "
            f"written to {folder.sweep}")
     return 0 if all(p.verified for p in result.points if p.export_path is not None) else 1
 

@@ -38,7 +38,7 @@ from .manifest import Manifest
 from .models import LoadedVLM, load_vlm
 from .progress import SILENT, Progress
 from .schemes import Scheme
-from .search import SearchResult, check_guards, make_forward_step, search_lm_only
+from .search import SearchResult, apply_decisions, check_guards, make_forward_step, search_lm_only
 from .sweep import SweepPoint, SweepResult, manifest_for_target
 from .vllm_runner import QuantResolution, ServedLayer, ServingReport
 
@@ -387,14 +387,18 @@ def sweep(
     folder: RunFolder,
     *,
     export_targets: Sequence[float] | bool = True,
+    measure: bool = True,
+    data: DataRequest = DataRequest(),
     overwrite: bool = False,
     progress: Progress = SILENT,
 ) -> SweepResult:
     """Score once, solve many: one search at ``targets[0]``, every target decided from its saved scores.
 
-    Targets in ``export_targets`` (``True``: all) are exported from a fresh copy that restores the
-    saved state (no calibration, no scoring); the restored decisions must equal the re-solve.
-    ``pristine`` is never modified.
+    With ``measure`` every target's fidelity to BF16 is measured on held-out text and image+text:
+    in place on the searched model (:func:`vlq.search.apply_decisions`, seconds) or — for AWQ /
+    SmoothQuant schemes, which fold scales into the weights — on a fresh copy that restores the saved
+    state.  Targets in ``export_targets`` (``True``: all) are exported from such a restored copy (no
+    calibration, no scoring); restored decisions must equal the re-solve.  ``pristine`` is never modified.
     """
     targets = [float(t) for t in targets]
     if not targets:
@@ -413,39 +417,65 @@ def sweep(
     folder.search_state.unlink(missing_ok=True)
 
     first = scheme.with_(target_bits=targets[0])
+    references = fidelity_references(pristine, first, data, calibration=calibration, progress=progress) if measure else ()
     loaded = fresh_copy(pristine)
     start = time.perf_counter()
     base = search(loaded, first, calibration, run=folder, save_manifest=False, progress=progress)
     search_s = time.perf_counter() - start
+    in_place = not any(f.folds_weights for f in first.format_objects)
 
-    points: list[SweepPoint] = []
+    def restored(target: float) -> Searched:
+        # restores the saved calibration and scores from folder.search_state: nothing is re-scored
+        searched = search(fresh_copy(pristine), first.with_(target_bits=target), calibration, run=folder,
+                          save_manifest=False, progress=progress)
+        if searched.manifest.groups != manifest_at[target].groups:
+            raise ManifestMismatch(f"Restoring the saved search for {target:g} bits decided differently from the re-solve; "
+                                   "the search state and the solver disagree.")
+        return searched
+
+    # 1) decide every target, and measure it before any export changes the model (fused-scale unification)
+    manifest_at: dict[float, Manifest] = {}
+    resolve_s: dict[float, float] = {}
+    measure_s: dict[float, float] = {}
     for index, target in enumerate(targets):
         t0 = time.perf_counter()
         manifest = base.manifest if index == 0 else manifest_for_target(base.manifest, base.result, target)
-        resolve_s = 0.0 if index == 0 else time.perf_counter() - t0
-        progress.stage(f"sweep {target:g} bits: {manifest.achieved_bits:.3f} achieved, score {manifest.total_score:.4g}")
+        resolve_s[target] = 0.0 if index == 0 else time.perf_counter() - t0
+        manifest_at[target] = manifest
+        if references:
+            t1 = time.perf_counter()
+            if index == 0 or in_place:
+                if index:
+                    apply_decisions(base.result, manifest.groups)
+                metrics = measure_fake_quant(base.loaded, references)
+            else:
+                copy_ = restored(target)
+                metrics = measure_fake_quant(copy_.loaded, references)
+                _release(copy_.loaded)
+            manifest_at[target] = manifest.with_fidelity(*metrics)
+            measure_s[target] = time.perf_counter() - t1
+        text = next((m for m in manifest_at[target].fidelity if m.data_kind == "text"), None)
+        progress.stage(f"sweep {target:g} bits: {manifest.achieved_bits:.3f} achieved, score {manifest.total_score:.4g}"
+                       + (f", mean KLD {text.kld_mean:.4g} on held-out text" if text else ""))
+    if references and in_place and len(targets) > 1:
+        apply_decisions(base.result, base.result.groups)  # back to the searched target before exporting it
+
+    # 2) export what was asked
+    points: list[SweepPoint] = []
+    for index, target in enumerate(targets):
         sub = folder.target(target)
         path, export_s, verified = None, 0.0, False
         if target in exported_set:
             t1 = time.perf_counter()
-            if index == 0:
-                searched = base
-            else:
-                # restores the saved calibration and scores from folder.search_state: nothing is re-scored
-                searched = search(fresh_copy(pristine), first.with_(target_bits=target), calibration,
-                                  run=folder, save_manifest=False, progress=progress)
-                if searched.manifest.groups != manifest.groups:
-                    raise ManifestMismatch(
-                        f"Restoring the saved search for {target:g} bits decided differently from the re-solve; "
-                        "the search state and the solver disagree."
-                    )
+            searched = base if index == 0 else restored(target)
             exported = export(searched, sub, overwrite=overwrite, progress=progress)
             path, verified = exported.path, all(c.ok for c in exported.checks)
             export_s = time.perf_counter() - t1
             if searched is not base:
                 _release(searched.loaded)
-        manifest.save(sub.manifest)
-        points.append(SweepPoint(target, manifest, resolve_s, path, export_s, verified))
+        manifest_at[target].save(sub.manifest)
+        points.append(SweepPoint(target, manifest_at[target], resolve_s[target], path, export_s, verified,
+                                 measure_s.get(target, 0.0)))
     result = SweepResult(first, tuple(points), search_s, pristine.source)
     result.save(folder.sweep)
     progress.stage(f"sweep written to {folder.sweep}")

@@ -80,12 +80,20 @@ def fidelity_table(metrics: Sequence[FidelityMetrics], fmt: str = "github") -> s
 
 
 def sweep_table(points: Sequence, fmt: str = "github") -> str:
-    """One row per effective-bits target of a sweep (SweepPoint objects)."""
-    rows = [[p.target_bits, f"{p.achieved_bits:.3f}", f"{p.total_score:.4g}", p.manifest.format_counts(),
-             f"{p.resolve_s:.2f}", "-" if p.export_path is None else f"{p.export_s:.2f}",
+    """One row per effective-bits target of a sweep (SweepPoint objects): proxy score and measured fidelity."""
+    def kld(p, kind):
+        m = p.fidelity(kind)
+        return "-" if m is None else f"{m.kld_mean:.4g}"
+
+    def top(p):
+        m = p.fidelity("text")
+        return "-" if m is None else f"{100 * m.same_top_rate:.1f}%"
+
+    rows = [[p.target_bits, f"{p.achieved_bits:.3f}", f"{p.total_score:.4g}", kld(p, "text"), kld(p, "image_text"), top(p),
+             p.manifest.format_counts(), f"{p.resolve_s:.2f}", "-" if p.export_path is None else f"{p.export_s:.2f}",
              "-" if p.export_path is None else ("PASS" if p.verified else "FAIL")] for p in points]
-    return tabulate(rows, headers=["target bits", "achieved", "score", "formats", "re-solve s", "export+verify s", "verified"],
-                    tablefmt=fmt)
+    return tabulate(rows, headers=["target bits", "achieved", "proxy score", "KLD text", "KLD image+text", "same top (text)",
+                                   "formats", "re-solve s", "export+verify s", "verified"], tablefmt=fmt)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,19 +252,32 @@ def plot_format_map(manifest: Manifest, path: _Path) -> _Path:
 
 
 def plot_pareto(sweep: dict, path: _Path) -> _Path:
-    """Effective bits against total sensitivity score for the targets of one sweep."""
+    """Achieved bits against ModelOpt's proxy score and, beside it, against measured KLD to BF16."""
     plt = _plt()
-    points = sorted((_achieved(p), p["total_score"], p["target_bits"]) for p in sweep["points"])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-    for bits, score, target in points:
-        ax.annotate(f"{target:g}", (bits, score), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("achieved LM effective bits"), ax.set_ylabel("total sensitivity score")
-    ax.set_title("score once, solve many: " + "+".join(sweep["scheme"]["formats"]), fontsize=8)
+    points = sorted((_achieved(p), p["total_score"], p["target_bits"], _measured_kld(p)) for p in sweep["points"])
+    measured = [p for p in points if p[3] is not None]
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(9 if measured else 5, 3.2), squeeze=False)
+    panels = [(axes[0][0], 1, "proxy: total sensitivity score")]
+    if measured:
+        panels.append((axes[0][1], 3, "measured: mean KLD to BF16 (held-out text)"))
+    for ax, column, label in panels:
+        shown = points if column == 1 else measured
+        ax.plot([p[0] for p in shown], [p[column] for p in shown], "o-")
+        for p in shown:
+            ax.annotate(f"{p[2]:g}", (p[0], p[column]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("achieved LM effective bits"), ax.set_ylabel(label, fontsize=8)
+    fig.suptitle("score once, solve many: " + "+".join(sweep["scheme"]["formats"]), fontsize=8)
     fig.tight_layout()
     _save_png(fig, path)
     plt.close(fig)
     return path
+
+
+def _measured_kld(point: dict) -> float | None:
+    for m in point.get("fidelity", ()):
+        if m.get("data_kind") == "text" and m.get("measurement_point") == "fake_quant":
+            return float(m["kld_mean"])
+    return None
 
 
 def write_report(

@@ -23,7 +23,7 @@ from .manifest import Manifest, ManifestGroup
 from .schemes import Scheme
 from .search import SearchResult, groups_within, lm_achieved_bits, resolve_decisions
 
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2  # 2: achieved_bits (was effective_bits), measured fidelity per target
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class SweepPoint:
     export_path: Path | None = None
     export_s: float = 0.0  # restore + export + on-disk verification
     verified: bool = False
+    measure_s: float = 0.0  # fidelity measurement (switch decisions or restore, then held-out forwards)
 
     @property
     def achieved_bits(self) -> float:
@@ -42,6 +43,10 @@ class SweepPoint:
     @property
     def total_score(self) -> float:
         return self.manifest.total_score
+
+    def fidelity(self, data_kind: str = "text"):
+        """The fake-quant fidelity measured for ``data_kind`` at this target, or None."""
+        return next((m for m in self.manifest.fidelity if m.data_kind == data_kind and m.measurement_point == "fake_quant"), None)
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,13 @@ class SweepResult:
         return self.search_s + sum(p.resolve_s for p in self.points[1:])
 
     @property
+    def measured_s(self) -> float:
+        """The one search, the re-solves and every target's fidelity measurement (no exports)."""
+        return self.decisions_s + sum(p.measure_s for p in self.points)
+
+    @property
     def total_s(self) -> float:
-        return self.decisions_s + sum(p.export_s for p in self.points)
+        return self.measured_s + sum(p.export_s for p in self.points)
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +77,7 @@ class SweepResult:
             "model_source": self.model_source,
             "search_s": self.search_s,
             "decisions_s": self.decisions_s,
+            "measured_s": self.measured_s,
             "total_s": self.total_s,
             "points": [
                 {
@@ -78,6 +89,8 @@ class SweepResult:
                     "export_s": p.export_s,
                     "export_path": str(p.export_path) if p.export_path else None,
                     "verified": p.verified,
+                    "measure_s": p.measure_s,
+                    "fidelity": [m.to_dict() for m in p.manifest.fidelity],
                 }
                 for p in self.points
             ],
