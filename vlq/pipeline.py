@@ -205,6 +205,26 @@ def measure_fake_quant(loaded: LoadedVLM, references: Sequence[FidelityReference
     return tuple(metrics)
 
 
+def measure_checkpoint(checkpoint: str | Path, references: Sequence[FidelityReference], *,
+                       progress: Progress = SILENT) -> tuple[FidelityMetrics, ...]:
+    """Measurement point b: the exported checkpoint re-read from disk by the independent dequantizer
+    (:mod:`vlq.dequant`: safetensors + quantization config -> BF16 weights plus the activation
+    quantization the config prescribes), against the BF16 reference."""
+    from .dequant import dequantize_checkpoint
+
+    device = references[0].batches[0]["input_ids"].device if references else "cpu"
+    with progress.bar("fidelity (checkpoint from disk)", total=len(references)) as bar:
+        built = dequantize_checkpoint(checkpoint).build_model(device=device)
+        forward = logits_forward(built.model)
+        metrics = []
+        for reference in references:
+            metrics.append(measure_against(reference, forward, measurement_point="checkpoint"))
+            bar.update()
+        built.remove_hooks()
+        del built
+    return tuple(metrics)
+
+
 def record_fidelity(searched: Searched, metrics: Sequence[FidelityMetrics], run: RunFolder | None = None) -> Searched:
     """``searched`` with ``metrics`` in its manifest (rewritten in ``run`` when given)."""
     manifest = searched.manifest.with_fidelity(*metrics)
@@ -326,12 +346,14 @@ def run(
     serve: bool = True,
     progress: Progress = SILENT,
 ) -> RunOutcome:
-    """calibrate → BF16 reference → search → fidelity → export → (vLLM) on ``loaded``, quantized in place."""
+    """calibrate → BF16 reference → search → fidelity (a) → export → fidelity from disk (b) → (vLLM) on
+    ``loaded``, which is quantized in place."""
     calibration = calibrate(loaded, scheme, data, progress=progress)
     references = fidelity_references(loaded, scheme, data, calibration=calibration, progress=progress)
     searched = search(loaded, scheme, calibration, run=folder, progress=progress)
     searched = record_fidelity(searched, measure_fake_quant(loaded, references, progress=progress), folder)
     exported = export(searched, folder, overwrite=overwrite, progress=progress)
+    searched = record_fidelity(searched, measure_checkpoint(exported.path, references, progress=progress), folder)
     skipped = serving_skip_reason(scheme) if serve else "--no-serve"
     served = None
     if skipped is None:
@@ -520,6 +542,6 @@ def compare_calibration(
 __all__ = [
     "ComparisonRun", "Exported", "RunOutcome", "Searched", "Served",
     "calibrate", "compare_calibration", "export", "fidelity_references", "fresh_copy", "load_model",
-    "measure_fake_quant", "record_fidelity", "restore", "run",
+    "measure_checkpoint", "measure_fake_quant", "record_fidelity", "restore", "run",
     "search", "serve_check", "serving_skip_reason", "sweep",
 ]
