@@ -83,6 +83,7 @@ class Served:
     report: ServingReport | None = None  # None when only resolved (no kernels on this device)
     resolution: QuantResolution | None = None
     note: str = ""
+    fidelity: tuple[FidelityMetrics, ...] = ()  # measurement point c, when references were given
 
     @property
     def ok(self) -> bool:
@@ -225,6 +226,37 @@ def measure_checkpoint(checkpoint: str | Path, references: Sequence[FidelityRefe
     return tuple(metrics)
 
 
+def measure_served(checkpoint: str | Path, references: Sequence[FidelityReference], *,
+                   progress: Progress = SILENT) -> tuple[FidelityMetrics, ...]:
+    """Measurement point c: vLLM's prompt log-probabilities (full vocabulary) of the checkpoint, against
+    the BF16 reference.  Text references only: vLLM expands image placeholders itself, so image+text
+    prompts do not line up token for token with the held-out batches.  Needs a vLLM that has kernels
+    for the checkpoint's formats on this machine."""
+    from .vllm_runner import VllmRunner
+
+    with progress.bar("fidelity (vLLM)"), VllmRunner(checkpoint, **_served_fidelity_engine_args(references)) as runner:
+        return _served_fidelity(runner, references)
+
+
+def _served_fidelity_engine_args(references: Sequence[FidelityReference]) -> dict:
+    longest = max((r.batches[0]["input_ids"].shape[1] for r in references if r.data_kind == "text"), default=0)
+    return {"max_logprobs": -1, "max_model_len": max(512, longest)}
+
+
+def _served_fidelity(runner, references: Sequence[FidelityReference]) -> tuple[FidelityMetrics, ...]:
+    import torch
+
+    metrics = []
+    for reference in (r for r in references if r.data_kind == "text"):
+        vocab = reference.logits[0].shape[-1]
+
+        def forward(batch, vocab=vocab):
+            return torch.stack(runner.prompt_logprobs(batch["input_ids"].tolist(), vocab))
+
+        metrics.append(measure_against(reference, forward, measurement_point="vllm"))
+    return tuple(metrics)
+
+
 def record_fidelity(searched: Searched, metrics: Sequence[FidelityMetrics], run: RunFolder | None = None) -> Searched:
     """``searched`` with ``metrics`` in its manifest (rewritten in ``run`` when given)."""
     manifest = searched.manifest.with_fidelity(*metrics)
@@ -284,15 +316,17 @@ def serve_check(
     *,
     manifest: Manifest | None = None,
     reference: str | Path | None = None,
+    references: Sequence[FidelityReference] = (),
     progress: Progress = SILENT,
 ) -> Served:
     """Stage 7: load the checkpoint in vLLM and check it layer by layer (and its outputs).
 
     Formats without kernels on this machine's vLLM (NVFP4/MXFP8 on CPU) are checked up to config
-    parsing and per-layer method resolution; ``note`` says so.  Needs an importable vLLM.
+    parsing and per-layer method resolution; ``note`` says so.  With fidelity ``references`` the same
+    engine also measures point c (:func:`measure_served`).  Needs an importable vLLM.
     """
     from .serving import check_resolution, expected_lm_formats, run_checks
-    from .vllm_runner import default_device, preflight, resolve_quant_methods, serve_checkpoint
+    from .vllm_runner import VllmRunner, default_device, preflight, resolve_quant_methods, serve_checkpoint
 
     path = Path(checkpoint).expanduser().resolve()
     pre = preflight(path)
@@ -310,13 +344,16 @@ def serve_check(
                 "method resolution only; generation NOT run.")
         return Served(path, expected, source, resolution.layers, check_resolution(resolution, manifest=manifest),
                       resolution=resolution, note=note)
+    fidelity: tuple[FidelityMetrics, ...] = ()
     with progress.bar(f"vLLM engine ({device})"):
         reference_report = serve_checkpoint(reference, device=device) if reference is not None else None
-        report = serve_checkpoint(path, device=device)
+        with VllmRunner(path, device=device, **_served_fidelity_engine_args(references)) as runner:
+            report = runner.report()
+            fidelity = _served_fidelity(runner, references)
     checks = run_checks(report, manifest=manifest, reference=reference_report)
     note = (f"engine start {report.engine_start_s:.1f}s, generation {report.generate_s:.1f}s; text tokens "
             f"{list(report.text.token_ids)}, image tokens {list(report.image.token_ids)}")
-    return Served(path, expected, source, report.layers, checks, report=report, note=note)
+    return Served(path, expected, source, report.layers, checks, report=report, note=note, fidelity=fidelity)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,8 +383,8 @@ def run(
     serve: bool = True,
     progress: Progress = SILENT,
 ) -> RunOutcome:
-    """calibrate → BF16 reference → search → fidelity (a) → export → fidelity from disk (b) → (vLLM) on
-    ``loaded``, which is quantized in place."""
+    """calibrate → BF16 reference → search → fidelity (a) → export → fidelity from disk (b) → vLLM checks
+    and fidelity (c) on ``loaded``, which is quantized in place."""
     calibration = calibrate(loaded, scheme, data, progress=progress)
     references = fidelity_references(loaded, scheme, data, calibration=calibration, progress=progress)
     searched = search(loaded, scheme, calibration, run=folder, progress=progress)
@@ -357,7 +394,9 @@ def run(
     skipped = serving_skip_reason(scheme) if serve else "--no-serve"
     served = None
     if skipped is None:
-        served = serve_check(exported.path, manifest=searched.manifest, progress=progress)
+        served = serve_check(exported.path, manifest=searched.manifest, references=references, progress=progress)
+        if served.fidelity:
+            searched = record_fidelity(searched, served.fidelity, folder)
     return RunOutcome(folder, searched, exported, served, skipped or "")
 
 
@@ -542,6 +581,6 @@ def compare_calibration(
 __all__ = [
     "ComparisonRun", "Exported", "RunOutcome", "Searched", "Served",
     "calibrate", "compare_calibration", "export", "fidelity_references", "fresh_copy", "load_model",
-    "measure_checkpoint", "measure_fake_quant", "record_fidelity", "restore", "run",
+    "measure_checkpoint", "measure_fake_quant", "measure_served", "record_fidelity", "restore", "run",
     "search", "serve_check", "serving_skip_reason", "sweep",
 ]

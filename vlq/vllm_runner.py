@@ -416,6 +416,37 @@ class VllmRunner:
                                             tokens, tuple(chosen), tuple(tops)))
         return results
 
+    def prompt_logprobs(self, rows: Sequence[Sequence[int]], vocab_size: int):
+        """vLLM's log-probabilities over the whole vocabulary at every position of token-id prompts.
+
+        One ``[T, vocab_size]`` float32 tensor per row, aligned like logits: row ``t`` is the
+        distribution of token ``t + 1``.  vLLM scores no token after the prompt, so the last row is
+        uniform (it predicts nothing a label can check).  Needs the engine started with
+        ``max_logprobs=-1`` (full vocabulary).
+        """
+        import torch
+        from vllm import SamplingParams
+
+        llm = self._require_llm()
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1)
+        outputs = llm.generate([{"prompt_token_ids": [int(t) for t in row]} for row in rows], params, use_tqdm=False)
+        tables = []
+        for row, out in zip(rows, outputs):
+            table = torch.zeros(len(row), vocab_size, dtype=torch.float32)
+            for t, step in enumerate(out.prompt_logprobs or []):
+                if t == 0 or step is None:  # no distribution for the first prompt token
+                    continue
+                ids = torch.tensor(list(step.keys()), dtype=torch.long)
+                values = torch.tensor([v.logprob for v in step.values()], dtype=torch.float32)
+                keep = ids < vocab_size
+                if int(keep.sum()) < vocab_size:
+                    raise ServingError(f"vLLM returned {int(keep.sum())} of {vocab_size} prompt logprobs at position {t}; "
+                                       "start the engine with max_logprobs=-1.")
+                table[t - 1].fill_(float("-inf"))
+                table[t - 1, ids[keep]] = values[keep]
+            tables.append(table)
+        return tables
+
     # -- inspection ----------------------------------------------------------------------------
     def _apply(self, fn):
         return self._require_llm().apply_model(fn)[0]  # one entry per worker; one worker here
