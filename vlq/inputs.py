@@ -16,6 +16,7 @@ from typing import Any
 from .errors import CalibrationDataError, CheckpointError, ModelSourceError
 
 TINY = "tiny"
+TINY_TRAINED = "tiny-trained"  # the tiny model with learned weights, shipped in vlq/data/tiny_trained
 QWEN25_VL_3B_RANDOM = "qwen2.5-vl-3b-random"
 SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 GENERATED_IMAGES = "generated"
@@ -89,8 +90,8 @@ def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ModelSourceError(
             f"Model path {path} does not exist. Pass a local Qwen2.5-VL checkpoint folder, "
-            f"'{TINY}' for the embedded tiny model, or '{QWEN25_VL_3B_RANDOM}' for the 3B "
-            "architecture with random weights."
+            f"'{TINY}' for the embedded tiny model, '{TINY_TRAINED}' for it with learned weights, or "
+            f"'{QWEN25_VL_3B_RANDOM}' for the 3B architecture with random weights."
         )
     if not path.is_dir():
         raise ModelSourceError(f"Model path {path} is a file; pass the checkpoint folder that holds config.json.")
@@ -130,7 +131,7 @@ def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
 
 def resolve_model_source(source: str | os.PathLike) -> str:
     """Check a model source cheaply (no weights read) and return its canonical form."""
-    if str(source) in (TINY, QWEN25_VL_3B_RANDOM):
+    if str(source) in (TINY, TINY_TRAINED, QWEN25_VL_3B_RANDOM):
         return str(source)
     path = Path(source).expanduser().resolve()
     validate_checkpoint_dir(path)

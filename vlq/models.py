@@ -28,13 +28,15 @@ from torch import nn
 
 from . import _compat
 from .errors import ModelSourceError
-from .inputs import QWEN25_VL_3B_RANDOM, TINY, validate_checkpoint_dir
+from .inputs import QWEN25_VL_3B_RANDOM, TINY, TINY_TRAINED, validate_checkpoint_dir
 
 _compat.apply_torchvision_schema_shim()
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 QWEN25_VL_3B_CONFIG = DATA_DIR / "qwen2_5_vl_3b_config.json"
 CALIBRATION_CORPUS = DATA_DIR / "calibration_corpus.txt"
+#: The tiny model with learned weights (model source ``tiny-trained``), written by scripts/train_tiny.py.
+TINY_TRAINED_DIR = DATA_DIR / "tiny_trained"
 
 
 #: Bump when the tiny model's recipe changes so cached builds are not reused.
@@ -459,9 +461,13 @@ def load_vlm(
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedVLM:
-    """Load a Qwen2.5-VL from a local folder, ``'tiny'`` or ``'qwen2.5-vl-3b-random'``."""
+    """Load a Qwen2.5-VL from a local folder, ``'tiny'``, ``'tiny-trained'`` or ``'qwen2.5-vl-3b-random'``."""
     if str(source) == TINY:
         return load_checkpoint(tiny_checkpoint_path(cache_dir), dtype=dtype, device=device)
+    if str(source) == TINY_TRAINED:  # shipped weights (vlq.training); loaded like a user's checkpoint
+        loaded = load_checkpoint(TINY_TRAINED_DIR, dtype=dtype, device=device)
+        loaded.source = TINY_TRAINED
+        return loaded
     if str(source) == QWEN25_VL_3B_RANDOM:
         return build_3b_random(dtype=dtype, device=device)
     return load_checkpoint(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
