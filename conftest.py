@@ -1,12 +1,12 @@
 """Shared fixtures: the tiny Qwen2.5-VL (CPU lane) and the full-size model (gpu lane).
 
 The base model is session-scoped and read-only; a teardown guard fails the run if any test
-mutated it.  Tests that quantize take ``fresh_vlm`` (a deep copy) instead.
+mutated it.  Tests that quantize take ``fresh_vlm`` (``vlq.pipeline.fresh_copy``) instead.  Plain
+helpers (the CLI subprocess, the variant matrix) live in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 
 # Tests never reach a hub: fail fast instead of hanging on a network call.
@@ -69,8 +69,11 @@ def pristine_vlm(tiny_checkpoint):
 
 @pytest.fixture
 def fresh_vlm(pristine_vlm):
-    """A private deep copy of the tiny model for tests that quantize."""
-    return copy.deepcopy(pristine_vlm)
+    """A private copy of the tiny model for tests that quantize (module-scoped fixtures call
+    ``vlq.pipeline.fresh_copy(pristine_vlm)`` themselves)."""
+    from vlq.pipeline import fresh_copy
+
+    return fresh_copy(pristine_vlm)
 
 
 @pytest.fixture(scope="session")

@@ -1,93 +1,76 @@
 """`pytest -m gpu`: the full-size Qwen2.5-VL-3B path on one GPU.
 
 Model: ``--vlq-model PATH`` / ``VLQ_MODEL`` (a local checkpoint), else the published 3B architecture
-with random bf16 weights built on the GPU.  Calibration: synthetic 512-token rows (no image or
-vision-marker ids, so the whole-VLM forward of the mask strategy is text-only).  The model is built
-once; each variant searches a private copy that is freed afterwards.
+with random bf16 weights built on the GPU.  Variants: every ``lane: gpu`` entry of
+``tests/matrix/search_variants.yaml``.  Calibration: seeded synthetic rows below the vision markers
+(``vlq.calibration.synthetic_text_calibration``), so the whole-VLM forward of the mask strategy is
+text-only.  The model is built once; each variant searches and exports a private copy through
+:mod:`vlq.pipeline` that is freed afterwards, keeping only plain results.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 from dataclasses import dataclass
 
 import pytest
 
-from vlq.calibration import synthetic_batches
+from helpers import search_variants
+from vlq import pipeline
+from vlq.calibration import synthetic_text_calibration
+from vlq.checks import Check
 from vlq.export import export_checkpoint
 from vlq.manifest import Manifest
+from vlq.pipeline import fresh_copy
 from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import LmHeadGuard, VisionGuard, search_lm_only
+from vlq.search import LmHeadGuard, PhaseTimes, VisionGuard, search_lm_only
 
 pytestmark = pytest.mark.gpu
 
-SEQ_LEN = 512
-STEPS = 16
-GPU_MATRIX = [
-    Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, method="gradient", strategy="extract",
-           num_calib_steps=STEPS, num_score_steps=STEPS, seq_len=SEQ_LEN),
-    Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, method="gradient", strategy="mask",
-           num_calib_steps=STEPS, num_score_steps=STEPS, seq_len=SEQ_LEN),
-    Scheme(formats=("mxfp8", "w4a16_nvfp4"), target_bits=6.0, method="gradient", strategy="extract",
-           num_calib_steps=STEPS, num_score_steps=STEPS, seq_len=SEQ_LEN),
-    Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, method="kl_div", strategy="extract",
-           num_calib_steps=4, num_score_steps=2, seq_len=SEQ_LEN),
-]
+
+def _calibration(loaded, scheme: Scheme):
+    return synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, batch_size=scheme.batch_size,
+                                      num_batches=max(scheme.num_calib_steps, scheme.num_score_steps), seq_len=scheme.seq_len)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GpuSearched:
+    """What one variant's search and export showed; plain data, so the model copy can be freed."""
+
     scheme: Scheme
     manifest: Manifest
-    vision_ok: tuple
-    lm_head_ok: tuple
-    live_mismatches: tuple
-    state_mismatches: tuple
-    checkpoint_mismatches: tuple
-    checkpoint_problems: tuple
-    effective_bits: float
+    checks: tuple[Check, ...]  # the pipeline's: guards, manifest vs state/live quantizers/checkpoint, on disk
+    achieved_bits: float
     modelopt_bits: float
     satisfied: bool
-    times: object
+    times: PhaseTimes
     peak_gpu_gib: float
-    lm_module_names: tuple
+    lm_module_names: tuple[str, ...]
+
+    def check(self, name: str) -> Check:
+        return next(c for c in self.checks if c.name == name)
 
 
-@pytest.fixture(scope="session")
-def gpu_calibration(gpu_pristine_vlm):
-    loaded = gpu_pristine_vlm
-    lowest_special = min(
-        t for t in (loaded.config.image_token_id, loaded.config.video_token_id, loaded.config.vision_start_token_id,
-                    getattr(loaded.config.text_config, "bos_token_id", None) or loaded.vocab_size) if t is not None
-    )
-    return synthetic_batches(vocab_size=loaded.vocab_size, num_batches=STEPS, seq_len=SEQ_LEN, max_token_id=lowest_special - 1)
-
-
-@pytest.fixture(scope="module", params=GPU_MATRIX, ids=lambda s: s.id)
-def gpu_searched(request, gpu_pristine_vlm, gpu_calibration, tmp_path_factory):
+@pytest.fixture(scope="module", params=search_variants("gpu"), ids=lambda s: s.id)
+def gpu_searched(request, gpu_pristine_vlm, tmp_path_factory):
     import torch
 
     scheme = request.param
-    loaded = copy.deepcopy(gpu_pristine_vlm)
+    loaded = fresh_copy(gpu_pristine_vlm)
+    searched = None
     try:
-        result = search_lm_only(loaded, scheme, gpu_calibration)
-        manifest = Manifest.from_search(result)
-        live = manifest.verify(model=loaded.vlm)
-        state = manifest.verify(state=result.modelopt_state)
-        vision = VisionGuard(loaded).check(result)
-        head = LmHeadGuard(loaded).check(result)
-        export = export_checkpoint(loaded, tmp_path_factory.mktemp(scheme.id) / "ckpt", verify=False)
-        on_disk = manifest.verify(checkpoint=export.path)
+        searched = pipeline.search(loaded, scheme, _calibration(loaded, scheme))
+        exported = pipeline.export(searched, tmp_path_factory.mktemp(scheme.id) / "checkpoint")
+        result = searched.result
         out = GpuSearched(
-            scheme, manifest, (vision.ok, vision.problems), (head.ok, head.problems), live.problems, state.problems,
-            on_disk.problems, export.report.check.problems, result.achieved_bits, result.modelopt_achieved_bits,
+            scheme, searched.manifest, searched.checks + exported.checks, result.achieved_bits, result.modelopt_achieved_bits,
             result.is_satisfied, result.times, (result.peak_gpu_bytes or 0) / 2**30, tuple(loaded.lm_module_names()),
         )
         print(f"\n[gpu] {scheme.id}: {result.times} peak {out.peak_gpu_gib:.2f} GiB, bits {result.achieved_bits:.3f}, "
-              f"formats {manifest.format_counts()}")
+              f"formats {searched.manifest.format_counts()}")
+        del exported, result
     finally:
-        del loaded
+        del loaded, searched
         gc.collect()
         torch.cuda.empty_cache()
     return out
@@ -96,15 +79,18 @@ def gpu_searched(request, gpu_pristine_vlm, gpu_calibration, tmp_path_factory):
 def test_vision_and_lm_head_stay_unquantized(gpu_searched, record_property):
     record_property("peak_gpu_gib", round(gpu_searched.peak_gpu_gib, 3))
     record_property("search_s", round(gpu_searched.times.total_s, 2))
-    assert gpu_searched.vision_ok[0], gpu_searched.vision_ok[1]
-    assert gpu_searched.lm_head_ok[0], gpu_searched.lm_head_ok[1]
+    vision, head = gpu_searched.check(VisionGuard.name), gpu_searched.check(LmHeadGuard.name)
+    assert vision.ok and vision.checked > 0, vision.problems
+    assert head.ok, head.problems
 
 
 def test_manifest_state_quantizers_export_agree(gpu_searched):
-    assert not gpu_searched.state_mismatches, gpu_searched.state_mismatches
-    assert not gpu_searched.live_mismatches, gpu_searched.live_mismatches
-    assert not gpu_searched.checkpoint_mismatches, gpu_searched.checkpoint_mismatches
-    assert not gpu_searched.checkpoint_problems, gpu_searched.checkpoint_problems
+    assert [c.name for c in gpu_searched.checks] == [
+        VisionGuard.name, LmHeadGuard.name, "manifest == searcher state == live quantizers",
+        "manifest == exported checkpoint", "checkpoint on disk (checkpoint)",
+    ]
+    for check in gpu_searched.checks:
+        assert check.ok, (check.name, check.problems)
 
 
 def test_bits_within_bounds(gpu_searched):
@@ -123,16 +109,17 @@ def test_every_lm_linear_decided_and_fused_groups_share(gpu_searched):
         assert g.chosen in set(gpu_searched.scheme.formats) | {NO_QUANT}
 
 
-def test_tied_lm_head_never_reaches_an_export_quantized(gpu_pristine_vlm, gpu_calibration, tmp_path):
+def test_tied_lm_head_never_reaches_an_export_quantized(gpu_pristine_vlm, tmp_path):
     """Negative control on the full-size model: an unguarded search quantizes the tied lm_head; both
     the guard and the export check catch it."""
     import torch
 
     assert gpu_pristine_vlm.tied_lm_head
-    loaded = copy.deepcopy(gpu_pristine_vlm)
+    loaded = fresh_copy(gpu_pristine_vlm)
+    result = None
     try:
-        scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=SEQ_LEN)
-        result = search_lm_only(loaded, scheme, gpu_calibration, disable_vision=False, exclude_cost=False)
+        scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=512)
+        result = search_lm_only(loaded, scheme, _calibration(loaded, scheme), disable_vision=False, exclude_cost=False)
         assert not LmHeadGuard(loaded).check(result).ok
         assert not VisionGuard(loaded).check(result).ok
         from vlq.errors import CheckpointError
@@ -141,6 +128,6 @@ def test_tied_lm_head_never_reaches_an_export_quantized(gpu_pristine_vlm, gpu_ca
             export_checkpoint(loaded, tmp_path / "ckpt")
         assert not (tmp_path / "ckpt").exists()
     finally:
-        del loaded
+        del loaded, result
         gc.collect()
         torch.cuda.empty_cache()

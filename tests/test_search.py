@@ -1,136 +1,219 @@
 """LM-only AutoQuant variants on the tiny model: search once per variant, then sharp read-only checks.
 
-Variant ids follow ``<formats>-<bits>b-<method>-<strategy>``, e.g. ``fp8+int4_awq-6b-gradient-mask``.
+The variants are data: every ``lane: cpu`` entry of ``tests/matrix/search_variants.yaml`` (those marked
+``slow: true`` run under ``-m slow``).  Each is searched and exported once per module through
+:mod:`vlq.pipeline` (guards and manifest checks included); the tests below assert on what it returned.
+Ids are the scheme id ``<formats>-<bits>b-<method>-<strategy>``, e.g. ``fp8+int4_awq-6b-gradient-mask``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+import yaml
 
+from helpers import MatrixError, search_variants, variant_params
+from vlq import pipeline
 from vlq.errors import GuardViolation, ManifestMismatch, SchemeError
-from vlq.export import ExportResult, export_checkpoint
 from vlq.manifest import Manifest
+from vlq.pipeline import fresh_copy
 from vlq.schemes import FORMATS, NO_QUANT, Scheme
-from vlq.search import LmHeadGuard, SearchResult, VisionGuard, search_lm_only
-
-FORMAT_SETS = {
-    "fp8": (("fp8",), 12.0),  # FP8 or BF16 per group: a real choice at 12 bits
-    "fp8+int4_awq": (("fp8", "int4_awq"), 6.0),
-    "fp8+w4a8_awq": (("fp8", "w4a8_awq"), 6.0),
-    "fp8+int8_sq": (("fp8", "int8_sq"), 8.0),
-}
-MATRIX = [
-    Scheme(formats=formats, target_bits=bits, method=method, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32)
-    for formats, bits in FORMAT_SETS.values()
-    for method in ("gradient", "kl_div")
-    for strategy in ("extract", "mask")
-]
+from vlq.search import LmHeadGuard, VisionGuard, search_lm_only
 
 
-@dataclass
-class Searched:
-    result: SearchResult
-    manifest: Manifest
-    live_report: object
-    export: ExportResult
+@dataclass(frozen=True)
+class Variant:
+    searched: pipeline.Searched
+    exported: pipeline.Exported
+
+    @property
+    def result(self):
+        return self.searched.result
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.searched.manifest
 
 
-def _search_and_export(pristine, calibration, scheme: Scheme, tmp_path: Path) -> Searched:
-    loaded = copy.deepcopy(pristine)
-    result = search_lm_only(loaded, scheme, calibration)
-    manifest = Manifest.from_search(result)
-    # ModelOpt's export rewrites weights in place, so live quantizers are compared before it.
-    live = manifest.verify(model=loaded.vlm)
-    export = export_checkpoint(loaded, tmp_path / "export")
-    return Searched(result, manifest, live, export)
+def _search_and_export(pristine, calibration, scheme: Scheme, dest) -> Variant:
+    searched = pipeline.search(fresh_copy(pristine), scheme, calibration)
+    return Variant(searched, pipeline.export(searched, dest))
 
 
-@pytest.fixture(scope="module", params=MATRIX, ids=lambda s: s.id)
-def searched(request, pristine_vlm, calibration, tmp_path_factory) -> Searched:
-    return _search_and_export(pristine_vlm, calibration, request.param, tmp_path_factory.mktemp(request.param.id))
+@pytest.fixture(scope="module")
+def variants(pristine_vlm, calibration, tmp_path_factory):
+    """``variants(scheme)``: that scheme searched and exported once for the module, on first use."""
+    cache: dict[Scheme, Variant] = {}
+
+    def get(scheme: Scheme) -> Variant:
+        if scheme not in cache:
+            cache[scheme] = _search_and_export(pristine_vlm, calibration, scheme, tmp_path_factory.mktemp(scheme.id) / "checkpoint")
+        return cache[scheme]
+
+    return get
+
+
+@pytest.fixture(params=variant_params("cpu"))
+def variant(request, variants) -> Variant:
+    return variants(request.param)
+
+
+def _matrix_scheme(variant_id: str) -> Scheme:
+    found = [v.scheme for v in search_variants("cpu") if v.id == variant_id]
+    assert found, f"the cpu matrix has no variant {variant_id}"
+    return found[0]
+
+
+def _strategy_pairs() -> list:
+    """(extract, mask) scheme pairs of the cpu matrix with the same formats, bits and method; ``slow``
+    when either variant is."""
+    pairs: dict[tuple, dict] = {}
+    for v in search_variants("cpu"):
+        key = (v.scheme.with_(strategy="extract"), "+".join(v.scheme.formats), v.scheme.method)
+        pairs.setdefault(key, {})[v.scheme.strategy] = v
+    return [
+        pytest.param(pair["extract"].scheme, pair["mask"].scheme, id=f"{formats}-{method}",
+                     marks=[pytest.mark.slow] if any(v.slow for v in pair.values()) else [])
+        for (_, formats, method), pair in pairs.items() if set(pair) == {"extract", "mask"}
+    ]
+
+
+def _check(checks, name_part: str):
+    found = [c for c in checks if name_part in c.name]
+    assert len(found) == 1, f"expected one check named like {name_part!r}, got {[c.name for c in checks]}"
+    return found[0]
+
+
+# ---- the matrix file -----------------------------------------------------------------------------
+
+
+def test_matrix_ids_are_readable_scheme_ids():
+    cpu = search_variants("cpu")
+    assert cpu and all(v.id.count("-") == 3 for v in cpu)
+    assert "fp8+int4_awq-6b-gradient-extract" in [v.id for v in cpu]
+
+
+def test_default_run_covers_every_pair_of_the_matrix():
+    """The variants outside ``-m slow`` still meet every (formats, method), (formats, strategy) and
+    (method, strategy) pair of the whole cpu matrix."""
+    every, default = search_variants("cpu"), [v for v in search_variants("cpu") if not v.slow]
+
+    def pairs(variants):
+        keys = [("+".join(v.scheme.formats), v.scheme.method, v.scheme.strategy) for v in variants]
+        return {(i, j, k[i], k[j]) for k in keys for i in range(3) for j in range(i + 1, 3)}
+
+    assert len(default) < len(every) and pairs(default) == pairs(every)
+    assert any(not p.marks for p in _strategy_pairs()), "the default run compares the strategies on at least one pair"
+
+
+def test_matrix_refuses_a_malformed_entry(tmp_path):
+    """Negative control for the loader: a typo or a repeated variant is an error, not a silent skip."""
+    entry = dict(lane="cpu", formats="fp8", bits=12, method="gradient", strategy="extract", calib_steps=2, score_steps=2, seq_len=32)
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump({"variants": [{**entry, "stesp": 2}]}))
+    with pytest.raises(MatrixError, match=r"unknown keys \['stesp'\]"):
+        search_variants("cpu", path)
+    path.write_text(yaml.safe_dump({"variants": [{**entry, "slow": "yes"}]}))
+    with pytest.raises(MatrixError, match="slow must be true or false"):
+        search_variants("cpu", path)
+    path.write_text(yaml.safe_dump({"variants": [entry, entry]}))
+    with pytest.raises(MatrixError, match=r"ids repeat in lane cpu: \['fp8-12b-gradient-extract'\]"):
+        search_variants("cpu", path)
+    path.write_text(yaml.safe_dump({"variants": [{**entry, "formats": "fp9"}]}))
+    with pytest.raises(SchemeError, match="Unknown format 'fp9'"):
+        search_variants("gpu", path)
 
 
 # ---- guarantees, per variant ---------------------------------------------------------------------
 
 
-def test_no_vision_quantizer_enabled(searched):
-    report = VisionGuard(searched.result.loaded).check(searched.result)
+def test_pipeline_ran_every_check(variant):
+    names = [c.name for c in variant.searched.checks + variant.exported.checks]
+    assert names == [
+        VisionGuard.name, LmHeadGuard.name, "manifest == searcher state == live quantizers",
+        "manifest == exported checkpoint", "checkpoint on disk (checkpoint)",
+    ]
+    assert all(c.ok for c in variant.searched.checks + variant.exported.checks)
+
+
+def test_no_vision_quantizer_enabled(variant):
+    report = VisionGuard(variant.result.loaded).check(variant.result)  # still true after the export
     assert report.ok, report.problems
-    assert report.checked == len(searched.result.loaded.vision.linear_names) > 0
+    assert report.checked == len(variant.result.loaded.vision.linear_names) > 0
 
 
-def test_lm_head_stays_unquantized(searched):
-    report = LmHeadGuard(searched.result.loaded).check(searched.result)
+def test_lm_head_stays_unquantized(variant):
+    report = LmHeadGuard(variant.result.loaded).check(variant.result)
     assert report.ok, report.problems
 
 
-def test_manifest_matches_searcher_state(searched):
-    searched.manifest.verify(state=searched.result.modelopt_state).require()
+def test_manifest_matches_searcher_state(variant):
+    variant.manifest.verify(state=variant.result.modelopt_state).require()
 
 
-def test_manifest_matches_live_quantizers(searched):
-    assert searched.live_report.ok, searched.live_report.problems
+def test_manifest_matches_live_quantizers(variant):
+    # ModelOpt's export rewrites weights in place, so the pipeline compares live quantizers before it
+    live = _check(variant.searched.checks, "live quantizers")
+    assert live.ok, live.problems
+    assert live.checked == len(variant.result.loaded.lm_module_names())
 
 
-def test_manifest_matches_exported_config(searched):
-    searched.manifest.verify(checkpoint=searched.export.path).require()
+def test_manifest_matches_exported_config(variant):
+    variant.manifest.verify(checkpoint=variant.exported.path).require()
 
 
-def test_manifest_round_trips_through_json(searched, tmp_path):
-    path = searched.manifest.save(tmp_path / "manifest.json")
-    assert Manifest.load(path) == searched.manifest
+def test_manifest_round_trips_through_json(variant, tmp_path):
+    path = variant.manifest.save(tmp_path / "manifest.json")
+    assert Manifest.load(path) == variant.manifest
 
 
-def test_export_passes_on_disk_checks(searched):
-    report = searched.export.report
-    assert report.ok, report.problems
+def test_export_passes_on_disk_checks(variant):
+    report = variant.exported.export.report
+    assert report.check.ok, report.check.problems
     quantized = report.quantized_layers()
     assert quantized, "the export quantized no layer at all"
-    assert all(not l.name.startswith("visual.") for l in quantized)
+    assert all(not layer.name.startswith("visual.") for layer in quantized)
     assert report.quant_config.algo_for("lm_head") is None
 
 
-def test_effective_bits_within_bounds(searched):
-    scheme = searched.result.scheme
-    bits = searched.result.achieved_bits
+def test_achieved_bits_within_bounds(variant):
+    scheme = variant.result.scheme
+    bits = variant.result.achieved_bits
     assert scheme.minimum_bits - 1e-9 <= bits <= scheme.target_bits + 1e-9
-    assert searched.result.is_satisfied
-    assert bits == pytest.approx(searched.manifest.achieved_bits)
+    assert variant.result.is_satisfied
+    assert bits == pytest.approx(variant.manifest.achieved_bits)
 
 
-def test_effective_bits_counts_language_model_only(searched):
+def test_achieved_bits_counts_language_model_only(variant):
     # with vision and lm_head cost-excluded (mask) or absent (extract), ModelOpt's own figure is the LM's
-    assert searched.result.modelopt_achieved_bits == pytest.approx(searched.result.achieved_bits)
+    assert variant.result.modelopt_achieved_bits == pytest.approx(variant.result.achieved_bits)
 
 
-def test_every_lm_linear_has_one_decision(searched):
-    loaded = searched.result.loaded
-    decided = sorted(m for g in searched.manifest.groups for m in g.members)
+def test_every_lm_linear_has_one_decision(variant):
+    loaded = variant.result.loaded
+    decided = sorted(m for g in variant.manifest.groups for m in g.members)
     assert decided == sorted(loaded.lm_module_names())
 
 
-def test_fused_groups_share_one_format(searched):
-    group_of = {m: g for g in searched.manifest.groups for m in g.members}
-    lm = searched.result.loaded.lm_path
-    for i in range(searched.result.loaded.config.text_config.num_hidden_layers):
+def test_fused_groups_share_one_format(variant):
+    group_of = {m: g for g in variant.manifest.groups for m in g.members}
+    lm = variant.result.loaded.lm_path
+    for i in range(variant.result.loaded.config.text_config.num_hidden_layers):
         attn = group_of[f"{lm}.layers.{i}.self_attn.q_proj"]
         assert {m.rsplit(".", 1)[1] for m in attn.members} == {"q_proj", "k_proj", "v_proj"}
         mlp = group_of[f"{lm}.layers.{i}.mlp.gate_proj"]
         assert {m.rsplit(".", 1)[1] for m in mlp.members} == {"gate_proj", "up_proj"}
     # and on disk: every quantized fused group carries one quant_algo and shared per-tensor scales
-    assert searched.export.report.unified_groups == sum(
-        1 for g in searched.manifest.groups if len(g.members) > 1 and g.chosen != NO_QUANT
+    assert variant.exported.export.report.unified_groups == sum(
+        1 for g in variant.manifest.groups if len(g.members) > 1 and g.chosen != NO_QUANT
     )
 
 
-def test_chosen_formats_are_candidates(searched):
-    allowed = set(searched.result.scheme.formats) | {NO_QUANT}
-    for g in searched.manifest.groups:
+def test_chosen_formats_are_candidates(variant):
+    allowed = set(variant.result.scheme.formats) | {NO_QUANT}
+    for g in variant.manifest.groups:
         assert g.chosen in allowed
         assert {c.format for c in g.candidates} == allowed
 
@@ -138,18 +221,17 @@ def test_chosen_formats_are_candidates(searched):
 # ---- strategies agree ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["gradient", "kl_div"])
-def test_extract_and_mask_make_the_same_decisions(pristine_vlm, calibration, method):
-    """Same formats, target, data: the extracted-LM search and the masked-VLM search agree.
+@pytest.mark.parametrize("extract, mask", _strategy_pairs())
+def test_extract_and_mask_make_the_same_decisions(variants, extract, mask):
+    """Same formats, target, data: the extracted-LM search and the masked-VLM search agree (each pair
+    of matrix variants that differ only in strategy, searched once for the module).
 
     They are comparable because the mask strategy cost-excludes the vision tower and lm_head, so
     both solve the same program over the same LM groups with the same gradients/logits.
     """
     decisions = {}
-    for strategy in ("extract", "mask"):
-        scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, method=method, strategy=strategy,
-                        num_calib_steps=2, num_score_steps=2, seq_len=32)
-        result = search_lm_only(copy.deepcopy(pristine_vlm), scheme, calibration)
+    for strategy, scheme in (("extract", extract), ("mask", mask)):
+        result = variants(scheme).result
         decisions[strategy] = {g.name: (g.chosen, tuple(c.format for c in g.candidates)) for g in result.lm_groups()}
         decisions[strategy + "_bits"] = result.achieved_bits
         decisions[strategy + "_scores"] = [c.score for g in result.lm_groups() for c in g.candidates]
@@ -169,7 +251,7 @@ def unguarded_search(pristine_vlm, calibration):
     quantizes them: exactly the failure the guards exist for.
     """
     scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=2, num_score_steps=2, seq_len=32)
-    return search_lm_only(copy.deepcopy(pristine_vlm), scheme, calibration, disable_vision=False, exclude_cost=False)
+    return search_lm_only(fresh_copy(pristine_vlm), scheme, calibration, disable_vision=False, exclude_cost=False)
 
 
 def test_vision_guard_catches_a_search_that_quantizes_vision(unguarded_search):
@@ -206,9 +288,9 @@ def test_vision_guard_catches_changed_vision_weights(fresh_vlm):
 
 
 @pytest.fixture(scope="module")
-def fp8_extract(pristine_vlm, calibration, tmp_path_factory) -> Searched:
-    scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, strategy="extract", num_calib_steps=2, num_score_steps=2, seq_len=32)
-    return _search_and_export(pristine_vlm, calibration, scheme, tmp_path_factory.mktemp("tamper"))
+def fp8_extract(variants) -> Variant:
+    """The matrix's fp8+int4_awq gradient/extract variant (read-only: tampering makes new manifests)."""
+    return variants(_matrix_scheme("fp8+int4_awq-6b-gradient-extract"))
 
 
 def _tampered(manifest: Manifest) -> Manifest:
@@ -226,24 +308,24 @@ def test_tampered_manifest_fails_against_state(fp8_extract):
 
 def test_tampered_manifest_fails_against_checkpoint(fp8_extract):
     bad = _tampered(fp8_extract.manifest)
-    report = bad.verify(checkpoint=fp8_extract.export.path)
+    report = bad.verify(checkpoint=fp8_extract.exported.path)
     members = bad.groups[0].members
     assert len(report.problems) == len(members)
     assert all(any(m in msg for m in members) for msg in report.problems)
 
 
 def test_tampered_bits_fail_self_consistency(fp8_extract):
-    bad = dataclasses.replace(fp8_extract.manifest, effective_bits=fp8_extract.manifest.achieved_bits - 0.5)
-    with pytest.raises(ManifestMismatch, match="effective_bits"):
+    bad = dataclasses.replace(fp8_extract.manifest, achieved_bits=fp8_extract.manifest.achieved_bits - 0.5)
+    with pytest.raises(ManifestMismatch, match="achieved_bits"):
         bad.verify(state=fp8_extract.result.modelopt_state).require()
 
 
 def test_tampered_manifest_fails_against_live_model(pristine_vlm, calibration):
-    loaded = copy.deepcopy(pristine_vlm)
-    scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
-    manifest = Manifest.from_search(search_lm_only(loaded, scheme, calibration))
-    assert manifest.verify(model=loaded.vlm).ok
-    report = _tampered(manifest).verify(model=loaded.vlm)
+    # its own search: the matrix's models were exported, which rewrites their weights in place
+    scheme = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
+    searched = pipeline.search(fresh_copy(pristine_vlm), scheme, calibration)  # verified against the live model
+    assert searched.manifest.verify(model=searched.loaded.vlm).ok
+    report = _tampered(searched.manifest).verify(model=searched.loaded.vlm)
     assert not report.ok and "live quantizers" in report.problems[0]
 
 
@@ -257,7 +339,7 @@ def test_infeasible_bits_refused_with_minimum():
 
 @pytest.mark.parametrize("bits", [0, -1, 16.5, float("nan")])
 def test_bits_outside_range_refused(bits):
-    with pytest.raises(SchemeError, match=r"effective_bits must be in \(0, 16\]"):
+    with pytest.raises(SchemeError, match=r"target_bits must be in \(0, 16\]"):
         Scheme(formats=("fp8",), target_bits=bits)
 
 
@@ -273,14 +355,14 @@ def test_counting_vision_at_16_bits_makes_a_target_infeasible(fresh_vlm, calibra
 def test_cuda_format_refused_on_cpu(fresh_vlm, calibration):
     scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0)
     with pytest.raises(SchemeError, match="nvfp4 need a CUDA GPU"):
-        search_lm_only(fresh_vlm, scheme, calibration)
+        pipeline.search(fresh_vlm, scheme, calibration)
 
 
 def test_second_search_on_quantized_model_refused(fresh_vlm, calibration):
     scheme = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
-    search_lm_only(fresh_vlm, scheme, calibration)
+    pipeline.search(fresh_vlm, scheme, calibration)
     with pytest.raises(SchemeError, match="already carries ModelOpt quantizers"):
-        search_lm_only(fresh_vlm, scheme, calibration)
+        pipeline.search(fresh_vlm, scheme, calibration)
 
 
 def test_format_table_is_complete():

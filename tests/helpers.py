@@ -1,0 +1,166 @@
+"""Plain helpers shared by the test modules (fixtures live in the root ``conftest.py``).
+
+* :func:`vlq_cli` — the command line as users run it, in a subprocess, timed, with the heavy
+  libraries it imported;
+* :func:`search_variants` / :func:`variant_params` — the variant matrix (``tests/matrix/search_variants.yaml``).
+
+The model copy and the calibration helpers are the product's own: ``vlq.pipeline.fresh_copy`` and
+``vlq.calibration.synthetic_text_calibration`` (capped below the vision markers).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from vlq.schemes import Scheme
+
+# ------------------------------------------------------------------------------------------------
+# The CLI in a subprocess
+# ------------------------------------------------------------------------------------------------
+
+#: Libraries a refused input must not have paid for.
+HEAVY_MODULES = ("torch", "transformers", "modelopt", "vllm")
+
+# `python -m vlq.cli ARGS`, plus an exit hook that writes which heavy modules were imported to a file
+# (stdout and stderr stay exactly what a user sees).
+_ENTRY = (
+    "import atexit, runpy, sys\n"
+    "marker = sys.argv[1]\n"
+    "def _heavy():\n"
+    f"    names = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
+    "    with open(marker, 'w') as f:\n"
+    "        f.write(' '.join(names))\n"
+    "atexit.register(_heavy)\n"
+    "sys.argv = ['vlq', *sys.argv[2:]]\n"
+    "runpy.run_module('vlq.cli', run_name='__main__', alter_sys=True)\n"
+)
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """One finished ``vlq`` process."""
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float  # wall time of the whole process, interpreter start included
+    heavy_imports: tuple[str, ...] | None  # of HEAVY_MODULES, those loaded at exit; None when it did not exit (killed)
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("vlq: error:")]
+
+    def tail(self, n: int = 3000) -> str:
+        """The end of both streams, for assertion messages."""
+        return f"$ vlq {' '.join(self.args)}  (exit {self.returncode}, {self.seconds:.1f}s)\n" \
+               f"--- stdout ---\n{self.stdout[-n:]}\n--- stderr ---\n{self.stderr[-n:]}"
+
+
+def vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> CliRun:
+    """Run ``vlq ARGS`` in a fresh interpreter in ``cwd``.
+
+    ``kill_after`` names a :func:`vlq.files.kill_point` at which the process SIGKILLs itself.  The
+    tiny model's build cache goes to ``cwd/.vlq-cache`` unless ``VLQ_CACHE_DIR`` is already set, so
+    nothing is written outside the test's folder.
+    """
+    from vlq.files import KILL_ENV
+
+    args = tuple(str(a) for a in args)
+    full_env = dict(os.environ)
+    full_env.pop(KILL_ENV, None)
+    full_env.setdefault("VLQ_CACHE_DIR", str(Path(cwd) / ".vlq-cache"))
+    full_env.update(env or {})
+    if kill_after:
+        full_env[KILL_ENV] = kill_after
+    with tempfile.TemporaryDirectory(prefix="vlq-cli-") as tmp:
+        marker = Path(tmp) / "heavy_imports"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _ENTRY, str(marker), *args], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - start
+        heavy = tuple(marker.read_text().split()) if marker.exists() else None
+    return CliRun(args, proc.returncode, proc.stdout, proc.stderr, seconds, heavy)
+
+
+# ------------------------------------------------------------------------------------------------
+# The variant matrix
+# ------------------------------------------------------------------------------------------------
+
+MATRIX = Path(__file__).resolve().parent / "matrix" / "search_variants.yaml"
+LANES = ("cpu", "gpu")
+_REQUIRED = {"lane", "formats", "bits", "method", "strategy", "calib_steps", "score_steps", "seq_len"}
+_OPTIONAL = {"batch_size", "slow"}
+
+
+class MatrixError(ValueError):
+    """A variant entry that does not describe one search."""
+
+
+@dataclass(frozen=True)
+class MatrixVariant:
+    """One entry of the matrix file: the scheme it searches, its lane, and whether it is ``slow``."""
+
+    scheme: Scheme
+    lane: str
+    slow: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.scheme.id
+
+    def param(self):
+        """A ``pytest.param`` of the scheme, with the variant's id (and the ``slow`` mark when it is slow)."""
+        import pytest
+
+        return pytest.param(self.scheme, id=self.id, marks=[pytest.mark.slow] if self.slow else [])
+
+
+def variant_from_entry(entry: dict) -> MatrixVariant:
+    """One YAML entry -> the variant it names."""
+    if not isinstance(entry, dict):
+        raise MatrixError(f"A variant must be a mapping, got {entry!r}.")
+    missing, unknown = sorted(_REQUIRED - set(entry)), sorted(set(entry) - _REQUIRED - _OPTIONAL)
+    if missing or unknown:
+        raise MatrixError(f"Variant {entry}: missing keys {missing}, unknown keys {unknown}; "
+                          f"keys are {sorted(_REQUIRED | _OPTIONAL)}.")
+    if entry["lane"] not in LANES:
+        raise MatrixError(f"Variant {entry}: lane must be one of {LANES}, got {entry['lane']!r}.")
+    if not isinstance(entry.get("slow", False), bool):
+        raise MatrixError(f"Variant {entry}: slow must be true or false, got {entry['slow']!r}.")
+    scheme = Scheme(formats=str(entry["formats"]), target_bits=float(entry["bits"]), method=entry["method"],
+                    strategy=entry["strategy"], num_calib_steps=int(entry["calib_steps"]),
+                    num_score_steps=int(entry["score_steps"]), seq_len=int(entry["seq_len"]),
+                    batch_size=int(entry.get("batch_size", 1)))
+    return MatrixVariant(scheme, entry["lane"], bool(entry.get("slow", False)))
+
+
+def search_variants(lane: str, path: str | os.PathLike = MATRIX) -> list[MatrixVariant]:
+    """Every variant of ``lane`` in the matrix file, in file order; ids (``Scheme.id``) unique in a lane."""
+    if lane not in LANES:
+        raise MatrixError(f"lane must be one of {LANES}, got {lane!r}.")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    entries = data.get("variants") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise MatrixError(f"{path} must hold a 'variants' list.")
+    parsed = [variant_from_entry(e) for e in entries]  # every lane's entries: a typo fails them all
+    variants = [v for v in parsed if v.lane == lane]
+    ids = [v.id for v in variants]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise MatrixError(f"{path}: variant ids repeat in lane {lane}: {repeated}.")
+    return variants
+
+
+def variant_params(lane: str, path: str | os.PathLike = MATRIX) -> list:
+    """The lane's variants as ``pytest.param`` objects for ``@pytest.fixture(params=...)``."""
+    return [v.param() for v in search_variants(lane, path)]
