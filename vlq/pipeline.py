@@ -29,8 +29,8 @@ from .calibration import (
 )
 from .checks import Check
 from .compare import CalibrationComparison, compare_calibrations
-from .errors import CalibrationDataError, ManifestMismatch, SchemeError, SearchStateError
-from .export import ExportResult, add_fp8_kv_cache, export_checkpoint
+from .errors import CalibrationDataError, CheckpointError, ManifestMismatch, SchemeError, SearchStateError
+from .export import ExportResult, add_fp8_kv_cache, export_checkpoint, unify_fused_scales
 from .fidelity import FidelityMetrics, FidelityReference, capture_reference, logits_forward, measure_against
 from .heldout import HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
 from .inputs import DataRequest, ModelRequest, RunFolder
@@ -257,6 +257,33 @@ def _served_fidelity(runner, references: Sequence[FidelityReference]) -> tuple[F
     return tuple(metrics)
 
 
+#: How far the checkpoint read back from disk (point b) may sit from the fake-quantized model (point a),
+#: as a multiple of how far quantization moved the model: KLD(a || b) <= factor * KLD(BF16 || a).
+#: Derived from what the export encodes differently from ModelOpt's fake quant (vlq/dequant.py measured
+#: it per tensor): FP8 divides by the scale in bf16 before the E4M3 cast, which moves ~3% of weights by
+#: one E4M3 step (tiny model: ratio 0.64 measured, 1.0 allowed); AWQ/SmoothQuant differ by bf16
+#: rounding of folded scales (0.08 and 0.32 measured, 0.25 and 0.5 allowed); NVFP4/MXFP8 tie-rounding
+#: (<1% of elements, 0.5 allowed).  A checkpoint with one weight scale doubled sits 6-80x away.
+EXPORT_AGREEMENT_FACTOR = {"fp8": 1.0, "int4_awq": 0.25, "w4a8_awq": 0.5, "int8_sq": 0.5, "nvfp4": 0.5,
+                           "w4a16_nvfp4": 0.5, "mxfp8": 0.5}
+
+
+def export_agreement(manifest: Manifest, fake_quant: FidelityReference, checkpoint: str | Path, *,
+                     bf16_to_fake_quant: FidelityMetrics) -> Check:
+    """Point b agrees with point a: the exported checkpoint, rebuilt from disk, is within the format's
+    :data:`EXPORT_AGREEMENT_FACTOR` of the fake-quantized model (``fake_quant`` holds a's logits)."""
+    between = measure_checkpoint(checkpoint, [fake_quant])[0]
+    chosen = {g.chosen for g in manifest.groups} - {"none"}
+    factor = max((EXPORT_AGREEMENT_FACTOR[f] for f in chosen), default=0.0)
+    allowed = factor * bf16_to_fake_quant.kld_mean
+    problems = [] if between.kld_mean <= allowed else [
+        f"checkpoint read back from disk is {between.kld_mean:.3g} nats/token from the fake-quantized model, more than "
+        f"{factor:g} x its {bf16_to_fake_quant.kld_mean:.3g} from BF16 ({', '.join(sorted(chosen))}): scales or weights on "
+        "disk do not encode what the search measured"]
+    return Check("checkpoint from disk == fake-quantized model (fidelity)", tuple(problems), between.tokens,
+                 f"KLD {between.kld_mean:.3g} <= {allowed:.3g} ({factor:g} x KLD to BF16)", CheckpointError)
+
+
 def record_fidelity(searched: Searched, metrics: Sequence[FidelityMetrics], run: RunFolder | None = None) -> Searched:
     """``searched`` with ``metrics`` in its manifest (rewritten in ``run`` when given)."""
     manifest = searched.manifest.with_fidelity(*metrics)
@@ -388,9 +415,18 @@ def run(
     calibration = calibrate(loaded, scheme, data, progress=progress)
     references = fidelity_references(loaded, scheme, data, calibration=calibration, progress=progress)
     searched = search(loaded, scheme, calibration, run=folder, progress=progress)
-    searched = record_fidelity(searched, measure_fake_quant(loaded, references, progress=progress), folder)
+    # point a is measured as it will be exported: fused q/k/v and gate/up share one scale (vLLM needs it)
+    unify_fused_scales(loaded.language_model)
+    fake_quant = measure_fake_quant(loaded, references, progress=progress)
+    searched = record_fidelity(searched, fake_quant, folder)
+    text = next(i for i, r in enumerate(references) if r.data_kind == "text")
+    # a's own logits on held-out text, kept to check the checkpoint against (the export packs the live weights)
+    fake_quant_logits = capture_reference(logits_forward(loaded.vlm), references[text].batches,
+                                          data_source=references[text].data_source, data_kind="text")
     exported = export(searched, folder, overwrite=overwrite, progress=progress)
     searched = record_fidelity(searched, measure_checkpoint(exported.path, references, progress=progress), folder)
+    agreement = export_agreement(searched.manifest, fake_quant_logits, exported.path, bf16_to_fake_quant=fake_quant[text])
+    exported = dataclasses.replace(exported, checks=exported.checks + (agreement,))
     skipped = serving_skip_reason(scheme) if serve else "--no-serve"
     served = None
     if skipped is None:
@@ -581,6 +617,6 @@ def compare_calibration(
 __all__ = [
     "ComparisonRun", "Exported", "RunOutcome", "Searched", "Served",
     "calibrate", "compare_calibration", "export", "fidelity_references", "fresh_copy", "load_model",
-    "measure_checkpoint", "measure_fake_quant", "measure_served", "record_fidelity", "restore", "run",
+    "export_agreement", "measure_checkpoint", "measure_fake_quant", "measure_served", "record_fidelity", "restore", "run",
     "search", "serve_check", "serving_skip_reason", "sweep",
 ]
