@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from .errors import SchemeError, VlqError
-from .inputs import DataRequest, ModelRequest, RunFolder
+from .inputs import TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
 
 SCHEME_FIELDS = ("formats", "target_bits", "method", "strategy", "num_calib_steps", "num_score_steps", "batch_size",
                  "seq_len", "kv_cache_fp8")
@@ -42,7 +42,8 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
 
 def _model_args(p: argparse.ArgumentParser, *, default_model: str | None = "tiny") -> None:
     p.add_argument("--model", default=default_model,
-                   help="local Qwen2.5-VL checkpoint folder, 'tiny' (default) or 'qwen2.5-vl-3b-random'")
+                   help="local Qwen2.5-VL checkpoint folder, 'tiny' (default, random weights), 'tiny-trained' (learned "
+                   "weights: fidelity means something) or 'qwen2.5-vl-3b-random'")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, or cuda")
     p.add_argument("--data", help="calibration text: a local .txt (one sample per line) or .jsonl with a 'text' field")
     p.add_argument("--images", help="image+text calibration instead of text: 'generated' (seeded synthetic images) or a "
@@ -92,7 +93,7 @@ def _requests(args) -> tuple[ModelRequest, DataRequest]:
 def _prepare(args):
     """Validate everything light first (paths, formats, bits), then resolve the device and the scheme."""
     model, data = _requests(args)
-    full_size = model.source != "tiny"
+    full_size = model.source not in (TINY, TINY_TRAINED)  # tiny models keep their seconds-long defaults
     _scheme(args, "cpu" if args.device == "auto" else args.device, full_size=full_size)  # formats/bits errors, fast
     device = _resolve_device(args.device)
     model = ModelRequest(model.source, device, model.trust_remote_code)

@@ -172,7 +172,7 @@ def fidelity_references(
     disjoint from it.
     """
     if rows is None:
-        rows = FIDELITY_ROWS_TINY if loaded.source == "tiny" or loaded.vocab_size <= 4096 else FIDELITY_ROWS_FULL_SIZE
+        rows = FIDELITY_ROWS_TINY if loaded.vocab_size <= 4096 else FIDELITY_ROWS_FULL_SIZE  # tiny models: 1024
     forward = logits_forward(loaded.vlm)
     references = []
     with progress.bar("fidelity reference (BF16)", total=len(kinds)) as bar:
