@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from vlq.calibration import IGNORE_INDEX, from_token_ids, synthetic_batches, text_batches
+from vlq.calibration import (
+    IGNORE_INDEX,
+    from_token_ids,
+    synthetic_batches,
+    synthetic_text_calibration,
+    text_batches,
+    vision_token_cap,
+)
 from vlq.errors import CalibrationDataError
 
 
@@ -81,3 +88,16 @@ def test_synthetic_batches_are_seeded():
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
     assert int(max(x["input_ids"].max() for x in a)) < 100
     assert IGNORE_INDEX not in a.batches[0]["labels"]
+
+
+def test_synthetic_text_stays_below_the_vision_markers(pristine_vlm):
+    """What models without a tokenizer calibrate on: no image/video pad or vision-start id ever appears."""
+    config = pristine_vlm.config
+    markers = {config.image_token_id, config.video_token_id, config.vision_start_token_id}
+    capped = synthetic_text_calibration(config, vocab_size=pristine_vlm.vocab_size, num_batches=32, seq_len=128)
+    assert capped.kind == "synthetic" and len(capped) == 32
+    ids = set(torch.cat([b["input_ids"] for b in capped]).unique().tolist())
+    assert max(ids) <= vision_token_cap(config) == min(markers) - 1
+    # negative control: the same draw without the cap does hit the markers
+    raw = synthetic_batches(vocab_size=pristine_vlm.vocab_size, num_batches=32, seq_len=128)
+    assert markers & set(torch.cat([b["input_ids"] for b in raw]).unique().tolist())

@@ -1,52 +1,99 @@
-"""The CLI as users run it: a subprocess on the tiny model."""
+"""The CLI as users run it: ``vlq`` in a subprocess on the tiny model (:func:`helpers.vlq_cli`).
+
+Small steps everywhere (``--calib-steps 2 --score-steps 2 --seq-len 32``): these tests are about
+what the command does and prints, not about the search.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+
+import pytest
+
+from helpers import vlq_cli
+
+STEPS = ("--calib-steps", "2", "--score-steps", "2", "--seq-len", "32")
+#: ModelOpt prints this while inserting quantizers ("Inserted 903 quantizers"): third-party output.
+MODELOPT_PRINT = "Inserted"
+#: How long a refusal may take on the 2-core machine (issue 10: <= 2 s; generous here, the time is printed).
+REFUSAL_BOUND_S = 5.0
 
 
-def _vlq(*args, cwd, env_extra=None):
-    env = dict(os.environ)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "vlq.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def test_run_on_tiny_model(tmp_path):
+@pytest.mark.vllm
+def test_run_defaults_end_with_vllms_per_layer_table(tmp_path):
+    """`vlq run` with no scheme options: a scheme vLLM serves on CPU, exported, served, checked per layer."""
     out = tmp_path / "run"
-    proc = _vlq("run", "--out", str(out), "--calib-steps", "2", "--score-steps", "2", "--seq-len", "32",
-                cwd=tmp_path, env_extra={"VLQ_CACHE_DIR": str(tmp_path / "cache")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| layer" in proc.stdout.replace("|   layer", "| layer")
-    assert "FAIL" not in proc.stdout and proc.stdout.count("PASS") == 5
+    run = vlq_cli("run", "--out", out, *STEPS, cwd=tmp_path)
+    assert run.returncode == 0, run.tail()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["scheme_id"] == "fp8+int4_awq-6b-gradient-extract"
-    assert (out / "checkpoint" / "config.json").exists() and (out / "search_state.pth").exists()
+    assert manifest["scheme_id"] == "fp8-12b-gradient-extract", "the CPU default is FP8 vs BF16 per group at 12 bits"
 
-    # export again from the saved state, without re-scoring, into the same run folder
-    proc = _vlq("export", str(out), "--overwrite", cwd=tmp_path, env_extra={"VLQ_CACHE_DIR": str(tmp_path / "cache")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "skipping scoring" in proc.stdout or "PASS" in proc.stdout
+    stdout = run.stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in stdout.splitlines() if line.count("|") >= 4}
+    for check in ("vision tower and lm_head unquantized", "LM layers match the manifest", "outputs finite and not degenerate",
+                  "vision tower unquantized (VisionGuard)", "manifest == exported checkpoint"):
+        assert rows.get(check) == "PASS", f"{check}: {rows.get(check)}\n{run.tail()}"
+    assert "FAIL" not in stdout, run.tail()
+    # it ends with vLLM's per-layer table (then the engine note and where the run folder is)
+    table = stdout[stdout.index("| layer (vLLM)"):]
+    assert "visual.blocks.0.attn.qkv" in table and "language_model.model.layers.0.self_attn.qkv_proj" in table
+    assert "ModelOptLinearMethod" in table and "torch.float8_e4m3fn" in table and "UnquantizedLinearMethod" in table
+    assert "| check" not in table, "the per-layer table is the last table printed"
+    assert stdout.rstrip().splitlines()[-1].startswith(f"run folder {out}")
+
+    # the run folder, and third-party output in its log instead of on the terminal
+    assert {"manifest.json", "checkpoint", "search_state.pth", "log.txt"} <= {p.name for p in out.iterdir()}
+    assert (out / "checkpoint" / "config.json").exists()
+    log = (out / "log.txt").read_text()
+    assert MODELOPT_PRINT in log and "quantizers" in log, log[-2000:]
+    assert MODELOPT_PRINT not in run.stdout + run.stderr, run.tail()
 
 
-def test_bad_input_is_one_clear_line(tmp_path):
-    proc = _vlq("run", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlq: error:")]
-    assert len(errors) == 1 and "Model path" in errors[0] and "does not exist" in errors[0]
-    assert "Traceback" not in proc.stderr
+def test_verbose_run_shows_third_party_output_then_export_logs_it(tmp_path):
+    """A scheme vLLM cannot serve is flagged before loading; `--verbose` puts ModelOpt's output on the
+    terminal (the negative control for the log redirect); `vlq export` restores the saved search
+    without scoring and logs that output to log.txt instead."""
+    out = tmp_path / "run"
+    run = vlq_cli("run", "--formats", "fp8+int8_sq", "--bits", "8", "--no-serve", "--verbose", "--out", out, *STEPS, cwd=tmp_path)
+    assert run.returncode == 0, run.tail()
+    note = next((i for i, line in enumerate(run.stdout.splitlines()) if "vLLM cannot serve" in line and "int8_sq" in line), None)
+    loading = next((i for i, line in enumerate(run.stdout.splitlines()) if "] loading " in line), None)
+    assert note is not None and loading is not None and note < loading, f"unservable formats flagged before loading\n{run.tail()}"
+    assert MODELOPT_PRINT in run.stdout + run.stderr, f"--verbose shows third-party output\n{run.tail()}"
+    assert not (out / "log.txt").exists()
+    assert "vLLM check skipped: --no-serve" in run.stdout
+    assert json.loads((out / "manifest.json").read_text())["scheme_id"] == "fp8+int8_sq-8b-gradient-extract"
+
+    export = vlq_cli("export", out, "--overwrite", cwd=tmp_path)
+    assert export.returncode == 0, export.tail()
+    assert "no scoring step ran" in export.stdout, export.tail()
+    assert "FAIL" not in export.stdout and "| manifest == exported checkpoint" in export.stdout
+    assert MODELOPT_PRINT not in export.stdout + export.stderr, export.tail()
+    assert MODELOPT_PRINT in (out / "log.txt").read_text()
+
+
+def test_bad_model_path_is_one_line_before_torch(tmp_path):
+    run = vlq_cli("run", "--model", "/no/such/path", "--out", tmp_path / "run", cwd=tmp_path)
+    assert run.returncode == 2, run.tail()
+    assert run.stderr.splitlines() == run.error_lines and len(run.error_lines) == 1, run.tail()
+    assert "Model path /no/such/path does not exist" in run.error_lines[0]
+    assert run.stdout == "" and "Traceback" not in run.stderr
+    assert run.heavy_imports == (), f"refused after importing {run.heavy_imports}"
     assert not (tmp_path / "run").exists(), "a refused run must leave nothing behind"
+    assert run.seconds < REFUSAL_BOUND_S, f"refusal took {run.seconds:.2f}s (issue 10 asks <= 2 s)"
+    print(f"\n[cli] bad --model refused in {run.seconds:.2f}s")
 
 
-def test_infeasible_bits_refused_before_loading(tmp_path):
-    proc = _vlq("run", "--formats", "fp8+int4_awq", "--bits", "3", "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert proc.returncode == 2 and "minimum achievable" in proc.stderr
+def test_infeasible_bits_refused_before_torch(tmp_path):
+    run = vlq_cli("run", "--formats", "fp8+int4_awq", "--bits", "3", "--out", tmp_path / "run", cwd=tmp_path)
+    assert run.returncode == 2 and len(run.error_lines) == 1 and "minimum achievable" in run.error_lines[0], run.tail()
+    assert run.heavy_imports == (), f"refused after importing {run.heavy_imports}"
     assert not (tmp_path / "run").exists()
 
 
-def test_explain_prints_live_facts(tmp_path):
-    proc = _vlq("explain", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "nvidia-modelopt" in proc.stdout and "*visual*" in proc.stdout and "num_score_steps" in proc.stdout
+def test_heavy_import_probe_sees_torch(tmp_path):
+    """Negative control for the import probe above: a command that needs ModelOpt does report it (and torch)."""
+    run = vlq_cli("explain", cwd=tmp_path)
+    assert run.returncode == 0, run.tail()
+    assert "nvidia-modelopt" in run.stdout and "*visual*" in run.stdout and "num_score_steps" in run.stdout
+    assert run.heavy_imports is not None and {"torch", "modelopt"} <= set(run.heavy_imports)

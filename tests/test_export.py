@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
+from vlq import pipeline
 from vlq.errors import CheckpointError
 from vlq.checkpoint import CheckpointQuantConfig, checkpoint_module_name, inspect_checkpoint
 from vlq.export import export_checkpoint
@@ -16,10 +15,9 @@ FP8 = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_ste
 
 
 @pytest.fixture
-def searched_fp8(pristine_vlm, calibration):
-    loaded = copy.deepcopy(pristine_vlm)
-    search_lm_only(loaded, FP8, calibration)
-    return loaded
+def searched_fp8(fresh_vlm, calibration):
+    """The tiny model after the pipeline's FP8 search (guards and manifest checked), ready to export."""
+    return pipeline.search(fresh_vlm, FP8, calibration).loaded
 
 
 def test_names_map_to_checkpoint_layout():
@@ -76,7 +74,7 @@ def test_unquantized_checkpoint_has_no_quantized_layers(tiny_checkpoint):
     report = inspect_checkpoint(tiny_checkpoint)
     assert report.quant_config.quant_algo is None
     assert report.quantized_layers() == ()
-    assert report.ok
+    assert report.check.ok
 
 
 def test_inspector_catches_unshared_fused_scales(searched_fp8, tmp_path):
@@ -86,8 +84,9 @@ def test_inspector_catches_unshared_fused_scales(searched_fp8, tmp_path):
     tensors = load_file(dest / "model.safetensors")
     tensors["model.layers.0.self_attn.k_proj.weight_scale"] = tensors["model.layers.0.self_attn.k_proj.weight_scale"] * 2
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
-    report = inspect_checkpoint(dest)
-    assert any("different weight_scale" in p and "layers.0.self_attn" in p for p in report.problems)
+    check = inspect_checkpoint(dest).check
+    assert not check.ok
+    assert any("different weight_scale" in p and "layers.0.self_attn" in p for p in check.problems)
 
 
 def test_inspector_catches_quantized_vision_tensor(searched_fp8, tmp_path):
@@ -99,15 +98,19 @@ def test_inspector_catches_quantized_vision_tensor(searched_fp8, tmp_path):
     tensors["visual.blocks.0.attn.qkv.weight_scale"] = torch.tensor(1.0)
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="visual.blocks.0.attn.qkv.weight_scale is a quantization scale"):
-        inspect_checkpoint(dest).require()
+        inspect_checkpoint(dest).check.require()
 
 
-def test_export_of_a_search_that_quantized_vision_and_lm_head_is_refused(pristine_vlm, calibration, tmp_path):
+def test_export_of_a_search_that_quantized_vision_and_lm_head_is_refused(fresh_vlm, calibration, tmp_path, monkeypatch):
     """Negative control: the unguarded mask search quantizes the tied lm_head and the vision tower;
     the export's on-disk check refuses it and leaves nothing behind."""
-    loaded = copy.deepcopy(pristine_vlm)
+    import vlq.checks
+
     scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=1, num_score_steps=1, seq_len=32)
-    search_lm_only(loaded, scheme, calibration, disable_vision=False, exclude_cost=False)
-    with pytest.raises(CheckpointError, match=r"(?s)ckpt fails .*vision tensor visual\.blocks\.0\.attn\.qkv\.weight has dtype F8_E4M3.*does not exclude lm_head"):
-        export_checkpoint(loaded, tmp_path / "ckpt")
+    search_lm_only(fresh_vlm, scheme, calibration, disable_vision=False, exclude_cost=False)
+    # the message lists the first SHOWN_PROBLEMS problems; list them all here to pin both causes
+    monkeypatch.setattr(vlq.checks, "SHOWN_PROBLEMS", 1000)
+    with pytest.raises(CheckpointError, match=r"(?s)checkpoint on disk \(ckpt\) failed \(\d+ problems\).*vision tensor "
+                       r"visual\.blocks\.0\.attn\.qkv\.weight has dtype F8_E4M3.*does not exclude lm_head"):
+        export_checkpoint(fresh_vlm, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,6 @@ for both methods and both strategies.  ``-m gpu``: the 3B architecture with proc
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -27,11 +26,11 @@ from vlq.calibration import (
 from vlq import pipeline
 from vlq.compare import CalibrationComparison, compare_calibrations, spearman
 from vlq.errors import CalibrationDataError, SchemeError
-from vlq.export import ExportResult, export_checkpoint
 from vlq.manifest import Manifest
 from vlq.models import fingerprint_parameters
+from vlq.pipeline import fresh_copy
 from vlq.schemes import Scheme
-from vlq.search import LmHeadGuard, SearchResult, VisionGuard, make_forward_step, search_lm_only
+from vlq.search import LmHeadGuard, VisionGuard, make_forward_step
 
 SEQ_LEN = 64
 SEED = 0
@@ -174,30 +173,33 @@ def test_processorless_batches_match_the_model(pristine_vlm):
 # ---- image+text searches, both methods and strategies ---------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageSearched:
-    result: SearchResult
-    manifest: Manifest
-    live_report: object
-    export: ExportResult
-    vision_grads: tuple[str, ...]
+    searched: pipeline.Searched
+    exported: pipeline.Exported
+    vision_grads: tuple[str, ...]  # vision parameters that kept a gradient after the search
+
+    @property
+    def result(self):
+        return self.searched.result
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.searched.manifest
 
 
 @pytest.fixture(scope="module")
 def image_searches(pristine_vlm, image_calibration, tmp_path_factory):
-    """Each variant searched once, on demand, and kept for the module's tests."""
+    """Each variant searched and exported once through the pipeline, on demand, and kept for the module's tests."""
     cache: dict[str, ImageSearched] = {}
 
     def get(scheme: Scheme) -> ImageSearched:
         if scheme.id not in cache:
-            loaded = copy.deepcopy(pristine_vlm)
-            result = search_lm_only(loaded, scheme, image_calibration)
-            manifest = Manifest.from_search(result)
-            live = manifest.verify(model=loaded.vlm)
-            tower = loaded.vlm.get_submodule(loaded.vision.root)
+            searched = pipeline.search(fresh_copy(pristine_vlm), scheme, image_calibration)
+            tower = searched.loaded.vlm.get_submodule(searched.loaded.vision.root)
             grads = tuple(n for n, p in tower.named_parameters() if p.grad is not None)
-            export = export_checkpoint(loaded, tmp_path_factory.mktemp(scheme.id) / "export")
-            cache[scheme.id] = ImageSearched(result, manifest, live, export, grads)
+            exported = pipeline.export(searched, tmp_path_factory.mktemp(scheme.id) / "checkpoint")
+            cache[scheme.id] = ImageSearched(searched, exported, grads)
         return cache[scheme.id]
 
     return get
@@ -222,9 +224,11 @@ def test_image_text_search_keeps_vision_and_lm_head_unquantized(image_searched):
 def test_image_text_manifest_verifies(image_searched):
     manifest = image_searched.manifest
     manifest.verify(state=image_searched.result.modelopt_state).require()
-    assert image_searched.live_report.ok, image_searched.live_report.problems
-    manifest.verify(checkpoint=image_searched.export.path).require()
-    assert image_searched.export.report.check.ok, image_searched.export.report.check.problems
+    live = [c for c in image_searched.searched.checks if c.name == "manifest == searcher state == live quantizers"]
+    assert len(live) == 1 and live[0].ok, live  # checked by the pipeline before the export rewrote the weights
+    manifest.verify(checkpoint=image_searched.exported.path).require()
+    report = image_searched.exported.export.report
+    assert report.check.ok, report.check.problems
     assert manifest.calibration_source.startswith("image_text:generated")
     assert sorted(m for g in manifest.groups for m in g.members) == sorted(image_searched.result.loaded.lm_module_names())
     assert image_searched.result.is_satisfied
@@ -248,9 +252,7 @@ def test_extract_and_mask_agree_on_image_text(image_searches, method):
 
 @pytest.fixture(scope="module")
 def text_manifest(pristine_vlm, text_calibration) -> Manifest:
-    loaded = copy.deepcopy(pristine_vlm)
-    result = search_lm_only(loaded, _scheme("gradient", "extract"), text_calibration)
-    return Manifest.from_search(result)
+    return pipeline.search(fresh_copy(pristine_vlm), _scheme("gradient", "extract"), text_calibration).manifest
 
 
 @pytest.fixture(scope="module")
@@ -312,8 +314,8 @@ def test_comparison_detects_a_tampered_result(text_manifest):
 
 
 def test_comparison_refuses_different_budgets(text_manifest):
-    other = dataclasses.replace(text_manifest, scheme=text_manifest.scheme.with_(effective_bits=10.0))
-    with pytest.raises(SchemeError, match="effective_bits"):
+    other = dataclasses.replace(text_manifest, scheme=text_manifest.scheme.with_(target_bits=10.0))
+    with pytest.raises(SchemeError, match="target_bits"):
         compare_calibrations(text_manifest, other)
 
 
@@ -377,14 +379,13 @@ def test_3b_image_text_search_both_strategies_and_comparison(gpu_pristine_vlm, t
     tower BF16, verify their manifests and agree; then the comparison with text-only runs."""
     import gc
 
-    from vlq.calibration import synthetic_batches
+    from vlq.calibration import synthetic_text_calibration
 
     loaded = gpu_pristine_vlm
     seq_len, steps = 512, 4
     image_text = synthetic_image_text_batches(loaded.config, vocab_size=loaded.vocab_size, num_batches=steps,
                                               seq_len=seq_len, image_grid=(1, 16, 16), seed=SEED)
-    lowest_special = min(loaded.config.image_token_id, loaded.config.video_token_id, loaded.config.vision_start_token_id)
-    text = synthetic_batches(vocab_size=loaded.vocab_size, num_batches=steps, seq_len=seq_len, max_token_id=lowest_special - 1)
+    text = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=steps, seq_len=seq_len)
     fingerprint = fingerprint_parameters(loaded.vlm.get_submodule(loaded.vision.root))
     with torch.no_grad():
         batch = image_text.to("cuda").batches[0]
@@ -399,22 +400,21 @@ def test_3b_image_text_search_both_strategies_and_comparison(gpu_pristine_vlm, t
         image = strategy != "text"
         scheme = Scheme(formats=formats, target_bits=6.0, method="gradient", strategy=strategy if image else "mask",
                         num_calib_steps=steps, num_score_steps=steps, seq_len=seq_len)
-        copy_ = copy.deepcopy(loaded)
+        copy_ = fresh_copy(loaded)
+        searched = None
         try:
-            result = search_lm_only(copy_, scheme, image_text if image else text)
-            vision, head = VisionGuard(copy_).check(result), LmHeadGuard(copy_).check(result)
-            assert vision.ok, vision.problems
-            assert head.ok, head.problems
-            manifest = Manifest.from_search(result)
-            manifest.verify(state=result.modelopt_state, model=copy_.vlm).require()
+            searched = pipeline.search(copy_, scheme, image_text if image else text)  # guards and manifest checks required
+            manifest = searched.manifest
+            assert [c.name for c in searched.checks][:2] == [VisionGuard.name, LmHeadGuard.name]
             if strategy == "mask":  # one export of the full-size model is enough to check the config on disk
-                export = export_checkpoint(copy_, tmp_path / strategy, verify=False)
-                manifest.verify(checkpoint=export.path).require()
+                exported = pipeline.export(searched, tmp_path / strategy)
+                assert all(c.ok for c in exported.checks)
             manifests[strategy] = manifest
             decisions[strategy] = {g.name: g.chosen for g in manifest.groups}
-            print(f"\n[gpu] {'image+text' if image else 'text-only'} {scheme.id}: {result.times} formats {manifest.format_counts()}")
+            print(f"\n[gpu] {'image+text' if image else 'text-only'} {scheme.id}: {searched.result.times} "
+                  f"formats {manifest.format_counts()}")
         finally:
-            del copy_
+            del copy_, searched
             gc.collect()
             torch.cuda.empty_cache()
     agree = sum(decisions["extract"][n] == decisions["mask"][n] for n in decisions["extract"])

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 
-from vlq.manifest import Manifest
-from vlq.report import compare_runs, load_benchmarks, write_report
-from vlq.schemes import Scheme
-from vlq.search import search_lm_only
 from vlq import pipeline
 from vlq.inputs import RunFolder
+from vlq.pipeline import fresh_copy
+from vlq.report import compare_runs, load_benchmarks, write_report
+from vlq.schemes import Scheme
 
 SAVED = Path(__file__).resolve().parent.parent / "reports" / "benchmarks" / "h200-3b.json"
 
@@ -44,9 +42,10 @@ def test_comparison_flags_a_regression(tmp_path):
 @pytest.fixture(scope="module")
 def run_outputs(pristine_vlm, calibration, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
-    loaded = copy.deepcopy(pristine_vlm)
     scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
-    manifest_path = Manifest.from_search(search_lm_only(loaded, scheme, calibration)).save(out / "run" / "manifest.json")
+    run = RunFolder(out / "run")
+    pipeline.search(fresh_copy(pristine_vlm), scheme, calibration, run=run)  # writes run.manifest once every check holds
+    manifest_path = run.manifest
     pipeline.sweep(pristine_vlm, scheme.with_(target_bits=7.0), calibration, (7.0, 5.0), RunFolder(out / "sweep"), export_targets=False)
     return manifest_path, out / "sweep" / "sweep.json"
 

@@ -28,14 +28,23 @@ def test_scheme_yaml_round_trip(tmp_path):
     path = tmp_path / "scheme.yaml"
     path.write_text(scheme.to_yaml())
     assert Scheme.from_yaml(path) == scheme
-    assert "version: 1" in scheme.to_yaml()
+    assert "version: 2" in scheme.to_yaml() and "target_bits: 5.5" in scheme.to_yaml()
+
+
+def test_version_1_scheme_reads_effective_bits_as_the_target():
+    """Schemes saved before the rename (version 1) called the target ``effective_bits``."""
+    old = {"formats": ["fp8", "int4_awq"], "effective_bits": 5.0, "method": "kl_div", "version": 1}
+    assert Scheme.from_dict(old) == Scheme(formats=("fp8", "int4_awq"), target_bits=5.0, method="kl_div")
+    # only version 1 knows the old name
+    with pytest.raises(SchemeError, match=r"Unknown scheme keys \['effective_bits'\]"):
+        Scheme.from_dict({**old, "version": 2})
 
 
 def test_scheme_rejects_unknown_keys_and_versions():
     with pytest.raises(SchemeError, match=r"Unknown scheme keys \['bitz'\]"):
         Scheme.from_dict({"formats": ["fp8"], "bitz": 3})
-    with pytest.raises(SchemeError, match="version 2 is not supported"):
-        Scheme.from_dict({"formats": ["fp8"], "effective_bits": 8, "version": 2})
+    with pytest.raises(SchemeError, match="version 3 is not supported"):
+        Scheme.from_dict({"formats": ["fp8"], "target_bits": 8, "version": 3})
 
 
 @pytest.mark.parametrize(

@@ -6,23 +6,22 @@ typed :class:`ServingReport` it produced.  No mocks: every report comes from ``v
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from helpers import vlq_cli
+from vlq import pipeline
 from vlq.errors import ServingError
 from vlq.export import add_fp8_kv_cache, export_checkpoint
-from vlq.manifest import Manifest
+from vlq.inputs import RunFolder
+from vlq.pipeline import fresh_copy
 from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import make_forward_step, search_lm_only
+from vlq.search import make_forward_step
 from vlq.serving import (
     check_against_reference,
     check_image_sensitivity,
@@ -72,25 +71,19 @@ def _needs_vllm():
 # ---- exports ------------------------------------------------------------------------------------
 
 
-def _fp8_scheme(bits=8.0, strategy="extract"):
-    return Scheme(formats=("fp8",), target_bits=bits, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32)
+def _fp8_scheme(bits=8.0, strategy="extract", **changes):
+    return Scheme(formats=("fp8",), target_bits=bits, strategy=strategy, num_calib_steps=2, num_score_steps=2, seq_len=32, **changes)
 
 
-def _search_export(pristine, calibration, run_dir: Path, scheme: Scheme, *, kv=False, **export_kwargs):
-    """Search + export in the `vlq run` layout: run_dir/{manifest.json, checkpoint/}."""
-    loaded = copy.deepcopy(pristine)
-    result = search_lm_only(loaded, scheme, calibration)
-    manifest = Manifest.from_search(result)
-    extra = {}
-    if kv:
-        lm = loaded.language_model
-        before = {n: float(m.input_quantizer.amax) for n, m in lm.named_modules() if getattr(getattr(m, "input_quantizer", None), "is_enabled", False)}
-        extra["kv_quantizers"] = add_fp8_kv_cache(loaded, calibration, make_forward_step(loaded, "extract"))
-        after = {n: float(lm.get_submodule(n).input_quantizer.amax) for n in before}
-        extra["amax_before"], extra["amax_after"] = before, after
-    export = export_checkpoint(loaded, run_dir / "checkpoint", **export_kwargs)
-    manifest.save(run_dir / "manifest.json")
-    return manifest, export.path, extra
+def _search(pristine, calibration, scheme: Scheme, run_dir: Path | None = None) -> pipeline.Searched:
+    """The pipeline's search on a fresh copy; with ``run_dir`` its manifest goes to run_dir/manifest.json."""
+    return pipeline.search(fresh_copy(pristine), scheme, calibration, run=RunFolder(run_dir) if run_dir else None)
+
+
+def _search_export(pristine, calibration, run_dir: Path, scheme: Scheme):
+    """Search + export through the pipeline, in the `vlq run` layout: run_dir/{manifest.json, checkpoint/}."""
+    searched = _search(pristine, calibration, scheme, run_dir)
+    return searched.manifest, pipeline.export(searched, RunFolder(run_dir)).path
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +92,14 @@ def fp8_runs(pristine_vlm, calibration, tmp_path_factory):
     runs = {}
     for name, scheme in (("fp8-extract", _fp8_scheme(8.0, "extract")), ("fp8-mask", _fp8_scheme(8.0, "mask")),
                          ("fp8-12b", _fp8_scheme(12.0, "extract"))):
-        manifest, path, _ = _search_export(pristine_vlm, calibration, tmp_path_factory.mktemp(name), scheme)
-        runs[name] = (manifest, path)
+        runs[name] = _search_export(pristine_vlm, calibration, tmp_path_factory.mktemp(name), scheme)
     return runs
 
 
 @pytest.fixture(scope="module")
 def fp8_kv_run(pristine_vlm, calibration, tmp_path_factory):
-    return _search_export(pristine_vlm, calibration, tmp_path_factory.mktemp("fp8-kv"), _fp8_scheme(8.0), kv=True)
+    """An FP8 export with an FP8 KV cache, as the pipeline makes it for a scheme with ``kv_cache_fp8``."""
+    return _search_export(pristine_vlm, calibration, tmp_path_factory.mktemp("fp8-kv"), _fp8_scheme(8.0, kv_cache_fp8=True))
 
 
 def _patch_quant_config(path: Path, *, add_ignore=(), drop_ignore=()):
@@ -125,8 +118,10 @@ def _patch_quant_config(path: Path, *, add_ignore=(), drop_ignore=()):
 @pytest.fixture(scope="module")
 def vis_broken(pristine_vlm, calibration, tmp_path_factory):
     """The silent-garbage export: lm_head ignored by hand, the vision tower not (FINDINGS 'vis_broken')."""
-    run_dir = tmp_path_factory.mktemp("vis-broken")
-    _, path, _ = _search_export(pristine_vlm, calibration, run_dir, _fp8_scheme(8.0), exclude_unsearched=False, verify=False)
+    run = RunFolder(tmp_path_factory.mktemp("vis-broken"))
+    searched = _search(pristine_vlm, calibration, _fp8_scheme(8.0), run.root)
+    # by hand, not the pipeline: the export the pipeline would refuse
+    path = export_checkpoint(searched.loaded, run.checkpoint, exclude_unsearched=False, verify=False).path
     _patch_quant_config(path, add_ignore=("lm_head",))
     assert not any(p.startswith("visual") for p in json.loads((path / "config.json").read_text())["quantization_config"]["ignore"])
     return path
@@ -255,15 +250,25 @@ def test_reference_check_catches_drift(serve, fp8_runs, tiny_checkpoint):
 # ---- FP8 KV cache --------------------------------------------------------------------------------
 
 
-def test_fp8_kv_cache_calibrates_only_kv_quantizers(fp8_kv_run):
-    manifest, path, extra = fp8_kv_run
-    assert len(extra["kv_quantizers"]) == 2 * 4
-    assert extra["amax_before"] and extra["amax_before"] == extra["amax_after"], "add_fp8_kv_cache moved search scales"
+def test_fp8_kv_cache_calibrates_only_kv_quantizers(pristine_vlm, calibration):
+    loaded = _search(pristine_vlm, calibration, _fp8_scheme(8.0)).loaded
+    lm = loaded.language_model
+    before = {n: float(m.input_quantizer.amax) for n, m in lm.named_modules() if getattr(getattr(m, "input_quantizer", None), "is_enabled", False)}
+    kv_quantizers = add_fp8_kv_cache(loaded, calibration, make_forward_step(loaded, "extract"))
+    after = {n: float(lm.get_submodule(n).input_quantizer.amax) for n in before}
+    assert len(kv_quantizers) == 2 * loaded.config.text_config.num_hidden_layers
+    assert before and before == after, "add_fp8_kv_cache moved search scales"
+
+
+def test_pipeline_exports_the_fp8_kv_cache(fp8_kv_run, fp8_runs):
+    manifest, path = fp8_kv_run
+    assert manifest.scheme.kv_cache_fp8
     assert preflight(path).kv_cache_quant_algo == "FP8"
+    assert preflight(fp8_runs["fp8-extract"][1]).kv_cache_quant_algo is None  # negative control: no KV cache asked
 
 
 def test_fp8_kv_cache_serves_with_loaded_scales(serve, fp8_kv_run, tiny_checkpoint):
-    manifest, path, _ = fp8_kv_run
+    manifest, path = fp8_kv_run
     report = serve(path)
     assert report.kv_cache_dtype.startswith("fp8")
     checks = run_checks(report, manifest=manifest, reference=serve(tiny_checkpoint))
@@ -301,14 +306,14 @@ def test_unservable_formats_refused_up_front(tiny_checkpoint, tmp_path, formats)
 
 
 def test_real_fp8_int4_awq_export_refused(pristine_vlm, calibration, tmp_path):
-    """The pipeline's default scheme (fp8+int4_awq) exports fine but is expected-unservable."""
+    """A scheme vLLM cannot serve (fp8+int4_awq) exports fine, and serving it is refused before any engine starts."""
     scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
     assert not scheme.vllm_servability().servable
-    _, path, _ = _search_export(pristine_vlm, calibration, tmp_path, scheme)
+    _, path = _search_export(pristine_vlm, calibration, tmp_path, scheme)
     with pytest.raises(ServingError, match="int4_awq"):
         preflight(path)
-    proc = _vlq("check", str(path), cwd=tmp_path)
-    assert proc.returncode == 2 and "vlq: error:" in proc.stderr and "int4_awq" in proc.stderr
+    proc = vlq_cli("check", path, cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.error_lines) == 1 and "int4_awq" in proc.error_lines[0], proc.tail()
 
 
 # ---- formats without CPU kernels: config parsing and per-layer resolution ------------------------
@@ -320,7 +325,7 @@ def nvfp4_export(pristine_vlm, calibration, tmp_path_factory):
     import modelopt.torch.quantization as mtq
     import torch
 
-    loaded = copy.deepcopy(pristine_vlm)
+    loaded = fresh_copy(pristine_vlm)
     forward = make_forward_step(loaded, "extract")
     batches = list(calibration.batches)[:2]
 
@@ -387,18 +392,14 @@ def test_mixed_shards_in_one_fused_layer_refused(tiny_checkpoint, tmp_path):
 # ---- the CLI ---------------------------------------------------------------------------------------
 
 
-def _vlq(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "vlq.cli", *args], cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=600)
-
-
 @VLLM
 def test_cli_check_bf16_checkpoint(tiny_checkpoint, tmp_path):
     from vlq.capabilities import vllm_skip_reason
 
     if vllm_skip_reason("cpu"):
         pytest.skip(vllm_skip_reason("cpu"))
-    proc = _vlq("check", str(tiny_checkpoint), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = vlq_cli("check", tiny_checkpoint, cwd=tmp_path)
+    assert proc.returncode == 0, proc.tail()
     assert "| layer (vLLM)" in proc.stdout and "visual.blocks.0.attn.qkv" in proc.stdout
     assert "FAIL" not in proc.stdout and proc.stdout.count("PASS") == 5
 
@@ -410,17 +411,16 @@ def test_cli_check_fp8_export_with_manifest_and_reference(fp8_runs, tiny_checkpo
     if vllm_skip_reason("cpu"):
         pytest.skip(vllm_skip_reason("cpu"))
     manifest, path = fp8_runs["fp8-12b"]
-    proc = _vlq("check", str(path), "--manifest", str(path.parent / "manifest.json"), "--reference", str(tiny_checkpoint), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = vlq_cli("check", path, "--manifest", path.parent / "manifest.json", "--reference", tiny_checkpoint, cwd=tmp_path)
+    assert proc.returncode == 0, proc.tail()
     assert "ModelOptLinearMethod" in proc.stdout and "torch.float8_e4m3fn" in proc.stdout
     assert "agrees with the BF16 reference" in proc.stdout and "FAIL" not in proc.stdout
 
 
 def test_cli_check_bad_path_is_one_clear_line(tmp_path):
-    proc = _vlq("check", str(tmp_path / "missing"), cwd=tmp_path)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlq: error:")]
-    assert len(errors) == 1 and "does not exist" in errors[0] and "Traceback" not in proc.stderr
+    proc = vlq_cli("check", tmp_path / "missing", cwd=tmp_path)
+    assert proc.returncode == 2, proc.tail()
+    assert len(proc.error_lines) == 1 and "does not exist" in proc.error_lines[0] and "Traceback" not in proc.stderr
 
 
 # ---- full-size architecture ------------------------------------------------------------------------
@@ -430,7 +430,7 @@ def test_cli_check_bad_path_is_one_clear_line(tmp_path):
 @VLLM
 def test_fp8_3b_random_serves_on_cpu(tmp_path, tiny_checkpoint):
     """The FP8 flow on the published 3B architecture (random weights); records its cost."""
-    from vlq.calibration import synthetic_batches
+    from vlq.calibration import synthetic_text_calibration
     from vlq.capabilities import vllm_skip_reason
     from vlq.models import build_3b_random
     from vlq.search import PeakRss
@@ -442,17 +442,18 @@ def test_fp8_3b_random_serves_on_cpu(tmp_path, tiny_checkpoint):
         loaded = build_3b_random()
         t_build = time.perf_counter() - t0
         scheme = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=16)
-        calibration = synthetic_batches(vocab_size=loaded.vocab_size, num_batches=1, seq_len=16, max_token_id=900)
-        result = search_lm_only(loaded, scheme, calibration)
-        manifest = Manifest.from_search(result)
+        calibration = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=1, seq_len=16)
+        run = RunFolder(tmp_path)
+        searched = pipeline.search(loaded, scheme, calibration)  # no saved state: its weight sums would cost GiBs here
+        manifest = searched.manifest
+        manifest.save(run.manifest)
         t_search = time.perf_counter() - t0 - t_build
-        path = export_checkpoint(loaded, tmp_path / "checkpoint").path
-        manifest.save(tmp_path / "manifest.json")
+        path = pipeline.export(searched, run).path
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                      "preprocessor_config.json", "special_tokens_map.json"):
             if (tiny_checkpoint / name).exists():
                 shutil.copy2(tiny_checkpoint / name, path / name)  # the random 3B ships no tokenizer
-        del loaded, result
+        del loaded, searched
         import gc
 
         gc.collect()

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 
-from vlq.errors import SchemeError
-from vlq.manifest import Manifest
-from vlq.schemes import Scheme
-from vlq.search import search_lm_only
 from vlq import pipeline
+from vlq.errors import SchemeError
 from vlq.inputs import RunFolder
+from vlq.pipeline import fresh_copy
+from vlq.schemes import Scheme
 from vlq.sweep import decision_agreement
 
 SCHEME = Scheme(formats=("fp8", "int4_awq"), target_bits=7.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
@@ -33,8 +31,7 @@ def test_every_target_exported_and_verified(sweep):
 
 def test_each_target_equals_a_fresh_search(sweep, pristine_vlm, calibration):
     for point in sweep.points[1:3]:
-        fresh = search_lm_only(copy.deepcopy(pristine_vlm), SCHEME.with_(target_bits=point.target_bits), calibration)
-        fresh_manifest = Manifest.from_search(fresh)
+        fresh_manifest = pipeline.search(fresh_copy(pristine_vlm), SCHEME.with_(target_bits=point.target_bits), calibration).manifest
         assert point.manifest.groups == fresh_manifest.groups
         assert point.achieved_bits == pytest.approx(fresh_manifest.achieved_bits)
 
