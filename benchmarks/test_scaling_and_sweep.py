@@ -6,18 +6,15 @@ Grid runs are `slow` on CPU (tiny model) and `gpu` for the 3B architecture.  Eac
 
 from __future__ import annotations
 
-import copy
 import gc
 
 import pytest
 
-from vlq.calibration import synthetic_batches
-from vlq.schemes import Scheme
-from vlq.search import search_lm_only
 from vlq import pipeline
+from vlq.calibration import synthetic_text_calibration
 from vlq.inputs import RunFolder
-
-from .test_search_benchmarks import _record
+from vlq.pipeline import fresh_copy
+from vlq.schemes import Scheme
 
 BASE_CPU = dict(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=64, batch_size=1)
 CPU_GRID = (
@@ -42,57 +39,54 @@ def _grid_id(item):
 
 
 def _synthetic_for(loaded, scheme):
-    ceiling = min(loaded.config.vision_start_token_id, loaded.config.image_token_id, loaded.config.video_token_id) - 1
-    return synthetic_batches(vocab_size=loaded.vocab_size, num_batches=max(scheme.num_calib_steps, scheme.num_score_steps),
-                             batch_size=scheme.batch_size, seq_len=scheme.seq_len, max_token_id=ceiling)
+    """Seeded synthetic rows below the vision markers, as many as the scheme's steps need."""
+    return synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, batch_size=scheme.batch_size,
+                                      num_batches=max(scheme.num_calib_steps, scheme.num_score_steps), seq_len=scheme.seq_len)
 
 
-def _run_one(benchmark, pristine, scheme, device_name):
+def _run_one(benchmark, record_benchmark, pristine, scheme):
     cal = _synthetic_for(pristine, scheme)
-    holder = {}
 
     def setup():
-        holder["loaded"] = copy.deepcopy(pristine)
-        return (holder["loaded"], scheme, cal), {}
+        return (fresh_copy(pristine), scheme, cal), {}
 
-    result = benchmark.pedantic(search_lm_only, setup=setup, rounds=1, warmup_rounds=0, iterations=1)
-    assert result.is_satisfied
-    _record(benchmark, result, cal, device_name)
-    holder.clear()
+    searched = benchmark.pedantic(pipeline.search, setup=setup, rounds=1, warmup_rounds=0, iterations=1)
+    assert searched.result.is_satisfied
+    record_benchmark(searched.result)
+    del searched
     gc.collect()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("item", CPU_GRID, ids=_grid_id)
-def test_scaling_tiny_cpu(benchmark, pristine_vlm, item):
-    _run_one(benchmark, pristine_vlm, Scheme(**{**BASE_CPU, **item[1]}), "cpu")
+def test_scaling_tiny_cpu(benchmark, record_benchmark, pristine_vlm, item):
+    _run_one(benchmark, record_benchmark, pristine_vlm, Scheme(**{**BASE_CPU, **item[1]}))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("item", GPU_GRID, ids=_grid_id)
-def test_scaling_3b_gpu(benchmark, gpu_pristine_vlm, item):
+def test_scaling_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm, item):
     import torch
 
-    _run_one(benchmark, gpu_pristine_vlm, Scheme(**{**BASE_GPU, **item[1]}), torch.cuda.get_device_name(0))
+    _run_one(benchmark, record_benchmark, gpu_pristine_vlm, Scheme(**{**BASE_GPU, **item[1]}))
     torch.cuda.empty_cache()
 
 
 SWEEP_TARGETS = (8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.75)
 
 
-def _sweep(benchmark, pristine, scheme, cal, tmp_path, device_name):
+def _sweep(benchmark, record_benchmark, pristine, scheme, cal, tmp_path):
     """One full search, then 8 targets decided, exported and verified; ratios in extra_info."""
-    holder = {}
 
     def run():
-        holder["sweep"] = pipeline.sweep(pristine, scheme, cal, SWEEP_TARGETS, RunFolder(tmp_path / "sweep"), overwrite=True)
-        return holder["sweep"]
+        return pipeline.sweep(pristine, scheme, cal, SWEEP_TARGETS, RunFolder(tmp_path / "sweep"), overwrite=True)
 
     sweep = benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
-    assert all(p.verified for p in sweep.points)
-    benchmark.extra_info.update(
+    assert [p.target_bits for p in sweep.points] == list(SWEEP_TARGETS)
+    assert all(p.export_path is not None and p.verified for p in sweep.points)
+    record_benchmark(
+        device=pristine.device,
         variant=f"sweep-{len(SWEEP_TARGETS)}-targets-" + "+".join(scheme.formats),
-        device=device_name,
         search_s=round(sweep.search_s, 3),
         decisions_s=round(sweep.decisions_s, 3),
         total_s=round(sweep.total_s, 3),
@@ -104,15 +98,15 @@ def _sweep(benchmark, pristine, scheme, cal, tmp_path, device_name):
     )
 
 
-def test_sweep_tiny_cpu(benchmark, pristine_vlm, calibration, tmp_path):
+def test_sweep_tiny_cpu(benchmark, record_benchmark, pristine_vlm, calibration, tmp_path):
     scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=8.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
-    _sweep(benchmark, pristine_vlm, scheme, calibration, tmp_path, "cpu")
+    _sweep(benchmark, record_benchmark, pristine_vlm, scheme, calibration, tmp_path)
 
 
 @pytest.mark.gpu
-def test_sweep_3b_gpu(benchmark, gpu_pristine_vlm, tmp_path):
+def test_sweep_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm, tmp_path):
     import torch
 
     scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=8.0, num_calib_steps=32, num_score_steps=32, seq_len=512)
-    _sweep(benchmark, gpu_pristine_vlm, scheme, _synthetic_for(gpu_pristine_vlm, scheme), tmp_path, torch.cuda.get_device_name(0))
+    _sweep(benchmark, record_benchmark, gpu_pristine_vlm, scheme, _synthetic_for(gpu_pristine_vlm, scheme), tmp_path)
     torch.cuda.empty_cache()
