@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from helpers import search_variants
+from helpers import variant_params
 from vlq import pipeline
 from vlq.calibration import synthetic_text_calibration
 from vlq.checks import Check
@@ -51,7 +51,7 @@ class GpuSearched:
         return next(c for c in self.checks if c.name == name)
 
 
-@pytest.fixture(scope="module", params=search_variants("gpu"), ids=lambda s: s.id)
+@pytest.fixture(scope="module", params=variant_params("gpu"))
 def gpu_searched(request, gpu_pristine_vlm, tmp_path_factory):
     import torch
 
