@@ -99,7 +99,7 @@ def vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = None, e
 MATRIX = Path(__file__).resolve().parent / "matrix" / "search_variants.yaml"
 LANES = ("cpu", "gpu")
 _REQUIRED = {"lane", "formats", "bits", "method", "strategy", "calib_steps", "score_steps", "seq_len"}
-_OPTIONAL = {"batch_size", "slow"}
+_OPTIONAL = {"batch_size"}
 
 
 class MatrixError(ValueError):
@@ -108,21 +108,20 @@ class MatrixError(ValueError):
 
 @dataclass(frozen=True)
 class MatrixVariant:
-    """One entry of the matrix file: the scheme it searches, its lane, and whether it is ``slow``."""
+    """One entry of the matrix file: the scheme it searches and its lane."""
 
     scheme: Scheme
     lane: str
-    slow: bool = False
 
     @property
     def id(self) -> str:
         return self.scheme.id
 
     def param(self):
-        """A ``pytest.param`` of the scheme, with the variant's id (and the ``slow`` mark when it is slow)."""
+        """A ``pytest.param`` of the scheme with the variant's id."""
         import pytest
 
-        return pytest.param(self.scheme, id=self.id, marks=[pytest.mark.slow] if self.slow else [])
+        return pytest.param(self.scheme, id=self.id)
 
 
 def variant_from_entry(entry: dict) -> MatrixVariant:
@@ -135,13 +134,11 @@ def variant_from_entry(entry: dict) -> MatrixVariant:
                           f"keys are {sorted(_REQUIRED | _OPTIONAL)}.")
     if entry["lane"] not in LANES:
         raise MatrixError(f"Variant {entry}: lane must be one of {LANES}, got {entry['lane']!r}.")
-    if not isinstance(entry.get("slow", False), bool):
-        raise MatrixError(f"Variant {entry}: slow must be true or false, got {entry['slow']!r}.")
     scheme = Scheme(formats=str(entry["formats"]), target_bits=float(entry["bits"]), method=entry["method"],
                     strategy=entry["strategy"], num_calib_steps=int(entry["calib_steps"]),
                     num_score_steps=int(entry["score_steps"]), seq_len=int(entry["seq_len"]),
                     batch_size=int(entry.get("batch_size", 1)))
-    return MatrixVariant(scheme, entry["lane"], bool(entry.get("slow", False)))
+    return MatrixVariant(scheme, entry["lane"])
 
 
 def search_variants(lane: str, path: str | os.PathLike = MATRIX) -> list[MatrixVariant]:
