@@ -95,12 +95,12 @@ def test_pattern_entries_name_the_global_patterns():
 
 
 def _quantize_copy(pristine, config, calibration):
-    import copy
-
     import modelopt.torch.quantization as mtq
     import torch
 
-    loaded = copy.deepcopy(pristine)
+    from vlq.pipeline import fresh_copy
+
+    loaded = fresh_copy(pristine)
 
     def loop(model):
         with torch.no_grad():
