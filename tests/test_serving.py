@@ -393,6 +393,7 @@ def test_mixed_shards_in_one_fused_layer_refused(tiny_checkpoint, tmp_path):
 
 
 @VLLM
+@pytest.mark.slow  # overlaps the FP8 `vlq check` test; kept out of the default lane for its 22 s
 def test_cli_check_bf16_checkpoint(tiny_checkpoint, tmp_path):
     from vlq.capabilities import vllm_skip_reason
 
