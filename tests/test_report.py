@@ -58,3 +58,21 @@ def test_write_report(run_outputs, tmp_path):
     assert "REGRESSION" in text and "| layer" in text.replace("|   layer", "| layer")
     for png in ("format_map_run.png", "pareto_sweep.png"):
         assert (md.parent / png).stat().st_size > 1000 and png in text
+
+
+def test_report_shows_a_manifests_fidelity_block(run_outputs, tmp_path):
+    """A manifest that carries measured fidelity gets its table; one without gets none (control)."""
+    from vlq.fidelity import FidelityMetrics
+    from vlq.manifest import Manifest
+
+    manifest_path, _ = run_outputs
+    plain = Manifest.load(manifest_path)
+    metrics = FidelityMetrics(tokens=100, kld_mean=0.0123, kld_median=0.01, kld_p99=0.05, kld_max=0.09, same_top_rate=0.9,
+                              same_top_stderr=0.03, nll_base=2.0, nll_quant=2.01, ppl_ratio=1.01, mean_ln_ppl_ratio=0.00995,
+                              mean_delta_p=-0.001, data_source="heldout:test", data_kind="text", measurement_point="fake_quant")
+    measured = plain.with_fidelity(metrics).save(tmp_path / "measured" / "manifest.json")
+    assert Manifest.load(measured).fidelity == (metrics,)  # the block round-trips through JSON
+    text = write_report(tmp_path / "report", manifests=[measured]).read_text()
+    assert "Fidelity to BF16" in text and "0.0123" in text and "heldout:test" in text
+    control = write_report(tmp_path / "control", manifests=[manifest_path]).read_text()
+    assert "Fidelity to BF16" not in control

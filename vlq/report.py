@@ -312,6 +312,8 @@ def write_report(
         stem = _Path(path).parent.name or "manifest"
         png = plot_format_map(manifest, out / f"format_map_{stem}.png")
         sections.append(f"## Per-layer formats: {manifest.scheme.id}\n\n{layer_table(manifest)}\n\n![format map]({png.name})")
+        if manifest.fidelity:
+            sections.append(f"### Fidelity to BF16: {manifest.scheme.id}\n\n{fidelity_table(manifest.fidelity)}")
     for path in sweeps:
         sweep = _json.loads(_Path(path).read_text())
         png = plot_pareto(sweep, out / f"pareto_{_Path(path).parent.name or 'sweep'}.png")
