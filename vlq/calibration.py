@@ -147,6 +147,18 @@ def load_text_samples(path: str | os.PathLike | None = None, *, text_field: str 
     return samples
 
 
+def text_source(path: str | os.PathLike | None) -> str:
+    """How calibration and held-out data name a text file (the shipped corpus when ``path`` is None)."""
+    return str(path) if path is not None else f"vlq/data/{CALIBRATION_CORPUS.name}"
+
+
+def sample_token_ids(tokenizer, sample: str) -> list[int]:
+    """One text sample's token ids followed by the separator packing puts between samples (EOS, else pad)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    ids = list(tokenizer(sample, add_special_tokens=False)["input_ids"])
+    return ids + [eos] if eos is not None else ids
+
+
 def text_batches(
     tokenizer,
     *,
@@ -164,15 +176,12 @@ def text_batches(
     """
     if seq_len < 2:
         raise CalibrationDataError(f"seq_len must be at least 2 (the loss predicts the next token), got {seq_len}.")
-    source = str(path) if path is not None else f"vlq/data/{CALIBRATION_CORPUS.name}"
+    source = text_source(path)
     samples = load_text_samples(path, text_field=text_field)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     stream: list[int] = []
     rows_needed = num_batches * batch_size
     for sample in samples:
-        stream.extend(tokenizer(sample, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+        stream.extend(sample_token_ids(tokenizer, sample))
         if len(stream) >= rows_needed * seq_len:
             break
     available_rows = len(stream) // seq_len

@@ -25,9 +25,10 @@ from .calibration import (
     from_token_ids,
     image_text_calibration,
     load_text_samples,
+    sample_token_ids,
+    text_source,
 )
 from .errors import CalibrationDataError
-from .models import CALIBRATION_CORPUS
 
 __all__ = [
     "HELDOUT_PREFIX",
@@ -136,22 +137,11 @@ def require_disjoint(heldout: CalibrationSet, calibration: CalibrationSet, *, wi
     return overlap
 
 
-def _eos_id(tokenizer) -> int | None:
-    # The separator text_batches puts between samples.
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-
-
-def _sample_ids(tokenizer, sample: str, eos: int | None) -> list[int]:
-    ids = list(tokenizer(sample, add_special_tokens=False)["input_ids"])
-    return ids + [eos] if eos is not None else ids
-
-
 def _samples_read_from_front(tokenizer, samples: list[str], tokens: int) -> int:
     """How many samples front-to-back packing reads to fill ``tokens`` tokens (as text_batches does)."""
-    eos = _eos_id(tokenizer)
     total = 0
     for i, sample in enumerate(samples):
-        total += len(_sample_ids(tokenizer, sample, eos))
+        total += len(sample_token_ids(tokenizer, sample))
         if total >= tokens:
             return i + 1
     return len(samples)
@@ -179,14 +169,13 @@ def heldout_text_batches(
         raise CalibrationDataError(f"held-out text needs num_batches>=1 and batch_size>=1, got {num_batches}, {batch_size}.")
     if seq_len < 2:
         raise CalibrationDataError(f"seq_len must be at least 2 (the loss predicts the next token), got {seq_len}.")
-    source = str(path) if path is not None else f"vlq/data/{CALIBRATION_CORPUS.name}"
+    source = text_source(path)
     samples = load_text_samples(path, text_field=text_field)
-    eos = _eos_id(tokenizer)
     needed = num_batches * batch_size * seq_len
     tail: list[list[int]] = []
     count = 0
     for sample in reversed(samples):
-        tail.append(_sample_ids(tokenizer, sample, eos))
+        tail.append(sample_token_ids(tokenizer, sample))
         count += len(tail[-1])
         if count >= needed:
             break

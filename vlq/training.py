@@ -50,6 +50,7 @@ from .calibration import (
     from_token_ids,
     image_text_batches,
     load_text_samples,
+    sample_token_ids,
 )
 from .errors import CalibrationDataError
 from .heldout import HELDOUT_PREFIX, HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
@@ -240,13 +241,7 @@ def heldout_generated_text_batches(
 
 def _pack(tokenizer, samples: list[str]) -> list[int]:
     """Token ids of ``samples`` with EOS after each, as ``vlq.calibration.text_batches`` packs them."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-    stream: list[int] = []
-    for ids in tokenizer(samples, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(eos)
-    return stream
+    return [token for sample in samples for token in sample_token_ids(tokenizer, sample)]
 
 
 # ------------------------------------------------------------------------------------------------
