@@ -9,8 +9,6 @@ it, listing the problems.  Tables of checks are rendered in :mod:`vlq.report`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
-
 from .errors import VlqError
 
 #: How many problems an error message lists before "... and N more".
@@ -48,14 +46,3 @@ class Check:
             return self.detail
         first = "; ".join(self.problems[:3])
         return first + (f" (+{len(self.problems) - 3} more)" if len(self.problems) > 3 else "")
-
-
-def all_ok(checks: Iterable[Check]) -> bool:
-    return all(c.ok for c in checks)
-
-
-def require_all(checks: Iterable[Check]) -> tuple[Check, ...]:
-    checks = tuple(checks)
-    for c in checks:
-        c.require()
-    return checks
