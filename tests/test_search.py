@@ -358,3 +358,14 @@ def test_second_search_on_quantized_model_refused(fresh_vlm, calibration):
 
 def test_format_table_is_complete():
     assert set(FORMATS) == {"fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8"}
+
+
+def test_in_place_redecisions_refused_where_a_format_folds_weights(variants):
+    """AWQ folds its smoothing into the weights of the groups that chose it, so switching decisions in
+    place would measure a model that is not BF16 where it says "none" (the fp8-only counterpart, which
+    switches and switches back exactly, is in tests/test_fidelity_search.py)."""
+    from vlq.search import apply_decisions
+
+    awq = variants(_matrix_scheme("fp8+int4_awq-6b-gradient-extract"))
+    with pytest.raises(SchemeError, match="folded smoothing scales into the weights"):
+        apply_decisions(awq.result, awq.result.lm_groups())
