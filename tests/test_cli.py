@@ -91,6 +91,24 @@ def test_infeasible_bits_refused_before_torch(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (("run", "--formats", "fp9"), "Unknown format 'fp9'"),
+    (("run", "--data", "/no/such/calib.txt"), "Calibration file /no/such/calib.txt does not exist"),
+    (("run", "--images", "/no/such/images"), "Image data /no/such/images does not exist"),
+    (("sweep", "--targets", "8,x"), "--targets takes comma-separated numbers"),
+    (("sweep", "--targets", "8,6", "--export", "7"), "--export 7 is not among --targets"),
+    (("export", "/no/such/run"), "has no manifest.json"),
+    (("check", "/no/such/checkpoint"), "does not exist"),
+], ids=["unknown-format", "missing-data", "missing-images", "bad-targets", "export-not-a-target", "export-no-run", "check-no-checkpoint"])
+def test_bad_inputs_are_one_line_before_torch(tmp_path, args, message):
+    out = () if args[0] in ("export", "check") else ("--out", tmp_path / "out")
+    run = vlq_cli(*args, *out, cwd=tmp_path)
+    assert run.returncode == 2 and len(run.error_lines) == 1 and message in run.error_lines[0], run.tail()
+    assert run.stderr.splitlines() == run.error_lines and "Traceback" not in run.stderr
+    assert run.heavy_imports == (), f"refused after importing {run.heavy_imports}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
 def test_heavy_import_probe_sees_torch(tmp_path):
     """Negative control for the import probe above: a command that needs ModelOpt does report it (and torch)."""
     run = vlq_cli("explain", cwd=tmp_path)

@@ -201,6 +201,9 @@ def cmd_sweep(args) -> int:
     if not targets:
         raise SchemeError("--targets needs at least one effective-bits target, e.g. --targets 8,7,6.")
     exports: list[float] | bool = True if args.export == "all" else _float_list(args.export or "", "--export")
+    unknown = sorted(set(exports) - set(targets)) if exports is not True else []
+    if unknown:
+        raise SchemeError(f"--export {','.join(f'{t:g}' for t in unknown)} is not among --targets {args.targets}; export a subset of the targets.")
     model, data, scheme = _prepare(args)
     for target in targets:
         scheme.with_(target_bits=target)  # refuse an infeasible target before loading anything
