@@ -18,6 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 from vlq import _compat
+from vlq.hardware import pin_xdist_worker_to_gpu, visible_gpus
+
+# `pytest -n N`: each xdist worker gets one GPU (round-robin), set before anything starts CUDA.
+pin_xdist_worker_to_gpu()
 
 _compat.apply_torchvision_schema_shim()  # before any test imports transformers' image code
 
@@ -30,6 +34,15 @@ def pytest_addoption(parser):
         help="local Qwen2.5-VL checkpoint folder for the gpu lane (env VLQ_MODEL); "
         "default: the published 3B architecture with random bf16 weights",
     )
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
+def pytest_xdist_auto_num_workers(config):
+    """`pytest -m gpu -n auto`: one worker per visible GPU (xdist's default, one per CPU core, would crowd them)."""
+    markexpr = config.getoption("markexpr", "") or ""
+    if "gpu" in markexpr and "not gpu" not in markexpr:
+        return max(1, len(visible_gpus()))
+    return None
 
 
 def pytest_collection_modifyitems(config, items):

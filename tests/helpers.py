@@ -121,7 +121,9 @@ class MatrixVariant:
         """A ``pytest.param`` of the scheme with the variant's id."""
         import pytest
 
-        return pytest.param(self.scheme, id=self.id)
+        # one xdist group per variant: under `-n N --dist loadgroup` a variant's module-scoped search
+        # runs once, on one worker, and the variants spread over the workers (GPUs)
+        return pytest.param(self.scheme, id=self.id, marks=pytest.mark.xdist_group(self.id))
 
 
 def variant_from_entry(entry: dict) -> MatrixVariant:

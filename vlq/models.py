@@ -362,9 +362,14 @@ def tiny_checkpoint_path(cache_dir: str | os.PathLike | None = None, seed: int =
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = base / f"tiny-qwen2.5-vl-v{TINY_RECIPE_VERSION}-seed{seed}"
     if not (path / "config.json").exists():
-        if path.exists():
-            shutil.rmtree(path)
-        build_tiny_checkpoint(path, seed=seed)
+        if path.exists() and not any(path.iterdir()):
+            path.rmdir()
+        try:
+            build_tiny_checkpoint(path, seed=seed)
+        except (ModelSourceError, OSError):
+            # another process (a pytest-xdist worker) built it first: its rename is complete or absent
+            if not (path / "config.json").exists():
+                raise
     return path
 
 
@@ -462,6 +467,10 @@ def load_vlm(
     trust_remote_code: bool = False,
 ) -> LoadedVLM:
     """Load a Qwen2.5-VL from a local folder, ``'tiny'``, ``'tiny-trained'`` or ``'qwen2.5-vl-3b-random'``."""
+    if str(device).startswith("cuda"):
+        from .hardware import use_extension_cache
+
+        use_extension_cache()  # before ModelOpt first builds or loads its CUDA extensions
     if str(source) == TINY:
         return load_checkpoint(tiny_checkpoint_path(cache_dir), dtype=dtype, device=device)
     if str(source) == TINY_TRAINED:  # shipped weights (vlq.training); loaded like a user's checkpoint

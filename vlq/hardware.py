@@ -1,0 +1,109 @@
+"""What GPUs this process may use, read without starting CUDA, and where ModelOpt's CUDA extensions are cached.
+
+Light on purpose (no torch import): the CLI's ``vlq plan`` and the test lane's xdist worker pinning run
+before anything initializes CUDA, and ``CUDA_VISIBLE_DEVICES`` only counts if it is set before then.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as NVML (or nvidia-smi) reports it; ``index`` is the physical index."""
+
+    index: int
+    name: str
+    total_bytes: int
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / 2**30
+
+
+def _all_gpus() -> list[GpuInfo]:
+    try:
+        import pynvml  # nvidia-ml-py, a dependency of nvidia-modelopt
+
+        pynvml.nvmlInit()
+        try:
+            gpus = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = pynvml.nvmlDeviceGetName(handle)
+                gpus.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else name,
+                                    int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
+            return gpus
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library, no driver: try the CLI, else there is no GPU
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        index, name, mib = (part.strip() for part in line.split(","))
+        gpus.append(GpuInfo(int(index), name, int(float(mib)) * 2**20))
+    return gpus
+
+
+def visible_gpus() -> tuple[GpuInfo, ...]:
+    """The GPUs this process may use: all of them, or those ``CUDA_VISIBLE_DEVICES`` names by index."""
+    gpus = _all_gpus()
+    selection = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if selection is None:
+        return tuple(gpus)
+    by_index = {g.index: g for g in gpus}
+    chosen = []
+    for part in selection.split(","):
+        part = part.strip()
+        if not part.lstrip("-").isdigit() or int(part) < 0:
+            break  # CUDA stops at the first entry it cannot use; UUIDs count as unknown here
+        if int(part) in by_index:
+            chosen.append(by_index[int(part)])
+    return tuple(chosen)
+
+
+def pin_xdist_worker_to_gpu() -> str | None:
+    """Under ``pytest -n N``, give worker ``gwK`` the K-th visible GPU (round-robin when N exceeds the GPUs).
+
+    Must run before torch initializes CUDA. Returns the ``CUDA_VISIBLE_DEVICES`` set, or None outside
+    a worker or without GPUs.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return None
+    gpus = visible_gpus()
+    if not gpus:
+        return None
+    chosen = str(gpus[int(worker[2:]) % len(gpus)].index)
+    os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    return chosen
+
+
+def extension_cache_dir() -> Path:
+    """Where torch builds ModelOpt's CUDA extensions (``modelopt_cuda_ext_fp8`` & co., ~50 s to build once).
+
+    ``TORCH_EXTENSIONS_DIR`` if set, else ``$VLQ_EXTENSIONS_DIR``, else ``<vlq cache>/torch_extensions``;
+    a CI runner caches this folder between nightly runs.
+    """
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if os.environ.get("VLQ_EXTENSIONS_DIR"):
+        return Path(os.environ["VLQ_EXTENSIONS_DIR"])
+    base = Path(os.environ.get("VLQ_CACHE_DIR", Path.home() / ".cache" / "vlq"))
+    return base / "torch_extensions"
+
+
+def use_extension_cache() -> Path:
+    """Point torch's extension builder at :func:`extension_cache_dir` (before ModelOpt loads a CUDA extension)."""
+    path = extension_cache_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
+    return path
