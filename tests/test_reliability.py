@@ -329,6 +329,7 @@ def test_cuda_only_format_refused_before_the_run_folder_exists(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("big-gpu-memory")  # never beside tests/test_family_gpu.py on a shared GPU
 def test_gpu_oom_names_the_setting_and_frees_the_memory(gpu_pristine_vlm):
     """A real CUDA OOM on the 3B model (64 rows x 32k tokens) -> ResourceError; memory comes back."""
     import gc

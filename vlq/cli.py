@@ -35,15 +35,29 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", choices=["extract", "mask"])
     g.add_argument("--calib-steps", type=int, dest="num_calib_steps")
     g.add_argument("--score-steps", type=int, dest="num_score_steps")
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=_batch_size, help="rows per step, or 'auto' (default for full-size models on "
+                   "CUDA): the largest batch under the memory budget, the steps read as rows at batch 1, gradient "
+                   "checkpointing off when the activations fit (`vlq plan` shows the choice)")
+    g.add_argument("--memory-budget", type=float, metavar="GIB", help="GiB per device the search may use "
+                   "(default: the free memory; auto batching grows activations by at most 12 GiB unless this is set)")
     g.add_argument("--seq-len", type=int)
     g.add_argument("--kv-cache-fp8", action="store_true", default=None, help="add FP8 KV-cache quantization after the search")
+
+
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
 
 
 def _model_args(p: argparse.ArgumentParser, *, default_model: str | None = "tiny") -> None:
     p.add_argument("--model", default=default_model,
                    help="local Qwen2.5-VL checkpoint folder, 'tiny' (default, random weights), 'tiny-trained' (learned "
-                   "weights: fidelity means something) or 'qwen2.5-vl-3b-random'")
+                   "weights: fidelity means something) or a published shape with random weights: "
+                   "qwen2.5-vl-{3b,7b,32b,72b}-random")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, or cuda")
     p.add_argument("--data", help="calibration text: a local .txt (one sample per line) or .jsonl with a 'text' field")
     p.add_argument("--images", help="image+text calibration instead of text: 'generated' (seeded synthetic images) or a "
@@ -69,7 +83,7 @@ def _scheme(args, device: str, *, full_size: bool):
     base = Scheme.from_yaml(args.scheme).to_dict() if args.scheme else default_scheme(device, full_size=full_size).to_dict()
     for key in SCHEME_FIELDS:
         value = getattr(args, key, None)
-        if value is not None:
+        if value is not None and value != "auto":
             base[key] = value
     return Scheme.from_dict(base)
 
@@ -99,7 +113,29 @@ def _prepare(args):
     model = ModelRequest(model.source, device, model.trust_remote_code)
     scheme = _scheme(args, device, full_size=full_size)
     scheme.require_device(device)
+    plan = _plan(args, model, scheme)
+    if plan is not None:
+        scheme = plan.require().scheme  # refused here, before anything loads, when it cannot fit
     return model, data, scheme
+
+
+def _auto_batch(args, device: str) -> bool:
+    asked = getattr(args, "batch_size", None)
+    return asked == "auto" or (asked is None and not getattr(args, "scheme", None) and device.startswith("cuda"))
+
+
+def _plan(args, model: ModelRequest, scheme):
+    """The memory plan of a full-size model (None for the tiny ones, built in code): still no torch."""
+    from .hardware import visible_gpus
+    from .inputs import model_config
+    from .plan import plan_search
+
+    config = model_config(model.source)
+    if config is None:
+        return None
+    gpus = visible_gpus() if model.device.startswith("cuda") else ()
+    return plan_search(config, scheme, name=Path(str(model.source)).name, device=model.device, gpus=gpus,
+                       budget_gib=getattr(args, "memory_budget", None), auto_batch=_auto_batch(args, model.device))
 
 
 @contextlib.contextmanager
@@ -272,6 +308,20 @@ def cmd_compare_calibration(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Memory, disk and devices a search needs, from the config alone (nothing is loaded)."""
+    from .inputs import TINY, TINY_TRAINED
+
+    model, _ = _requests(args)
+    if model.source in (TINY, TINY_TRAINED):
+        raise SchemeError(f"`vlq plan` needs a config: pass a checkpoint folder or a qwen2.5-vl-*-random shape, not {model.source!r}.")
+    device = "cuda" if args.device == "auto" else args.device  # planning is for the GPU unless asked otherwise
+    scheme = _scheme(args, device, full_size=True)
+    plan = _plan(args, ModelRequest(model.source, device, False), scheme)
+    print("\n".join(plan.lines()))
+    return 0 if plan.fits else 1
+
+
 def cmd_explain(args) -> int:
     from .explain import explain
 
@@ -363,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for comparison.md/.json/.png and both manifests")
     _common(p)
     p.set_defaults(func=cmd_compare_calibration)
+
+    p = sub.add_parser("plan", help="estimate weights, search peak, export size and GPUs needed, before loading anything")
+    _model_args(p, default_model="qwen2.5-vl-3b-random")
+    _scheme_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("explain", help="print the live ModelOpt facts vlq relies on")
     p.add_argument("--format", default="fp8", help="format whose config entries to show")

@@ -19,6 +19,7 @@ class GpuInfo:
     index: int
     name: str
     total_bytes: int
+    free_bytes: int | None = None  # at the time of asking; None where the source does not say
 
     @property
     def total_gib(self) -> float:
@@ -35,22 +36,22 @@ def _all_gpus() -> list[GpuInfo]:
             for i in range(pynvml.nvmlDeviceGetCount()):
                 handle = pynvml.nvmlDeviceGetHandleByIndex(i)
                 name = pynvml.nvmlDeviceGetName(handle)
-                gpus.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else name,
-                                    int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                gpus.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else name, int(memory.total), int(memory.free)))
             return gpus
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no NVML library, no driver: try the CLI, else there is no GPU
         pass
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     gpus = []
     for line in out.strip().splitlines():
-        index, name, mib = (part.strip() for part in line.split(","))
-        gpus.append(GpuInfo(int(index), name, int(float(mib)) * 2**20))
+        index, name, total, free = (part.strip() for part in line.split(","))
+        gpus.append(GpuInfo(int(index), name, int(float(total)) * 2**20, int(float(free)) * 2**20))
     return gpus
 
 
@@ -69,6 +70,18 @@ def visible_gpus() -> tuple[GpuInfo, ...]:
         if int(part) in by_index:
             chosen.append(by_index[int(part)])
     return tuple(chosen)
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of this machine's memory, from /proc/meminfo (0, 0 where unreadable)."""
+    fields = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return fields.get("MemTotal", 0), fields.get("MemAvailable", fields.get("MemFree", 0))
 
 
 def pin_xdist_worker_to_gpu() -> str | None:

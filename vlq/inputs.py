@@ -18,6 +18,15 @@ from .errors import CalibrationDataError, CheckpointError, ModelSourceError
 TINY = "tiny"
 TINY_TRAINED = "tiny-trained"  # the tiny model with learned weights, shipped in vlq/data/tiny_trained
 QWEN25_VL_3B_RANDOM = "qwen2.5-vl-3b-random"
+# The published Qwen2.5-VL shapes (text and vision config of each size) with random bf16 weights:
+# name -> the config file in vlq/data.  For timing and memory; never for fidelity.
+RANDOM_SHAPES = {
+    QWEN25_VL_3B_RANDOM: "qwen2_5_vl_3b_config.json",
+    "qwen2.5-vl-7b-random": "qwen2_5_vl_7b_config.json",
+    "qwen2.5-vl-32b-random": "qwen2_5_vl_32b_config.json",
+    "qwen2.5-vl-72b-random": "qwen2_5_vl_72b_config.json",
+}
+NAMED_SOURCES = (TINY, TINY_TRAINED, *RANDOM_SHAPES)
 SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 GENERATED_IMAGES = "generated"
 DEVICES = ("cpu", "cuda")
@@ -91,7 +100,7 @@ def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
         raise ModelSourceError(
             f"Model path {path} does not exist. Pass a local Qwen2.5-VL checkpoint folder, "
             f"'{TINY}' for the embedded tiny model, '{TINY_TRAINED}' for it with learned weights, or "
-            f"'{QWEN25_VL_3B_RANDOM}' for the 3B architecture with random weights."
+            f"one of {', '.join(RANDOM_SHAPES)} for a published shape with random weights."
         )
     if not path.is_dir():
         raise ModelSourceError(f"Model path {path} is a file; pass the checkpoint folder that holds config.json.")
@@ -129,9 +138,26 @@ def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
     return config
 
 
+def random_shape_config(name: str) -> dict[str, Any]:
+    """The published config (text + vision) of a ``qwen2.5-vl-*-random`` shape, as a dict."""
+    if name not in RANDOM_SHAPES:
+        raise ModelSourceError(f"Unknown shape {name!r}; use one of {', '.join(RANDOM_SHAPES)}.")
+    return json.loads((Path(__file__).parent / "data" / RANDOM_SHAPES[name]).read_text())
+
+
+def model_config(source: str | os.PathLike) -> dict[str, Any] | None:
+    """The config of a model source without loading weights: a checkpoint's config.json, a random
+    shape's published config; None for the tiny models (built in code)."""
+    if str(source) in RANDOM_SHAPES:
+        return random_shape_config(str(source))
+    if str(source) in (TINY, TINY_TRAINED):
+        return None
+    return validate_checkpoint_dir(Path(source).expanduser().resolve())
+
+
 def resolve_model_source(source: str | os.PathLike) -> str:
     """Check a model source cheaply (no weights read) and return its canonical form."""
-    if str(source) in (TINY, TINY_TRAINED, QWEN25_VL_3B_RANDOM):
+    if str(source) in NAMED_SOURCES:
         return str(source)
     path = Path(source).expanduser().resolve()
     validate_checkpoint_dir(path)

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import _compat
 from .errors import ModelSourceError
-from .inputs import QWEN25_VL_3B_RANDOM, TINY, TINY_TRAINED, validate_checkpoint_dir
+from .inputs import QWEN25_VL_3B_RANDOM, RANDOM_SHAPES, TINY, TINY_TRAINED, random_shape_config, validate_checkpoint_dir
 
 _compat.apply_torchvision_schema_shim()
 
@@ -444,9 +444,17 @@ def build_3b_random(
     *, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", seed: int = 0
 ) -> LoadedVLM:
     """The published Qwen2.5-VL-3B architecture with random weights, built directly on ``device``."""
+    return build_random_shape(QWEN25_VL_3B_RANDOM, dtype=dtype, device=device, seed=seed)
+
+
+def build_random_shape(
+    name: str, *, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", seed: int = 0
+) -> LoadedVLM:
+    """A published Qwen2.5-VL shape (``qwen2.5-vl-{3b,7b,32b,72b}-random``) with random weights, built
+    directly on ``device`` (no host copy: 32B is 67 GB of bf16)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    config = Qwen2_5_VLConfig(**json.loads(QWEN25_VL_3B_CONFIG.read_text()))
+    config = Qwen2_5_VLConfig(**random_shape_config(name))
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(_dtype(dtype))
@@ -455,7 +463,7 @@ def build_3b_random(
             vlm = Qwen2_5_VLForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    return _finish(vlm.to(_dtype(dtype)), QWEN25_VL_3B_RANDOM, None)
+    return _finish(vlm.to(_dtype(dtype)), name, None)
 
 
 def load_vlm(
@@ -466,7 +474,7 @@ def load_vlm(
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedVLM:
-    """Load a Qwen2.5-VL from a local folder, ``'tiny'``, ``'tiny-trained'`` or ``'qwen2.5-vl-3b-random'``."""
+    """Load a Qwen2.5-VL from a local folder, ``'tiny'``, ``'tiny-trained'`` or a ``'qwen2.5-vl-*-random'`` shape."""
     if str(device).startswith("cuda"):
         from .hardware import use_extension_cache
 
@@ -477,6 +485,6 @@ def load_vlm(
         loaded = load_checkpoint(TINY_TRAINED_DIR, dtype=dtype, device=device)
         loaded.source = TINY_TRAINED
         return loaded
-    if str(source) == QWEN25_VL_3B_RANDOM:
-        return build_3b_random(dtype=dtype, device=device)
+    if str(source) in RANDOM_SHAPES:
+        return build_random_shape(str(source), dtype=dtype, device=device)
     return load_checkpoint(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

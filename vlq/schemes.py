@@ -213,6 +213,10 @@ class Scheme:
     batch_size: int = 1
     seq_len: int = 64
     kv_cache_fp8: bool = False
+    # ModelOpt turns on gradient checkpointing for HF models while scoring (recomputing forwards);
+    # off keeps every layer's activations and output differences for the backward pass: faster,
+    # more memory (vlq.plan decides when it fits).
+    gradient_checkpointing: bool = True
     version: int = SCHEME_VERSION
 
     def __post_init__(self):

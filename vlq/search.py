@@ -17,6 +17,8 @@ typed :class:`GroupDecision` objects.
 
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import gc
 import os
@@ -453,6 +455,40 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
+@contextlib.contextmanager
+def _gradient_checkpointing(model, enabled: bool):
+    """Keep ModelOpt's gradient checkpointing for HF models (``enabled``), or score ``model`` without it.
+
+    ModelOpt picks the first entry of ``AutoQuantizeGradientSearcher._custom_support`` whose checker
+    accepts the model; an entry for this model object alone, placed first for the search's duration,
+    skips the HF entry that enables checkpointing (tests/test_search.py pins this ModelOpt contract).
+    """
+    if enabled:
+        yield
+        return
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
+
+    @contextlib.contextmanager
+    def no_cache(m):  # what ModelOpt's HF context does besides checkpointing: no KV cache while scoring
+        config = getattr(m, "config", None)
+        previous = getattr(config, "use_cache", None)
+        if config is not None and previous is not None:
+            config.use_cache = False
+        try:
+            yield
+        finally:
+            if config is not None and previous is not None:
+                config.use_cache = previous
+
+    # activation gradients need only the embedding's weight to require grad (as ModelOpt's HF entry)
+    entry = (lambda m: m is model, no_cache, lambda name, m: "embed" in name)
+    AutoQuantizeGradientSearcher._custom_support.insert(0, entry)
+    try:
+        yield
+    finally:
+        AutoQuantizeGradientSearcher._custom_support.remove(entry)
+
+
 def search_lm_only(
     loaded: LoadedVLM,
     scheme: Scheme,
@@ -547,7 +583,7 @@ def search_lm_only(
 
     oom_message = None
     try:
-        with PeakRss() as rss, modelopt_state_io():
+        with PeakRss() as rss, modelopt_state_io(), _gradient_checkpointing(model, scheme.gradient_checkpointing):
             clock.start = time.perf_counter()
             _, state = mtq.auto_quantize(
                 model,

@@ -1,0 +1,69 @@
+"""`pytest -m gpu`: the bigger Qwen2.5-VL shapes (random weights) search, export and verify on the GPUs.
+
+Each shape is built on the GPU, planned by ``vlq.plan`` (auto batch, the CLI's default), searched through
+:mod:`vlq.pipeline` (guards and manifest checks required), exported and checked on disk; then the model
+is freed.  72B needs at least two H200-class GPUs (``vlq plan``): with fewer it skips with that reason.
+The measured peak is recorded beside the planned one (``record_property``), never asserted.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from vlq import pipeline
+from vlq.calibration import synthetic_text_calibration
+from vlq.hardware import visible_gpus
+from vlq.inputs import random_shape_config
+from vlq.plan import GIB, plan_search
+from vlq.schemes import Scheme
+
+pytestmark = pytest.mark.gpu
+
+ROWS = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=8, num_score_steps=8, seq_len=512)
+# one xdist group with the OOM test (tests/test_reliability.py): under `-n N` on a shared GPU the big
+# shapes and the deliberate OOM run one after another, never beside each other
+SHAPES = [pytest.param(name, id=name.split("-")[2], marks=pytest.mark.xdist_group("big-gpu-memory"))
+          for name in ("qwen2.5-vl-7b-random", "qwen2.5-vl-32b-random", "qwen2.5-vl-72b-random")]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_family_shape_searches_exports_and_verifies(shape, tmp_path, record_property):
+    import torch
+
+    from vlq.models import build_random_shape
+
+    plan = plan_search(random_shape_config(shape), ROWS, name=shape, gpus=visible_gpus(), auto_batch=True)
+    if not plan.fits:
+        pytest.skip(f"{shape} needs {plan.devices_needed} GPUs of {plan.budget_bytes / GIB:.0f} GiB "
+                    f"(planned peak {plan.memory.peak / GIB:.0f} GiB); {len(plan.devices)} visible")
+    if plan.devices_needed > 1:
+        pytest.skip(f"{shape} needs a split over {plan.devices_needed} GPUs; the split search runs in the multi-GPU issue")
+    gc.collect()
+    torch.cuda.empty_cache()
+    loaded = build_random_shape(shape, device="cuda")
+    searched = exported = None
+    try:
+        scheme = plan.scheme
+        calibration = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, batch_size=scheme.batch_size,
+                                                 num_batches=max(scheme.num_calib_steps, scheme.num_score_steps),
+                                                 seq_len=scheme.seq_len)
+        searched = pipeline.search(loaded, scheme, calibration)  # vision / lm_head guards and manifest checks required
+        exported = pipeline.export(searched, tmp_path / "checkpoint")
+        checks = searched.checks + exported.checks
+        failed = [(c.name, c.problems[:3]) for c in checks if not c.ok]
+        peak = searched.result.peak_gpu_bytes / GIB
+        record_property("peak_gpu_gib", round(peak, 2))
+        record_property("planned_peak_gib", round(plan.memory.peak / GIB, 2))
+        record_property("search_s", round(searched.result.times.total_s, 2))
+        print(f"\n[family] {shape}: batch {scheme.batch_size}, checkpointing {scheme.gradient_checkpointing}, "
+              f"{searched.result.times}, peak {peak:.1f} GiB (planned {plan.memory.peak / GIB:.1f}), "
+              f"formats {searched.manifest.format_counts()}", flush=True)
+        assert not failed, failed
+        assert searched.result.is_satisfied and searched.result.achieved_bits <= scheme.target_bits + 1e-9
+        assert len(searched.manifest.groups) > 0
+    finally:
+        del loaded, searched, exported
+        gc.collect()
+        torch.cuda.empty_cache()
