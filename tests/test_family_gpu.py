@@ -1,6 +1,7 @@
 """`pytest -m gpu`: the bigger Qwen2.5-VL shapes (random weights) search, export and verify on the GPUs.
 
-Each shape is built on the GPU, planned by ``vlq.plan`` (auto batch, the CLI's default), searched through
+Each shape is built on the GPU, planned by ``vlq.plan`` (batch 1 with ModelOpt's gradient checkpointing: the
+setting measured on every size; auto batching of the big shapes is benchmarked, not yet gated), searched through
 :mod:`vlq.pipeline` (guards and manifest checks required), exported and checked on disk; then the model
 is freed.  72B needs at least two H200-class GPUs (``vlq plan``): with fewer it skips with that reason.
 The measured peak is recorded beside the planned one (``record_property``), never asserted.
@@ -34,7 +35,7 @@ def test_family_shape_searches_exports_and_verifies(shape, tmp_path, record_prop
 
     from vlq.models import build_random_shape
 
-    plan = plan_search(random_shape_config(shape), ROWS, name=shape, gpus=visible_gpus(), auto_batch=True)
+    plan = plan_search(random_shape_config(shape), ROWS, name=shape, gpus=visible_gpus())
     if not plan.fits:
         pytest.skip(f"{shape} needs {plan.devices_needed} GPUs of {plan.budget_bytes / GIB:.0f} GiB "
                     f"(planned peak {plan.memory.peak / GIB:.0f} GiB); {len(plan.devices)} visible")
@@ -53,7 +54,7 @@ def test_family_shape_searches_exports_and_verifies(shape, tmp_path, record_prop
         exported = pipeline.export(searched, tmp_path / "checkpoint")
         checks = searched.checks + exported.checks
         failed = [(c.name, c.problems[:3]) for c in checks if not c.ok]
-        peak = searched.result.peak_gpu_bytes / GIB
+        peak = searched.result.peak_gpu_own_bytes / GIB  # this model's search; other tests' residents excluded
         record_property("peak_gpu_gib", round(peak, 2))
         record_property("planned_peak_gib", round(plan.memory.peak / GIB, 2))
         record_property("search_s", round(searched.result.times.total_s, 2))

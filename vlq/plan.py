@@ -26,15 +26,16 @@ from .schemes import Scheme
 
 GIB = 2**30
 BF16 = 2
-# Fitted on one H200 (see the module docstring); ModelOpt's state per byte of bf16 LM linear weight.
-SEARCH_STATE_PER_LM_BYTE = 0.55
-# Fitted: measured activation bytes per modelled byte (allocator slack, temporaries the sum leaves out).
-ACTIVATION_FACTOR = 1.0
+# Fitted on one H200 (reports/benchmarks/h200-family-partial.json, the 3B grid of batch x checkpointing):
+# ModelOpt's search state (amax / per-block scales, score buffers) per byte of bf16 LM linear weight ...
+SEARCH_STATE_PER_LM_BYTE = 0.27
+# ... and bytes per vocabulary entry per token for the logits, their fp32 loss and gradients.
+LOGIT_BYTES = 10
 # A device's usable share of its free memory (CUDA context, allocator fragmentation).
 USABLE_SHARE = 0.92
 # Auto batching grows activations up to this much beyond weights + search state unless the user
-# sets --memory-budget: fast without taking a shared GPU (3B: ~22 GiB peak).
-DEFAULT_ACTIVATION_ROOM = 12 * GIB
+# sets --memory-budget: fast without taking a shared GPU (3B: batch 4 without checkpointing, ~26 GiB).
+DEFAULT_ACTIVATION_ROOM = 20 * GIB
 MAX_AUTO_BATCH = 64
 # What a GPU is assumed to hold when none is visible (planning on a laptop for a GPU runner): one H200.
 REFERENCE_GPU = GpuInfo(-1, "H200 (assumed: no GPU visible)", 143771 * 2**20, 143771 * 2**20)
@@ -122,19 +123,23 @@ class SearchMemory:
 
 
 def per_row_bytes(shape: ModelShape, scheme: Scheme, *, gradient_checkpointing: bool) -> int:
-    """Activation bytes one scored row of ``scheme.seq_len`` tokens keeps for the backward pass."""
+    """Activation bytes one scored row of ``scheme.seq_len`` tokens keeps for the backward pass.
+
+    Per token: ModelOpt's output differences (every linear, every candidate format, bf16) stay attached
+    to their modules until the next step, with or without checkpointing; autograd keeps one layer's
+    activations ((6 x hidden + 4 x intermediate) bf16, measured) for every layer, or only the layer
+    inputs plus one layer under checkpointing; the logits and their loss cost ~10 bytes per vocabulary entry.
+    """
     tokens = scheme.seq_len
-    candidates = len(scheme.formats)  # ModelOpt keeps one output difference per linear per format
-    # autograd's saved tensors of one decoder layer (norm in/out, q/k/v/attention/o, residual, MLP in,
-    # gate/up/act/product) and ModelOpt's output differences for that layer, in bf16
-    layer = BF16 * (8 * shape.hidden + 5 * shape.intermediate + candidates * shape.layer_out_features)
-    # bf16 logits, their fp32 copy, log-softmax, the shifted copy and the gradients back through them
-    logits = shape.vocab * 20
-    if gradient_checkpointing:  # layer inputs for every layer, one layer's full set at a time
-        per_token = shape.layers * BF16 * shape.hidden + layer + logits
+    candidates = len(scheme.formats)
+    differences = shape.layers * candidates * shape.layer_out_features * BF16
+    layer = BF16 * (6 * shape.hidden + 4 * shape.intermediate)
+    logits = LOGIT_BYTES * shape.vocab
+    if gradient_checkpointing:
+        activations = shape.layers * BF16 * shape.hidden + layer
     else:
-        per_token = shape.layers * layer + logits
-    return int(ACTIVATION_FACTOR * tokens * per_token)
+        activations = shape.layers * layer
+    return int(tokens * (differences + activations + logits))
 
 
 def search_memory(shape: ModelShape, scheme: Scheme) -> SearchMemory:
