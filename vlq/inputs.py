@@ -21,6 +21,9 @@ QWEN25_VL_3B_RANDOM = "qwen2.5-vl-3b-random"
 SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 GENERATED_IMAGES = "generated"
 DEVICES = ("cpu", "cuda")
+#: ``vlq fidelity --point`` names -> the measurement point they record (vlq.fidelity.MEASUREMENT_POINTS):
+#: a the fake-quantized model, b the checkpoint re-read from disk, c vLLM serving the checkpoint.
+POINT_NAMES = {"fake": "fake_quant", "fake_quant": "fake_quant", "checkpoint": "checkpoint", "served": "vllm", "vllm": "vllm"}
 
 
 # ------------------------------------------------------------------------------------------------
