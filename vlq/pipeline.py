@@ -713,6 +713,7 @@ def measure_run(
     points: Sequence[str] = ("checkpoint",),
     data: DataRequest | None = None,
     *,
+    rows: int | None = None,
     progress: Progress = SILENT,
 ) -> MeasuredRun:
     """Measure a finished run folder again at the asked measurement points, against ``loaded`` (the BF16
@@ -751,7 +752,7 @@ def measure_run(
     data = data if data is not None else saved_data_request(saved)
     calibration = calibrate(loaded, saved.scheme, data, progress=progress)
     kinds = ("text",) if asked == ["vllm"] else ("text", "image_text")  # vLLM measures held-out text only
-    references = fidelity_references(loaded, saved.scheme, data, calibration=calibration, kinds=kinds, progress=progress)
+    references = fidelity_references(loaded, saved.scheme, data, calibration=calibration, kinds=kinds, rows=rows, progress=progress)
     measured: list[FidelityMetrics] = []
     for point in asked:
         if point == "fake_quant":
