@@ -101,9 +101,11 @@ def test_method_comparison_files_round_trip(methods):
         assert saved == manifest and saved.fidelity == manifest.fidelity
 
 
-def test_a_method_compared_with_itself_agrees_with_identical_kld(trained_vlm, calibration):
-    """Negative control: two independent gradient searches, each measured on its own copy."""
-    comparison = pipeline.compare_methods(trained_vlm, SCHEME, calibration, methods=("gradient", "gradient")).comparison
+def test_a_method_compared_with_itself_agrees_with_identical_kld(methods, searched_and_worse):
+    """Negative control: two independent gradient searches (the method comparison's and the worse-scheme
+    fixture's), each measured on its own copy against its own BF16 reference of the same held-out data."""
+    comparison = compare_methods(methods[0].manifests[0], searched_and_worse[0])
+    assert comparison.methods == ("gradient", "gradient") and comparison.labels == ("gradient (1)", "gradient (2)")
     assert comparison.agreement == 1.0 and not comparison.moved
     assert comparison.spearman == pytest.approx(1.0)
     assert tuple(p.data_kind for p in comparison.fidelity) == KINDS
