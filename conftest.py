@@ -80,6 +80,21 @@ def pristine_vlm(tiny_checkpoint):
     assert fingerprint_parameters(loaded.vlm) == before, "a test changed the shared model's weights; use fresh_vlm"
 
 
+@pytest.fixture(scope="session")
+def trained_vlm():
+    """The tiny Qwen2.5-VL with learned weights (``tiny-trained``), BF16, read-only: fidelity tests
+    quantize ``vlq.pipeline.fresh_copy`` of it.  The same teardown guard as ``pristine_vlm``."""
+    from vlq.inputs import TINY_TRAINED
+    from vlq.models import fingerprint_parameters, load_vlm
+
+    loaded = load_vlm(TINY_TRAINED)
+    before = fingerprint_parameters(loaded.vlm)
+    yield loaded
+    quantized = [n for n, m in loaded.vlm.named_modules() if hasattr(m, "weight_quantizer")]
+    assert not quantized, f"a test quantized the shared tiny-trained model in place (first: {quantized[0]}); quantize a fresh_copy"
+    assert fingerprint_parameters(loaded.vlm) == before, "a test changed the shared tiny-trained model's weights"
+
+
 @pytest.fixture
 def fresh_vlm(pristine_vlm):
     """A private copy of the tiny model for tests that quantize (module-scoped fixtures call

@@ -99,14 +99,35 @@ def test_infeasible_bits_refused_before_torch(tmp_path):
     (("sweep", "--targets", "8,6", "--export", "7"), "--export 7 is not among --targets"),
     (("export", "/no/such/run"), "has no manifest.json"),
     (("check", "/no/such/checkpoint"), "does not exist"),
-], ids=["unknown-format", "missing-data", "missing-images", "bad-targets", "export-not-a-target", "export-no-run", "check-no-checkpoint"])
+    (("fidelity", "/no/such/run"), "has no manifest.json"),
+    (("fidelity", "/no/such/run", "--point", "sideways"), "--point takes fake, checkpoint or served"),
+    (("compare-methods", "--methods", "gradient,newton"), "--methods takes two of gradient, kl_div"),
+    (("compare-methods", "--method", "kl_div"), "drop --method"),
+], ids=["unknown-format", "missing-data", "missing-images", "bad-targets", "export-not-a-target", "export-no-run", "check-no-checkpoint",
+        "fidelity-no-run", "fidelity-unknown-point", "compare-methods-unknown-method", "compare-methods-one-method"])
 def test_bad_inputs_are_one_line_before_torch(tmp_path, args, message):
-    out = () if args[0] in ("export", "check") else ("--out", tmp_path / "out")
+    out = () if args[0] in ("export", "check", "fidelity") else ("--out", tmp_path / "out")
     run = vlq_cli(*args, *out, cwd=tmp_path)
     assert run.returncode == 2 and len(run.error_lines) == 1 and message in run.error_lines[0], run.tail()
     assert run.stderr.splitlines() == run.error_lines and "Traceback" not in run.stderr
     assert run.heavy_imports == (), f"refused after importing {run.heavy_imports}"
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("point, message", [
+    ("checkpoint", "has no exported checkpoint (checkpoint/config.json) to measure"),
+    ("served", "has no exported checkpoint (checkpoint/config.json) to measure"),
+    ("fake", "has no search_state.pth to restore the fake-quantized model"),
+], ids=["checkpoint-without-export", "served-without-export", "fake-without-search-state"])
+def test_fidelity_refuses_a_point_the_run_folder_cannot_give(tmp_path, point, message):
+    """`vlq fidelity` names what the folder lacks for that measurement point, before torch, writing nothing."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text("{}")
+    run = vlq_cli("fidelity", run_dir, "--point", point, cwd=tmp_path)
+    assert run.returncode == 2 and len(run.error_lines) == 1 and message in run.error_lines[0], run.tail()
+    assert run.heavy_imports == (), f"refused after importing {run.heavy_imports}"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json"] and (run_dir / "manifest.json").read_text() == "{}"
 
 
 def test_heavy_import_probe_sees_torch(tmp_path):

@@ -26,8 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from vlq import pipeline
 from vlq.fidelity import capture_reference, logits_forward
-from vlq.inputs import TINY_TRAINED, RunFolder
-from vlq.models import load_vlm
+from vlq.inputs import RunFolder
 from vlq.schemes import NO_QUANT, Scheme
 from vlq.search import apply_decisions, lm_achieved_bits
 
@@ -52,9 +51,9 @@ def first_increase(kld_by_bits: dict[float, float], *, rel: float, abs: float) -
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(trained_vlm):
     """The tiny Qwen2.5-VL with learned weights, BF16, read-only (every test quantizes a copy)."""
-    return load_vlm(TINY_TRAINED)
+    return trained_vlm
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from .errors import SchemeError, VlqError
-from .inputs import TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
+from .inputs import POINT_NAMES, TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
 
 SCHEME_FIELDS = ("formats", "target_bits", "method", "strategy", "num_calib_steps", "num_score_steps", "batch_size",
                  "seq_len", "kv_cache_fp8")
@@ -271,7 +271,7 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     path = write_report(args.out, benchmarks=args.benchmarks or [], manifests=args.manifests or [],
-                        sweeps=args.sweeps or [], baseline=args.baseline)
+                        sweeps=args.sweeps or [], baseline=args.baseline, comparisons=args.comparisons or [])
     print(f"report written to {path}")
     return 0
 
@@ -302,7 +302,8 @@ def cmd_compare_calibration(args) -> int:
             if text.kind != "text":
                 raise VlqError(f"{model.source} has no tokenizer, so there is no real text to compare against ({text.source}).")
             image_text = pipeline.calibrate(loaded, scheme, image_data, progress=progress)
-            comparison = pipeline.compare_calibration(loaded, scheme, text, image_text, out_dir=out, progress=progress).comparison
+            comparison = pipeline.compare_calibration(loaded, scheme, text, image_text, data=text_data, out_dir=out,
+                                                      progress=progress).comparison
     print(comparison.markdown(plot_path=str(out / "comparison.png")))
     print(f"comparison written to {out / 'comparison.md'} (+ comparison.json, comparison.png)")
     return 0
@@ -320,6 +321,82 @@ def cmd_plan(args) -> int:
     plan = _plan(args, ModelRequest(model.source, device, False), scheme)
     print("\n".join(plan.lines()))
     return 0 if plan.fits else 1
+
+
+METHODS = ("gradient", "kl_div")
+
+
+def cmd_compare_methods(args) -> int:
+    """The same search with two sensitivity methods: decision agreement and each scheme's KLD to BF16."""
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    if len(methods) != 2 or any(m not in METHODS for m in methods):
+        raise SchemeError(f"--methods takes two of {', '.join(METHODS)} joined by a comma (e.g. gradient,kl_div); got {args.methods!r}.")
+    if args.manifests:
+        missing = [m for m in args.manifests if not Path(m).is_file()]
+        if missing:
+            raise VlqError(f"Manifest {missing[0]} does not exist; pass two manifest.json files written by vlq.")
+        from .compare import compare_methods
+        from .manifest import Manifest
+
+        comparison = compare_methods(Manifest.load(args.manifests[0]), Manifest.load(args.manifests[1]))
+        out = Path(args.out or "runs/compare-methods")
+        comparison.write(out)
+    else:
+        if args.method is not None:
+            raise SchemeError("compare-methods searches with both --methods; drop --method.")
+        model, data, scheme = _prepare(args)
+        out = Path(args.out or f"runs/compare-methods-{'+'.join(scheme.formats)}-{scheme.target_bits:g}b")
+        with _session(RunFolder(out).require_writable(), args.verbose) as (terminal, progress):
+            from . import pipeline
+
+            loaded = pipeline.load_model(model, progress=progress)
+            calibration = pipeline.calibrate(loaded, scheme, data, progress=progress)
+            comparison = pipeline.compare_methods(loaded, scheme, calibration, methods=methods, data=data, out_dir=out,
+                                                  progress=progress).comparison
+    print(comparison.markdown())
+    print(f"comparison written to {out / 'comparison.md'} (+ comparison.json)")
+    return 0
+
+
+def cmd_fidelity(args) -> int:
+    """Measure a finished run folder again at one or more measurement points, against its BF16 model."""
+    folder = RunFolder(args.run_dir)
+    points = [POINT_NAMES.get(p.strip(), p.strip()) for p in args.point.split(",") if p.strip()]
+    if not points or any(p not in POINT_NAMES.values() for p in points):
+        raise SchemeError(f"--point takes fake, checkpoint or served (comma-separated); got {args.point!r}.")
+    if not folder.manifest.exists():
+        raise VlqError(f"{folder.root} has no {RunFolder.MANIFEST}; pass a folder written by `vlq run` or `vlq search --out FOLDER`.")
+    if "fake_quant" in points and not folder.search_state.exists():
+        raise VlqError(f"{folder.root} has no {RunFolder.SEARCH_STATE} to restore the fake-quantized model (--point fake) from; "
+                       "use --point checkpoint.")
+    if {"checkpoint", "vllm"} & set(points) and not (folder.checkpoint / "config.json").exists():
+        raise VlqError(f"{folder.root} has no exported checkpoint ({RunFolder.CHECKPOINT}/config.json) to measure; "
+                       f"run `vlq export {folder.root}` first, or use --point fake.")
+    if "vllm" in points:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise VlqError("--point served needs vLLM, found no vllm package; install it (scripts/install.sh installs the CPU build).")
+    from .manifest import Manifest
+
+    saved = Manifest.load(folder.manifest)
+    args.model = args.model or saved.model_source
+    given = args.data is not None or args.images is not None or args.seed is not None  # else: the run's own data
+    args.seed = 0 if args.seed is None else args.seed
+    model, data = _requests(args)
+    model = ModelRequest(model.source, _resolve_device(args.device), model.trust_remote_code)
+    with _session(folder, args.verbose) as (terminal, progress):
+        from . import pipeline
+
+        if not given:
+            data = pipeline.saved_data_request(saved)
+        loaded = pipeline.load_model(model, progress=progress)
+        measured = pipeline.measure_run(folder, loaded, points, data, progress=progress)
+    from .report import fidelity_table
+
+    _print(f"Fidelity to the BF16 model (KLD in nats per token, held-out data) of {folder.root}:\n" + fidelity_table(measured.measured),
+           f"recorded in {folder.manifest}")
+    return 0
 
 
 def cmd_explain(args) -> int:
@@ -403,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="a saved benchmark JSON to compare against (regressions flagged)")
     p.add_argument("--manifests", nargs="*", help="manifest.json files (per-layer format maps)")
     p.add_argument("--sweeps", nargs="*", help="sweep.json files (Pareto curves)")
+    p.add_argument("--comparisons", nargs="*", help="comparison.json files of compare-calibration / compare-methods "
+                   "(decision agreement beside each scheme's KLD to BF16)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare-calibration", help="search text-only and image+text on one model and budget; compare the decisions")
@@ -418,6 +497,26 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, default_model="qwen2.5-vl-3b-random")
     _scheme_args(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compare-methods", help="search with gradient and with kl_div sensitivity on one model, budget and "
+                       "data; compare the decisions and each scheme's KLD to BF16")
+    _model_args(p)
+    _scheme_args(p)
+    p.add_argument("--methods", default="gradient,kl_div", help="the two methods, comma-separated (default gradient,kl_div)")
+    p.add_argument("--manifests", nargs=2, metavar="MANIFEST", help="compare two saved manifests instead of searching")
+    p.add_argument("--out", help="folder for comparison.md/.json and both manifests")
+    _common(p)
+    p.set_defaults(func=cmd_compare_methods)
+
+    p = sub.add_parser("fidelity", help="measure a finished run folder against its BF16 model at one measurement point "
+                       "(fake / checkpoint / served) and record it in its manifest")
+    p.add_argument("run_dir", help="folder written by `vlq run` (or `vlq search` + `vlq export`)")
+    p.add_argument("--point", default="checkpoint", help="fake: the fake-quantized model (search state restored); checkpoint "
+                   "(default): the export re-read by the independent dequantizer; served: vLLM prompt logprobs of the export. "
+                   "Comma-separated for several")
+    _model_args(p, default_model=None)
+    _common(p)
+    p.set_defaults(func=cmd_fidelity, seed=None)
 
     p = sub.add_parser("explain", help="print the live ModelOpt facts vlq relies on")
     p.add_argument("--format", default="fp8", help="format whose config entries to show")

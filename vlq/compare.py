@@ -13,8 +13,16 @@ A group's *sensitivity* is its score for the most aggressive candidate format (l
 bits): that is the choice the bit budget presses on.  Scores of the two runs are on different
 scales (different losses), which is why only ranks are compared.
 
-:func:`vlq.pipeline.compare_calibration` runs both searches on private copies of one loaded model
-(every guard checked) and calls :func:`compare_calibrations`.
+:func:`compare_methods` does the same for two searches that differ in their sensitivity method
+(``gradient`` vs ``kl_div``) on one calibration set.  Beside the decisions, both comparisons report
+what each resulting scheme does to the model's outputs (:class:`FidelityPair`): KL(BF16 || Q) mean
+and p99 and the same-top-token rate on held-out text and image+text, read from each manifest's
+fidelity block at point a (the fake-quantized model right after the search) and paired only when
+both sides were measured on the same held-out data.
+
+:func:`vlq.pipeline.compare_calibration` and :func:`vlq.pipeline.compare_methods` run both searches
+on private copies of one loaded model (every guard checked), measure each scheme against one BF16
+reference, and call these functions.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ManifestMismatch, SchemeError
+from .fidelity import DATA_KINDS, FidelityMetrics
 from .manifest import Manifest
 from .schemes import FORMATS, NO_QUANT
 
@@ -116,6 +125,8 @@ class CalibrationComparison:
     groups: tuple[GroupComparison, ...]
     spearman: float | None  # over every (group, quantized format) pair
     spearman_by_format: tuple[tuple[str, float | None], ...]
+    #: each side's KLD to BF16 on held-out text and image+text (a: text-only, b: image+text calibration)
+    fidelity: tuple["FidelityPair", ...] = ()
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -144,7 +155,27 @@ class CalibrationComparison:
         data["n_agree"] = self.n_agree
         data["moved"] = [g.name for g in self.moved]
         data["moved_layers"] = list(self.moved_layers())
+        data["kind"] = "calibration"
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CalibrationComparison":
+        def pairs(items):
+            return tuple((str(f), float(s)) for f, s in items)
+
+        groups = tuple(GroupComparison(
+            name=g["name"], layer=g["layer"], label=g["label"], text_chosen=g["text_chosen"],
+            image_text_chosen=g["image_text_chosen"], text_scores=pairs(g["text_scores"]),
+            image_text_scores=pairs(g["image_text_scores"]), text_rank=float(g["text_rank"]),
+            image_text_rank=float(g["image_text_rank"])) for g in data["groups"])
+        return cls(
+            model_source=data["model_source"], scheme_id=data["scheme_id"], formats=tuple(data["formats"]),
+            sensitivity_format=data["sensitivity_format"], target_bits=float(data["target_bits"]),
+            text_source=data["text_source"], image_text_source=data["image_text_source"], text_bits=float(data["text_bits"]),
+            image_text_bits=float(data["image_text_bits"]), groups=groups, spearman=data["spearman"],
+            spearman_by_format=tuple((f, v) for f, v in data["spearman_by_format"]),
+            fidelity=tuple(FidelityPair.from_dict(p) for p in data.get("fidelity", ())),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -171,6 +202,7 @@ class CalibrationComparison:
         from tabulate import tabulate
 
         parts = ["## Text-only vs image+text calibration", "", tabulate(self.summary_rows(), headers=["", ""], tablefmt=fmt), ""]
+        parts += _fidelity_markdown(self.fidelity, ("text-only", "image+text"), fmt)
         if self.moved:
             parts += [
                 "### Groups whose decision moves", "",
@@ -317,4 +349,221 @@ def compare_calibrations(text: Manifest, image_text: Manifest) -> CalibrationCom
         groups=tuple(groups),
         spearman=spearman(all_text, all_image),
         spearman_by_format=by_format,
+        fidelity=fidelity_pairs(text, image_text),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Fidelity beside the decisions (issue 11): what each side's scheme does to the model's outputs
+# ------------------------------------------------------------------------------------------------
+
+#: The measurement point comparisons read from each manifest's fidelity block: the fake-quantized model
+#: right after the search (``vlq.pipeline.measure_fake_quant``), the point every scheme has.
+COMPARED_POINT = "fake_quant"
+
+
+@dataclass(frozen=True)
+class FidelityPair:
+    """One held-out data kind, measured for both compared schemes at the same point on the same data."""
+
+    data_kind: str
+    measurement_point: str
+    a: FidelityMetrics
+    b: FidelityMetrics
+
+    def __post_init__(self):
+        for side in (self.a, self.b):
+            if (side.data_kind, side.measurement_point) != (self.data_kind, self.measurement_point):
+                raise ValueError(f"A fidelity pair for {self.data_kind}/{self.measurement_point} got {side.data_kind}/"
+                                 f"{side.measurement_point} metrics.")
+        if (self.a.data_source, self.a.tokens) != (self.b.data_source, self.b.tokens):
+            raise ValueError(f"The two sides were measured on different held-out data ({self.a.data_source}, {self.a.tokens} "
+                             f"tokens vs {self.b.data_source}, {self.b.tokens}); their KLD cannot be compared.")
+
+    @property
+    def kld_mean_ratio(self) -> float | None:
+        """Mean KLD of side b over side a; None when a's is 0 (nothing quantized)."""
+        return self.b.kld_mean / self.a.kld_mean if self.a.kld_mean > 0 else None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FidelityPair":
+        return cls(data["data_kind"], data["measurement_point"], FidelityMetrics.from_dict(data["a"]),
+                   FidelityMetrics.from_dict(data["b"]))
+
+
+def fidelity_pairs(a: Manifest, b: Manifest, point: str = COMPARED_POINT) -> tuple[FidelityPair, ...]:
+    """The data kinds both manifests measured at ``point`` on the same held-out data (text first).
+
+    A kind measured by one side only, or on different held-out data, gives no pair: its KLDs would
+    not be comparable.
+    """
+    def at(manifest: Manifest, kind: str) -> FidelityMetrics | None:
+        return next((m for m in manifest.fidelity if m.data_kind == kind and m.measurement_point == point), None)
+
+    pairs = []
+    for kind in DATA_KINDS:
+        ma, mb = at(a, kind), at(b, kind)
+        if ma is not None and mb is not None and (ma.data_source, ma.tokens) == (mb.data_source, mb.tokens):
+            pairs.append(FidelityPair(kind, point, ma, mb))
+    return tuple(pairs)
+
+
+def fidelity_pair_rows(pairs: tuple[FidelityPair, ...], labels: tuple[str, str]) -> tuple[list[str], list[list[str]]]:
+    """Headers and one row per held-out data kind: mean KLD, p99 KLD and same-top rate of both sides."""
+    a, b = labels
+    headers = ["held-out data", "tokens", f"mean KLD {a}", f"mean KLD {b}", f"{b} / {a}", f"p99 KLD {a}", f"p99 KLD {b}",
+               f"same top {a}", f"same top {b}"]
+    rows = []
+    for p in pairs:
+        ratio = p.kld_mean_ratio
+        rows.append([p.data_kind.replace("image_text", "image+text"), str(p.a.tokens), f"{p.a.kld_mean:.6f}", f"{p.b.kld_mean:.6f}",
+                     "-" if ratio is None else f"{ratio:.3f}", f"{p.a.kld_p99:.6f}", f"{p.b.kld_p99:.6f}",
+                     f"{100 * p.a.same_top_rate:.2f}%", f"{100 * p.b.same_top_rate:.2f}%"])
+    return headers, rows
+
+
+def _fidelity_markdown(pairs: tuple[FidelityPair, ...], labels: tuple[str, str], fmt: str) -> list[str]:
+    from tabulate import tabulate
+
+    title = ("### Fidelity to BF16 of each scheme (point a: the fake-quantized model right after the search; "
+             "KLD in nats per token on held-out data disjoint from calibration)")
+    if not pairs:
+        return [title, "", "Not measured: the manifests carry no fidelity block measured on the same held-out data.", ""]
+    headers, rows = fidelity_pair_rows(pairs, labels)
+    sources = "; ".join(f"{p.data_kind}: {p.a.data_source}" for p in pairs)
+    return [title, "", tabulate(rows, headers=headers, tablefmt=fmt), "", f"held-out data: {sources}", ""]
+
+
+def _same_search_problems(a: Manifest, b: Manifest, fields_: tuple[str, ...]) -> list[str]:
+    problems = []
+    if a.model_source != b.model_source:
+        problems.append(f"model {a.model_source!r} != {b.model_source!r}")
+    for field in fields_:
+        x, y = getattr(a.scheme, field), getattr(b.scheme, field)
+        if x != y:
+            problems.append(f"{field} {x!r} != {y!r}")
+    if {g.name: g.members for g in a.groups} != {g.name: g.members for g in b.groups}:
+        problems.append("the decision groups differ")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Method comparison: gradient vs kl_div sensitivity on the same model, formats, bits and data
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodComparison:
+    """Two searches that differ only in their sensitivity method (``gradient`` vs ``kl_div``).
+
+    ``decisions`` holds (group, chosen under a, chosen under b) in manifest order; ``spearman`` is the
+    rank correlation of the two methods' scores over every (group, quantized format) pair (the two
+    methods score on different scales, so only ranks compare); ``fidelity`` is each resulting scheme's
+    KLD to BF16 on held-out text and image+text (:data:`COMPARED_POINT`).
+    """
+
+    model_source: str
+    formats: tuple[str, ...]
+    target_bits: float
+    calibration_source: str
+    methods: tuple[str, str]
+    scheme_ids: tuple[str, str]
+    achieved_bits: tuple[float, float]
+    decisions: tuple[tuple[str, str, str], ...]
+    spearman: float | None
+    fidelity: tuple[FidelityPair, ...] = ()
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        a, b = self.methods
+        return (a, b) if a != b else (f"{a} (1)", f"{b} (2)")
+
+    @property
+    def n_agree(self) -> int:
+        return sum(x == y for _, x, y in self.decisions)
+
+    @property
+    def agreement(self) -> float:
+        return self.n_agree / len(self.decisions) if self.decisions else 1.0
+
+    @property
+    def moved(self) -> tuple[tuple[str, str, str], ...]:
+        return tuple(d for d in self.decisions if d[1] != d[2])
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(kind="method", agreement=self.agreement, n_agree=self.n_agree)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MethodComparison":
+        return cls(
+            model_source=data["model_source"], formats=tuple(data["formats"]), target_bits=float(data["target_bits"]),
+            calibration_source=data["calibration_source"], methods=tuple(data["methods"]), scheme_ids=tuple(data["scheme_ids"]),
+            achieved_bits=tuple(float(b) for b in data["achieved_bits"]), decisions=tuple(tuple(d) for d in data["decisions"]),
+            spearman=data["spearman"], fidelity=tuple(FidelityPair.from_dict(p) for p in data.get("fidelity", ())),
+        )
+
+    def markdown(self, *, fmt: str = "github") -> str:
+        from tabulate import tabulate
+
+        a, b = self.labels
+        rho = "undefined" if self.spearman is None else f"{self.spearman:.3f}"
+        rows = [
+            ["model", self.model_source],
+            ["schemes", f"{self.scheme_ids[0]} vs {self.scheme_ids[1]}"],
+            ["calibration (both)", self.calibration_source],
+            ["LM effective bits", f"{self.achieved_bits[0]:.3f} ({a}) / {self.achieved_bits[1]:.3f} ({b}) (target {self.target_bits:g})"],
+            ["decision agreement", f"{self.n_agree}/{len(self.decisions)} groups ({self.agreement:.1%})"],
+            ["Spearman rho of the two methods' scores", rho],
+        ]
+        parts = [f"## Sensitivity method: {a} vs {b}", "", tabulate(rows, headers=["", ""], tablefmt=fmt), ""]
+        parts += _fidelity_markdown(self.fidelity, (a, b), fmt)
+        if self.moved:
+            parts += ["### Groups whose decision moves", "",
+                      tabulate([list(d) for d in self.moved], headers=["group", a, b], tablefmt=fmt), ""]
+        else:
+            parts += ["Every group gets the same format under both methods.", ""]
+        return "\n".join(parts)
+
+    def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """``comparison.json`` and ``comparison.md`` in ``out_dir``."""
+        from .files import atomic_write_text
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return {"json": atomic_write_text(out / "comparison.json", self.to_json()),
+                "markdown": atomic_write_text(out / "comparison.md", self.markdown() + "\n")}
+
+
+def compare_methods(a: Manifest, b: Manifest) -> MethodComparison:
+    """Compare two searches of one model, formats, target and calibration data whose methods differ
+    (or not: a search compared with itself agrees everywhere and measures the same KLD)."""
+    problems = _same_search_problems(a, b, ("formats", "target_bits"))
+    if a.calibration_source != b.calibration_source:
+        problems.append(f"calibration {a.calibration_source!r} != {b.calibration_source!r}")
+    if problems:
+        raise SchemeError("Two searches must share model, formats, target and calibration data to compare their methods: "
+                          + "; ".join(problems) + ".")
+    formats = tuple(f for f in a.scheme.formats if f != NO_QUANT)
+    b_groups = {g.name: g for g in b.groups}
+    decisions = tuple((g.name, g.chosen, b_groups[g.name].chosen) for g in a.groups)
+    scores_a = [s for g in a.groups for _, s in _scores(g, formats)]
+    scores_b = [s for g in a.groups for _, s in _scores(b_groups[g.name], formats)]
+    return MethodComparison(
+        model_source=a.model_source, formats=formats, target_bits=float(a.scheme.target_bits),
+        calibration_source=a.calibration_source, methods=(a.scheme.method, b.scheme.method), scheme_ids=(a.scheme.id, b.scheme.id),
+        achieved_bits=(float(a.achieved_bits), float(b.achieved_bits)), decisions=decisions,
+        spearman=spearman(scores_a, scores_b), fidelity=fidelity_pairs(a, b),
+    )
+
+
+def load_comparison(path: str | os.PathLike) -> "CalibrationComparison | MethodComparison":
+    """A saved ``comparison.json`` of either kind (``vlq report --comparisons``)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("kind", "calibration") not in ("calibration", "method"):
+        raise SchemeError(f"{path} is not a comparison.json written by `vlq compare-calibration` or `vlq compare-methods`.")
+    return MethodComparison.from_dict(data) if data.get("kind") == "method" else CalibrationComparison.from_dict(data)

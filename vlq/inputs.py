@@ -30,6 +30,9 @@ NAMED_SOURCES = (TINY, TINY_TRAINED, *RANDOM_SHAPES)
 SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 GENERATED_IMAGES = "generated"
 DEVICES = ("cpu", "cuda")
+#: ``vlq fidelity --point`` names -> the measurement point they record (vlq.fidelity.MEASUREMENT_POINTS):
+#: a the fake-quantized model, b the checkpoint re-read from disk, c vLLM serving the checkpoint.
+POINT_NAMES = {"fake": "fake_quant", "fake_quant": "fake_quant", "checkpoint": "checkpoint", "served": "vllm", "vllm": "vllm"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,14 +26,15 @@ from .calibration import (
     images_option_from_source,
     synthetic_text_calibration,
     text_batches,
+    text_source,
 )
 from .checks import Check
-from .compare import CalibrationComparison, compare_calibrations
-from .errors import CalibrationDataError, CheckpointError, ManifestMismatch, SchemeError, SearchStateError
+from .compare import CalibrationComparison, MethodComparison, compare_calibrations, compare_methods as compare_method_manifests
+from .errors import CalibrationDataError, CheckpointError, ManifestMismatch, SchemeError, SearchStateError, ServingError
 from .export import ExportResult, add_fp8_kv_cache, export_checkpoint, unify_fused_scales
 from .fidelity import FidelityMetrics, FidelityReference, capture_reference, logits_forward, measure_against
-from .heldout import HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
-from .inputs import DataRequest, ModelRequest, RunFolder
+from .heldout import HELDOUT_PREFIX, HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
+from .inputs import POINT_NAMES, DataRequest, ModelRequest, RunFolder
 from .manifest import Manifest
 from .models import LoadedVLM, load_vlm
 from .progress import SILENT, Progress
@@ -110,8 +111,23 @@ class RunOutcome:
 @dataclass(frozen=True)
 class ComparisonRun:
     comparison: CalibrationComparison
-    text_manifest: Manifest
+    text_manifest: Manifest  # each manifest carries its scheme's fidelity block (point a)
     image_text_manifest: Manifest
+
+
+@dataclass(frozen=True)
+class MethodComparisonRun:
+    comparison: MethodComparison
+    manifests: tuple[Manifest, Manifest]  # in the order of the methods; each carries its fidelity block (point a)
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """Measurement points taken again on a finished run folder, recorded in its manifest."""
+
+    run: RunFolder
+    manifest: Manifest  # the run's manifest with the new metrics in its fidelity block (as saved)
+    measured: tuple[FidelityMetrics, ...]  # what this call measured, in the order of the points asked
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,24 +457,40 @@ def restore(
     loaded: LoadedVLM,
     data: DataRequest | None = None,
     *,
+    calibration: CalibrationSet | None = None,
     progress: Progress = SILENT,
 ) -> Searched:
-    """Re-apply a saved search (no scoring) to ``loaded``: the same decisions as its manifest.
+    """Re-apply a saved search (no scoring) to ``loaded``: the same decisions as its manifest, whose
+    fidelity block is kept (the manifest is rewritten with it).
 
     ``data`` defaults to the calibration the manifest names, so an image+text search is restored
-    from the batches it was scored on.
+    from the batches it was scored on; ``calibration`` gives the batches themselves.
     """
     saved = Manifest.load(folder.manifest)
     if not folder.search_state.exists():
         raise SearchStateError(f"{folder.root} has no {RunFolder.SEARCH_STATE}; run `vlq search --out {folder.root}` first.")
-    if data is None:
-        images, seed = images_option_from_source(saved.calibration_source)
-        data = DataRequest(images=images, seed=seed)
-    calibration = calibrate(loaded, saved.scheme, data, progress=progress)
-    searched = search(loaded, saved.scheme, calibration, run=folder, progress=progress)
+    if calibration is None:
+        calibration = calibrate(loaded, saved.scheme, data if data is not None else saved_data_request(saved), progress=progress)
+    searched = search(loaded, saved.scheme, calibration, run=folder, save_manifest=False, progress=progress)
     if searched.manifest.groups != saved.groups:
         raise ManifestMismatch("The restored search decided differently from the saved manifest; the search state does not match it.")
-    return searched
+    # the same decisions: the fidelity the saved manifest recorded still describes them
+    return record_fidelity(searched, saved.fidelity, folder)
+
+
+def saved_data_request(manifest: Manifest) -> DataRequest:
+    """The data request that rebuilds the calibration a manifest names (its text file, or its image data
+    and seed) and the held-out data its fidelity block was measured on (the held-out image seed)."""
+    images, seed = images_option_from_source(manifest.calibration_source)
+    text = None
+    if images is None and manifest.calibration_source != text_source(None) and Path(manifest.calibration_source).is_file():
+        text = manifest.calibration_source
+    for metrics in manifest.fidelity:  # held-out images come from seed HELDOUT_SEED_BASE + the run's seed
+        if metrics.data_kind == "image_text" and metrics.data_source.startswith(HELDOUT_PREFIX):
+            _, heldout_seed = images_option_from_source(metrics.data_source[len(HELDOUT_PREFIX):])
+            if heldout_seed >= HELDOUT_SEED_BASE:
+                seed = heldout_seed - HELDOUT_SEED_BASE
+    return DataRequest(text=text, images=images, seed=seed)
 
 
 def fresh_copy(loaded: LoadedVLM) -> LoadedVLM:
@@ -579,44 +611,167 @@ def sweep(
     return result
 
 
+def _search_and_measure(loaded: LoadedVLM, scheme: Scheme, calibration: CalibrationSet,
+                        references: Sequence[FidelityReference], *, progress: Progress) -> Manifest:
+    """One guarded search on a private copy of ``loaded``; its manifest with point a measured against
+    ``references`` (none: no fidelity block).  The copy is released."""
+    copy_ = fresh_copy(loaded)
+    searched = search(copy_, scheme, calibration, progress=progress)
+    manifest = searched.manifest
+    if references:
+        manifest = manifest.with_fidelity(*measure_fake_quant(copy_, references, progress=progress))
+    del searched
+    _release(copy_)
+    return manifest
+
+
 def compare_calibration(
     loaded: LoadedVLM,
     scheme: Scheme,
     text_calibration: CalibrationSet,
     image_text_calibration: CalibrationSet,
     *,
+    data: DataRequest = DataRequest(),
+    measure: bool = True,
     out_dir: str | Path | None = None,
     progress: Progress = SILENT,
 ) -> ComparisonRun:
     """Search ``scheme`` on a fresh copy of ``loaded`` with each calibration set; compare the decisions.
 
-    Each search passes every guard and manifest check.  With ``out_dir`` the manifests go to
-    ``out_dir/text/`` and ``out_dir/image_text/`` and the comparison's JSON, Markdown and plot next
+    Each search passes every guard and manifest check.  With ``measure`` (default) each resulting
+    scheme is measured at point a against one BF16 reference on held-out text (disjoint from the text
+    calibration; from ``data.text`` or the shipped corpus) and held-out image+text (disjoint from the
+    image+text calibration), and the comparison reports both KLDs.  With ``out_dir`` the manifests go
+    to ``out_dir/text/`` and ``out_dir/image_text/`` and the comparison's JSON, Markdown and plot next
     to them.
     """
     if image_text_calibration.kind != "image_text":
         raise SchemeError(f"The image+text side got {image_text_calibration.kind!r} calibration data ({image_text_calibration.source}).")
     if text_calibration.kind == "image_text":
         raise SchemeError(f"The text-only side got image+text calibration data ({text_calibration.source}).")
+    references: tuple[FidelityReference, ...] = ()
+    if measure:
+        references = (fidelity_references(loaded, scheme, data, calibration=text_calibration, kinds=("text",), progress=progress)
+                      + fidelity_references(loaded, scheme, data, calibration=image_text_calibration, kinds=("image_text",),
+                                            progress=progress))
     manifests = {}
     for label, calibration in (("text", text_calibration), ("image_text", image_text_calibration)):
         progress.stage(f"{label} search on {calibration.source}")
-        copy_ = fresh_copy(loaded)
-        searched = search(copy_, scheme, calibration, progress=progress)
+        manifests[label] = _search_and_measure(loaded, scheme, calibration, references, progress=progress)
         if out_dir is not None:
-            searched.manifest.save(RunFolder(Path(out_dir) / label).manifest)
-        manifests[label] = searched.manifest
-        del searched
-        _release(copy_)
+            manifests[label].save(RunFolder(Path(out_dir) / label).manifest)
     comparison = compare_calibrations(manifests["text"], manifests["image_text"])
     if out_dir is not None:
         comparison.write(out_dir)
     return ComparisonRun(comparison, manifests["text"], manifests["image_text"])
 
 
+def compare_methods(
+    loaded: LoadedVLM,
+    scheme: Scheme,
+    calibration: CalibrationSet,
+    *,
+    methods: tuple[str, str] = ("gradient", "kl_div"),
+    data: DataRequest = DataRequest(),
+    measure: bool = True,
+    out_dir: str | Path | None = None,
+    progress: Progress = SILENT,
+) -> MethodComparisonRun:
+    """Search ``scheme`` once per sensitivity method (same model, formats, bits and calibration), each on
+    a fresh copy of ``loaded``; compare the decisions and — with ``measure`` — each scheme's fidelity to
+    BF16 (point a) on held-out text and image+text.
+
+    With ``out_dir`` the manifests go to ``out_dir/<method>/`` and ``comparison.json`` / ``.md`` next
+    to them.  The same method twice is allowed (a negative control: it must agree everywhere).
+    """
+    if len(methods) != 2:
+        raise SchemeError(f"A method comparison takes two methods, got {list(methods)}.")
+    schemes = [scheme.with_(method=m) for m in methods]  # validates each method before any work
+    references: tuple[FidelityReference, ...] = ()
+    if measure:
+        references = fidelity_references(loaded, scheme, data, calibration=calibration, progress=progress)
+    folders = list(methods) if methods[0] != methods[1] else [methods[0], f"{methods[1]}-2"]
+    manifests = []
+    for folder, method_scheme in zip(folders, schemes):
+        progress.stage(f"{method_scheme.method} search on {calibration.source}")
+        manifests.append(_search_and_measure(loaded, method_scheme, calibration, references, progress=progress))
+        if out_dir is not None:
+            manifests[-1].save(RunFolder(Path(out_dir) / folder).manifest)
+    comparison = compare_method_manifests(manifests[0], manifests[1])
+    if out_dir is not None:
+        comparison.write(out_dir)
+    return MethodComparisonRun(comparison, (manifests[0], manifests[1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# One measurement point at a time, on a finished run folder
+# ------------------------------------------------------------------------------------------------
+
+def measure_run(
+    folder: RunFolder,
+    loaded: LoadedVLM,
+    points: Sequence[str] = ("checkpoint",),
+    data: DataRequest | None = None,
+    *,
+    rows: int | None = None,
+    progress: Progress = SILENT,
+) -> MeasuredRun:
+    """Measure a finished run folder again at the asked measurement points, against ``loaded`` (the BF16
+    model the run searched, not yet quantized), and record the results in its manifest.
+
+    * ``fake_quant`` (a): restores the saved search on ``loaded`` (no scoring; ``loaded`` ends up
+      quantized), unifies fused scales as ``vlq run`` does before its own point a, measures;
+    * ``checkpoint`` (b): the exported checkpoint re-read by the independent dequantizer;
+    * ``vllm`` (c): vLLM's prompt log-probabilities of the checkpoint (held-out text only).
+
+    The held-out data is what ``vlq run`` measured on (``data`` defaults to the calibration the
+    manifest names), so an untouched run folder measures the numbers its manifest already holds.
+    """
+    asked = []
+    for point in points:
+        if point not in POINT_NAMES:
+            raise SchemeError(f"Unknown measurement point {point!r}; use fake, checkpoint or served.")
+        if POINT_NAMES[point] not in asked:
+            asked.append(POINT_NAMES[point])
+    if not asked:
+        raise SchemeError("Name at least one measurement point: fake, checkpoint or served.")
+    saved = Manifest.load(folder.manifest)
+    if {"checkpoint", "vllm"} & set(asked) and not (folder.checkpoint / "config.json").exists():
+        raise CheckpointError(f"{folder.root} has no exported checkpoint ({RunFolder.CHECKPOINT}/config.json); "
+                              f"run `vlq export {folder.root}` first, or measure --point fake.")
+    if "fake_quant" in asked and not folder.search_state.exists():
+        raise SearchStateError(f"{folder.root} has no {RunFolder.SEARCH_STATE} to restore the fake-quantized model from; "
+                               "measure --point checkpoint instead.")
+    if "vllm" in asked:
+        from .vllm_runner import default_device, preflight
+
+        pre = preflight(folder.checkpoint)
+        if default_device() not in pre.runnable_on:
+            raise ServingError(f"vLLM on {default_device()} has no kernels for {', '.join(pre.algos)}, so it cannot serve "
+                               f"{folder.checkpoint} to measure point c; measure --point checkpoint instead.")
+    data = data if data is not None else saved_data_request(saved)
+    calibration = calibrate(loaded, saved.scheme, data, progress=progress)
+    kinds = ("text",) if asked == ["vllm"] else ("text", "image_text")  # vLLM measures held-out text only
+    references = fidelity_references(loaded, saved.scheme, data, calibration=calibration, kinds=kinds, rows=rows, progress=progress)
+    measured: list[FidelityMetrics] = []
+    for point in asked:
+        if point == "fake_quant":
+            restore(folder, loaded, calibration=calibration, progress=progress)
+            unify_fused_scales(loaded.language_model)  # as `vlq run` measures point a: fused scales as exported
+            measured += measure_fake_quant(loaded, references, progress=progress)
+        elif point == "checkpoint":
+            measured += measure_checkpoint(folder.checkpoint, references, progress=progress)
+        else:
+            measured += measure_served(folder.checkpoint, references, progress=progress)
+    manifest = Manifest.load(folder.manifest).with_fidelity(*measured)  # restore may have rewritten it
+    manifest.save(folder.manifest)
+    progress.stage(f"fidelity recorded in {folder.manifest}")
+    return MeasuredRun(folder, manifest, tuple(measured))
+
+
 __all__ = [
-    "ComparisonRun", "Exported", "RunOutcome", "Searched", "Served",
-    "calibrate", "compare_calibration", "export", "fidelity_references", "fresh_copy", "load_model",
-    "export_agreement", "measure_checkpoint", "measure_fake_quant", "measure_served", "record_fidelity", "restore", "run",
-    "search", "serve_check", "serving_skip_reason", "sweep",
+    "ComparisonRun", "Exported", "MeasuredRun", "MethodComparisonRun", "RunOutcome", "Searched", "Served",
+    "calibrate", "compare_calibration", "compare_methods", "export", "fidelity_references", "fresh_copy", "load_model",
+    "export_agreement", "measure_checkpoint", "measure_fake_quant", "measure_run", "measure_served", "record_fidelity",
+    "restore", "run", "saved_data_request", "search", "serve_check", "serving_skip_reason", "sweep",
 ]

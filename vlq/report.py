@@ -287,8 +287,13 @@ def write_report(
     manifests: list[str | _os.PathLike] = (),
     sweeps: list[str | _os.PathLike] = (),
     baseline: str | _os.PathLike | None = None,
+    comparisons: list[str | _os.PathLike] = (),
 ) -> _Path:
-    """Write ``out_dir/README.md`` with tables and the PNG plots next to it. Returns the Markdown path."""
+    """Write ``out_dir/README.md`` with tables and the PNG plots next to it. Returns the Markdown path.
+
+    ``comparisons`` are ``comparison.json`` files of ``vlq compare-calibration`` / ``vlq compare-methods``:
+    decision agreement beside each scheme's fidelity to BF16 (and the score scatter for calibrations).
+    """
     from .files import atomic_write_text
 
     out = _Path(out_dir)
@@ -322,4 +327,13 @@ def write_report(
                          headers=["target", "achieved", "score", "formats", "re-solve s", "export+verify s", "verified"], tablefmt="github")
         sections.append(f"## Sweep: search {sweep['search_s']:.1f}s, all decisions {sweep['decisions_s']:.1f}s, "
                         f"with exports {sweep['total_s']:.1f}s\n\n{table}\n\n![pareto]({png.name})")
+    for path in comparisons:
+        from .compare import CalibrationComparison, load_comparison
+
+        comparison = load_comparison(path)
+        plot = None
+        if isinstance(comparison, CalibrationComparison):
+            plot = comparison.plot(out / f"comparison_{_Path(path).parent.name or 'calibration'}.png").name
+        text = comparison.markdown(plot_path=plot) if plot else comparison.markdown()
+        sections.append(("## Comparison: " + text.removeprefix("## ")).rstrip())
     return atomic_write_text(out / "README.md", "\n\n".join(sections) + "\n")
