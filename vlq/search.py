@@ -34,6 +34,7 @@ from .applicability import FormatExclusion, FormatPlan, lm_layer_shapes, plan_fo
 from .calibration import IGNORE_INDEX, CalibrationSet
 from .checks import Check
 from .errors import GuardViolation, ResourceError, SchemeError, SearchStateError
+from .files import kill_point
 from .models import LoadedVLM, fingerprint_parameters
 from .progress import SILENT, Progress
 from .schemes import NO_QUANT, Scheme, format_for_modelopt_name
@@ -526,6 +527,7 @@ def search_lm_only(
 
     def forward_step(m, batch):
         if torch.is_inference_mode_enabled():  # kl_div scoring runs under inference mode
+            kill_point("score-step")
             clock.mark_score()
             bars.scored()
         else:
@@ -538,6 +540,7 @@ def search_lm_only(
         return out
 
     def loss_func(output, batch):
+        kill_point("score-step")  # tests interrupt a real scoring step here
         clock.mark_score()
         bars.scored()
         loss = causal_lm_loss(output, batch)
