@@ -164,3 +164,52 @@ def lm_layer_shapes(loaded) -> list[LayerShape]:
     """Shapes of the language model's linears (full-VLM names) of a loaded model."""
     modules = dict(loaded.vlm.named_modules())
     return [LayerShape(name, int(modules[name].in_features), int(modules[name].out_features)) for name in loaded.lm_module_names()]
+
+
+# ------------------------------------------------------------------------------------------------
+# From config.json alone: refuse before anything heavy is imported
+# ------------------------------------------------------------------------------------------------
+
+#: ModelOpt 0.47's ``quant_grouping_rules`` for Qwen2-style layers (q/k/v share one decision, gate/up
+#: another); tests/test_faults.py checks they group a real model as ModelOpt does.
+FUSED_GROUP_RULES = (r"^(.*?)\.(q_proj|k_proj|v_proj)$", r"^(.*?)\.(gate_proj|up_proj)$")
+
+
+def fused_group_key(name: str) -> str:
+    import re
+
+    for rule in FUSED_GROUP_RULES:
+        match = re.match(rule, name)
+        if match:
+            return match.group(1)
+    return name
+
+
+def lm_shapes_from_config(config: Mapping[str, Any], lm_path: str = "model.language_model") -> list[LayerShape]:
+    """The language model's linear shapes of a Qwen2.5-VL ``config.json`` (q/k/v, o, gate/up, down per layer)."""
+    text = config.get("text_config") or config
+    hidden, inter = int(text["hidden_size"]), int(text["intermediate_size"])
+    heads = int(text["num_attention_heads"])
+    kv = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    shapes = []
+    for i in range(int(text["num_hidden_layers"])):
+        p = f"{lm_path}.layers.{i}"
+        shapes += [LayerShape(f"{p}.self_attn.q_proj", hidden, heads * head_dim), LayerShape(f"{p}.self_attn.k_proj", hidden, kv * head_dim),
+                   LayerShape(f"{p}.self_attn.v_proj", hidden, kv * head_dim), LayerShape(f"{p}.self_attn.o_proj", heads * head_dim, hidden),
+                   LayerShape(f"{p}.mlp.gate_proj", hidden, inter), LayerShape(f"{p}.mlp.up_proj", hidden, inter),
+                   LayerShape(f"{p}.mlp.down_proj", inter, hidden)]
+    return shapes
+
+
+def require_fits_config(config_file, scheme: Scheme) -> FormatPlan | None:
+    """Refuse ``scheme`` for the checkpoint whose ``config.json`` is ``config_file`` (see :meth:`FormatPlan.require`);
+    None when the config does not describe the shapes (the search plans from the loaded model then)."""
+    import json
+    from pathlib import Path
+
+    try:
+        shapes = lm_shapes_from_config(json.loads(Path(config_file).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return plan_formats(scheme.formats, shapes, fused_group_key).require(scheme)

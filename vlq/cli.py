@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from .errors import SchemeError, VlqError
-from .inputs import TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
+from .inputs import QWEN25_VL_3B_RANDOM, TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
 
 SCHEME_FIELDS = ("formats", "target_bits", "method", "strategy", "num_calib_steps", "num_score_steps", "batch_size",
                  "seq_len", "kv_cache_fp8")
@@ -99,6 +99,11 @@ def _prepare(args):
     model = ModelRequest(model.source, device, model.trust_remote_code)
     scheme = _scheme(args, device, full_size=full_size)
     scheme.require_device(device)
+    if not full_size or model.source == QWEN25_VL_3B_RANDOM:
+        return model, data, scheme
+    from .applicability import require_fits_config
+
+    require_fits_config(Path(model.source) / "config.json", scheme)  # layer sizes outside a format's blocks: refused now
     return model, data, scheme
 
 
@@ -207,6 +212,10 @@ def cmd_sweep(args) -> int:
     model, data, scheme = _prepare(args)
     for target in targets:
         scheme.with_(target_bits=target)  # refuse an infeasible target before loading anything
+        if Path(model.source, "config.json").exists():
+            from .applicability import require_fits_config
+
+            require_fits_config(Path(model.source) / "config.json", scheme.with_(target_bits=target))
     folder = RunFolder(args.out or f"runs/sweep-{'+'.join(scheme.formats)}-{scheme.method}-{scheme.strategy}").require_writable()
     with _session(folder, args.verbose) as (terminal, progress):
         from . import pipeline
