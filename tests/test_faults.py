@@ -425,10 +425,17 @@ def run_copy(fp8_run, tmp_path) -> Path:
     return Path(shutil.copytree(fp8_run.root, tmp_path / "run"))
 
 
+@pytest.fixture
+def export_args(run_copy, tiny_checkpoint) -> tuple:
+    """`vlq export RUN --overwrite` from the session's tiny checkpoint (nothing to build into a cache)."""
+    return ("export", run_copy, "--overwrite", "--model", tiny_checkpoint)
+
+
 def _checkpoint_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((folder / "checkpoint").iterdir())}
 
 
+@pytest.mark.slow  # ~20 s; SIGKILL during scoring (and the resume) runs by default in test_reliability.py
 def test_sigterm_during_scoring_stops_cleanly(tiny_checkpoint, tmp_path):
     out = tmp_path / "run"
     run = vlq_cli("search", "--model", tiny_checkpoint, "--out", out, *FP8_CLI, cwd=tmp_path, kill_after="score-step", kill_signal="TERM")
@@ -437,27 +444,39 @@ def test_sigterm_during_scoring_stops_cleanly(tiny_checkpoint, tmp_path):
     assert not (out / "manifest.json").exists() and _leftovers(out) == [], _leftovers(out)
 
 
-def test_sigterm_during_export_keeps_the_previous_checkpoint(run_copy, tmp_path):
+def test_sigterm_during_export_keeps_the_previous_checkpoint(run_copy, export_args, tmp_path):
     previous = _checkpoint_bytes(run_copy)
-    run = vlq_cli("export", run_copy, "--overwrite", cwd=tmp_path, kill_after="export", kill_signal="TERM")
+    run = vlq_cli(*export_args, cwd=tmp_path, kill_after="export", kill_signal="TERM")
     assert run.returncode == 143, run.tail()
     _one_error_line(run, r"^vlq: error: stopped by SIGTERM")
     assert _checkpoint_bytes(run_copy) == previous and _leftovers(run_copy) == [], "cleaned up at once (SIGKILL leaves it to the next run)"
 
 
-def test_full_disk_during_export_is_one_line_and_keeps_the_previous_checkpoint(run_copy, tmp_path):
+def test_full_disk_during_export_is_one_line_and_keeps_the_previous_checkpoint(run_copy, export_args, tmp_path):
     previous = _checkpoint_bytes(run_copy)
     limit = (run_copy / "checkpoint" / "model.safetensors").stat().st_size // 2  # the new weights cannot be written
-    run = vlq_cli("export", run_copy, "--overwrite", cwd=tmp_path, file_size_limit=limit)
+    run = vlq_cli(*export_args, cwd=tmp_path, file_size_limit=limit)
     assert run.returncode == 2, run.tail()
     _one_error_line(run, r"^vlq: error: export: the disk is full or a file-size limit was hit while writing .*checkpoint \(.*\)\. "
                          r"Free space or choose a folder on another disk")
     assert _checkpoint_bytes(run_copy) == previous and _leftovers(run_copy) == []
 
 
-def test_unexpected_exception_is_an_internal_error_with_the_log(run_copy, tmp_path):
+def test_unexpected_exception_is_an_internal_error_with_a_log(ckpt_copy, tmp_path):
+    """A vlq bug (an exception vlq did not expect) right before vLLM would start: one line, exit 3, the
+    trace in a log named on that line (no run folder here: $VLQ_CACHE_DIR/logs)."""
+    run = vlq_cli("check", ckpt_copy, cwd=tmp_path, kill_after="serve", kill_signal="RAISE")
+    assert run.returncode == 3, run.tail()
+    line = _one_error_line(run, r"^vlq: internal error: RuntimeError: fault injected at kill point 'serve' .*\(details: .*\.log\)$")
+    log = Path(line.rsplit("(details: ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / ".vlq-cache" / "logs" and "Traceback" in log.read_text(), log
+    assert run.heavy_imports == ()
+
+
+@pytest.mark.slow  # ~25 s: the same inside a real export, whose run folder's log.txt gets the trace
+def test_unexpected_exception_in_export_is_an_internal_error_with_the_run_log(run_copy, export_args, tmp_path):
     previous = _checkpoint_bytes(run_copy)
-    run = vlq_cli("export", run_copy, "--overwrite", cwd=tmp_path, kill_after="export", kill_signal="RAISE")
+    run = vlq_cli(*export_args, cwd=tmp_path, kill_after="export", kill_signal="RAISE")
     assert run.returncode == 3, run.tail()
     line = _one_error_line(run, r"^vlq: internal error: RuntimeError: fault injected at kill point 'export' .*\(details: .*log\.txt\)$")
     log = Path(line.rsplit("(details: ", 1)[1].rstrip(")"))

@@ -311,6 +311,9 @@ def cmd_check(args) -> int:
                "\n".join(c.verdict() for c in verdict if not c.ok),
                "vLLM was not started: the checkpoint on disk is inconsistent. Export it again (vlq export RUN --overwrite).")
         return 1
+    from .files import kill_point
+
+    kill_point("serve")  # tests interrupt here: the checkpoint passed, vLLM not yet started
     if importlib.util.find_spec("vllm") is None:
         raise VlqError("`vlq check` needs vLLM, found no vllm package; install it (scripts/install.sh installs the CPU build).")
     folder = RunFolder(path.parent) if (path.parent / RunFolder.MANIFEST).exists() else None

@@ -5,7 +5,7 @@
 * :func:`replace_dir` / :func:`recover_interrupted_export` / :func:`check_export_dir` — a checkpoint
   folder is swapped in whole; what a killed export left behind is cleaned up on the next one.
 * :func:`kill_point` — test hook: ``VLQ_TEST_KILL_AFTER=<name>`` SIGKILLs the process at that point
-  (``calibration``, ``scoring``, ``score-step``, ``export``, ``export-swap``), so tests interrupt real runs
+  (``calibration``, ``scoring``, ``score-step``, ``export``, ``export-swap``, ``serve``), so tests interrupt real runs
   exactly; ``VLQ_TEST_KILL_SIGNAL=TERM`` sends SIGTERM instead, ``RAISE`` raises an unexpected exception
   there (the CLI's internal-error path).
 
