@@ -65,28 +65,41 @@ class CliRun:
                f"--- stdout ---\n{self.stdout[-n:]}\n--- stderr ---\n{self.stderr[-n:]}"
 
 
-def vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 600) -> CliRun:
+def vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = None, kill_signal: str = "KILL",
+            env: dict[str, str] | None = None, file_size_limit: int | None = None, timeout: float = 600) -> CliRun:
     """Run ``vlq ARGS`` in a fresh interpreter in ``cwd``.
 
-    ``kill_after`` names a :func:`vlq.files.kill_point` at which the process SIGKILLs itself.  The
-    tiny model's build cache goes to ``cwd/.vlq-cache`` unless ``VLQ_CACHE_DIR`` is already set, so
-    nothing is written outside the test's folder.
+    ``kill_after`` names a :func:`vlq.files.kill_point` at which the process interrupts itself with
+    ``kill_signal`` (``KILL``, ``TERM``, or ``RAISE`` for an unexpected exception).  ``file_size_limit``
+    caps every file the process writes (``RLIMIT_FSIZE``, with SIGXFSZ ignored so writes fail with EFBIG,
+    as on a full disk).  The tiny model's build cache goes to ``cwd/.vlq-cache`` unless ``VLQ_CACHE_DIR``
+    is already set, so nothing is written outside the test's folder.
     """
-    from vlq.files import KILL_ENV
+    from vlq.files import KILL_ENV, KILL_SIGNAL_ENV
 
     args = tuple(str(a) for a in args)
     full_env = dict(os.environ)
     full_env.pop(KILL_ENV, None)
+    full_env.pop(KILL_SIGNAL_ENV, None)
     full_env.setdefault("VLQ_CACHE_DIR", str(Path(cwd) / ".vlq-cache"))
     full_env.update(env or {})
     if kill_after:
         full_env[KILL_ENV] = kill_after
+        full_env[KILL_SIGNAL_ENV] = kill_signal
+
+    def limit_file_size():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited through exec: a too-large write fails, no core dump
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     with tempfile.TemporaryDirectory(prefix="vlq-cli-") as tmp:
         marker = Path(tmp) / "heavy_imports"
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", _ENTRY, str(marker), *args], cwd=cwd, env=full_env,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=limit_file_size if file_size_limit is not None else None)
         seconds = time.perf_counter() - start
         heavy = tuple(marker.read_text().split()) if marker.exists() else None
     return CliRun(args, proc.returncode, proc.stdout, proc.stderr, seconds, heavy)

@@ -9,6 +9,8 @@ it, listing the problems.  Tables of checks are rendered in :mod:`vlq.report`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
+
 from .errors import VlqError
 
 #: How many problems an error message lists before "... and N more".
@@ -35,10 +37,16 @@ class Check:
     def require(self) -> "Check":
         """Return ``self`` when the check holds, else raise the stage's error listing the problems."""
         if self.problems:
-            shown = "\n  ".join(self.problems[:SHOWN_PROBLEMS])
-            more = f"\n  ... and {len(self.problems) - SHOWN_PROBLEMS} more" if len(self.problems) > SHOWN_PROBLEMS else ""
-            raise self.error(f"{self.name} failed ({len(self.problems)} problems):\n  {shown}{more}")
+            raise self.error(self.verdict())
         return self
+
+    def verdict(self) -> str:
+        """``NAME failed (N problems):`` and the problems one per line (the first SHOWN_PROBLEMS)."""
+        if not self.problems:
+            return f"{self.name}: holds ({self.detail})"
+        shown = "\n  ".join(self.problems[:SHOWN_PROBLEMS])
+        more = f"\n  ... and {len(self.problems) - SHOWN_PROBLEMS} more" if len(self.problems) > SHOWN_PROBLEMS else ""
+        return f"{self.name} failed ({len(self.problems)} problems):\n  {shown}{more}"
 
     def summary(self) -> str:
         """The detail line when the check holds, else its first problems."""
@@ -46,3 +54,11 @@ class Check:
             return self.detail
         first = "; ".join(self.problems[:3])
         return first + (f" (+{len(self.problems) - 3} more)" if len(self.problems) > 3 else "")
+
+
+def checks_table(checks: Sequence[Check], fmt: str = "github") -> str:
+    """One row per check: name, PASS/FAIL, the detail line or the first problems."""
+    from tabulate import tabulate
+
+    rows = [[c.name, "PASS" if c.ok else "FAIL", c.summary()] for c in checks]
+    return tabulate(rows, headers=["check", "result", "detail"], tablefmt=fmt)

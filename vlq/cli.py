@@ -113,6 +113,10 @@ def _prepare(args):
     model = ModelRequest(model.source, device, model.trust_remote_code)
     scheme = _scheme(args, device, full_size=full_size)
     scheme.require_device(device)
+    if full_size and Path(str(model.source)).is_dir():
+        from .applicability import require_fits_config
+
+        require_fits_config(Path(model.source) / "config.json", scheme)  # layer sizes outside a format's blocks: refused now
     plan = _plan(args, model, scheme)
     if plan is not None:
         scheme = plan.require().scheme  # refused here, before anything loads, when it cannot fit
@@ -243,6 +247,10 @@ def cmd_sweep(args) -> int:
     model, data, scheme = _prepare(args)
     for target in targets:
         scheme.with_(target_bits=target)  # refuse an infeasible target before loading anything
+        if Path(model.source, "config.json").exists():
+            from .applicability import require_fits_config
+
+            require_fits_config(Path(model.source) / "config.json", scheme.with_(target_bits=target))
     folder = RunFolder(args.out or f"runs/sweep-{'+'.join(scheme.formats)}-{scheme.method}-{scheme.strategy}").require_writable()
     with _session(folder, args.verbose) as (terminal, progress):
         from . import pipeline
@@ -407,24 +415,39 @@ def cmd_explain(args) -> int:
 
 
 def cmd_check(args) -> int:
-    """Serve an exported checkpoint in vLLM and check it layer by layer."""
+    """Pre-flight the checkpoint from disk, then serve it in vLLM and check it layer by layer."""
     import importlib.util
 
+    from .checkpoint import checkpoint_verdict
+    from .checks import checks_table
     from .vllm_runner import preflight
 
     path = Path(args.path).expanduser().resolve()
     pre = preflight(path)  # light: refuses what vLLM cannot serve before an engine starts
+    manifest_path = Path(args.manifest) if args.manifest else path.parent / RunFolder.MANIFEST
+    manifest = None
+    if args.manifest or manifest_path.exists():
+        from .manifest import Manifest
+
+        manifest = Manifest.load(manifest_path)
+    # from the files alone, torch-free: only a consistent checkpoint reaches vLLM
+    verdict = checkpoint_verdict(path, manifest)
+    if not all(c.ok for c in verdict):
+        _print(f"vlq check {path} ({pre.quant_algo or 'unquantized'}): pre-flight from disk", checks_table(verdict),
+               "\n".join(c.verdict() for c in verdict if not c.ok),
+               "vLLM was not started: the checkpoint on disk is inconsistent. Export it again (vlq export RUN --overwrite).")
+        return 1
+    from .files import kill_point
+
+    kill_point("serve")  # tests interrupt here: the checkpoint passed, vLLM not yet started
     if importlib.util.find_spec("vllm") is None:
         raise VlqError("`vlq check` needs vLLM, found no vllm package; install it (scripts/install.sh installs the CPU build).")
-    from .manifest import Manifest
-
-    manifest = Manifest.load(args.manifest) if args.manifest else None
     folder = RunFolder(path.parent) if (path.parent / RunFolder.MANIFEST).exists() else None
     with _session(folder, args.verbose) as (terminal, progress):
         from . import pipeline
 
         served = pipeline.serve_check(path, manifest=manifest, reference=args.reference, progress=progress)
-    from .report import checks_table, served_layer_table
+    from .report import served_layer_table
 
     _print(f"vlq check {path} ({pre.quant_algo or 'unquantized'}; expected formats from {served.expectations_from})",
            served_layer_table(served.layers, served.expected), checks_table(served.checks), served.note)
@@ -531,13 +554,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit codes (docs/guide.md, "What can go wrong").
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_REFUSED, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _raise_on_signal(signum, _frame) -> None:
+    import signal
+
+    from .errors import Terminated
+
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; every failure ends as one line on stderr and an exit code, never a traceback.
+
+    0: done, every check holds; 1: a check failed (its verdict is printed); 2: refused (bad input, or a
+    stage failed: ``vlq: error:`` names the first cause, the trace is in the log); 3: ``vlq: internal
+    error`` (a vlq bug; the trace is in the log); 128+N: stopped by signal N (SIGTERM 143, SIGINT 130)
+    after cleaning up what it was writing.
+    """
+    import signal
+
+    from .errors import Terminated
+
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_signal)  # cleanup runs in `finally` blocks, as for Ctrl-C
     try:
         return args.func(args)
     except VlqError as exc:
         print(f"vlq: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except (Terminated, KeyboardInterrupt) as exc:
+        name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
+        print(f"vlq: error: stopped by {name}; nothing half-written was kept (a search resumes when the same command runs again).",
+              file=sys.stderr)
+        return 128 + int(getattr(signal, name))
+    except Exception as exc:
+        from .console import log_exception
+        from .errors import one_line
+
+        log = log_exception(exc)
+        print(f"vlq: internal error: {one_line(exc)} (details: {log or 'no log could be written'})", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -13,8 +13,42 @@ import io
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import IO, Iterator
+
+#: The log of the command running now (set by :func:`third_party_to_log`, kept after it ends so the
+#: CLI can name it in an error line).
+_current_log: Path | None = None
+
+
+def current_log() -> Path | None:
+    return _current_log
+
+
+def error_log_path() -> Path:
+    """Where a command without a run folder writes a trace: ``$VLQ_CACHE_DIR/logs`` (~/.cache/vlq/logs)."""
+    base = Path(os.environ.get("VLQ_CACHE_DIR", Path.home() / ".cache" / "vlq"))
+    return base / "logs" / f"vlq-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def log_exception(exc: BaseException, log_path: str | os.PathLike | None = None) -> Path | None:
+    """Append ``exc``'s full trace to the command's log (or a fresh one); return the log's path.
+
+    Never raises: a log that cannot be written (a full disk) gives ``None``, and the caller's one-line
+    message still goes out.
+    """
+    global _current_log
+    path = Path(log_path) if log_path is not None else (_current_log or error_log_path())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8", errors="replace") as fh:
+            fh.write(f"\n===== vlq trace {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+            fh.write("".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    _current_log = path
+    return path
 
 
 def _own_stream(stream: IO[str]) -> tuple[IO[str], int | None]:
@@ -33,6 +67,9 @@ def third_party_to_log(log_path: str | os.PathLike | None, *, verbose: bool = Fa
 
     With ``verbose`` (or no log path) nothing is redirected and the terminal is ``sys.stdout``.
     """
+    global _current_log
+    if log_path is not None:
+        _current_log = Path(log_path)  # traces go here even with --verbose
     if verbose or log_path is None:
         yield sys.stdout
         return

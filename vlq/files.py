@@ -5,7 +5,9 @@
 * :func:`replace_dir` / :func:`recover_interrupted_export` / :func:`check_export_dir` — a checkpoint
   folder is swapped in whole; what a killed export left behind is cleaned up on the next one.
 * :func:`kill_point` — test hook: ``VLQ_TEST_KILL_AFTER=<name>`` SIGKILLs the process at that point
-  (``calibration``, ``scoring``, ``export``, ``export-swap``), so tests interrupt real runs exactly.
+  (``calibration``, ``scoring``, ``score-step``, ``export``, ``export-swap``, ``serve``), so tests interrupt real runs
+  exactly; ``VLQ_TEST_KILL_SIGNAL=TERM`` sends SIGTERM instead, ``RAISE`` raises an unexpected exception
+  there (the CLI's internal-error path).
 
 Nothing here imports torch: the CLI validates paths with it before any heavy import.
 """
@@ -23,12 +25,19 @@ from typing import IO, Callable
 from .errors import CheckpointError
 
 KILL_ENV = "VLQ_TEST_KILL_AFTER"
+KILL_SIGNAL_ENV = "VLQ_TEST_KILL_SIGNAL"  # KILL (default), TERM, or RAISE
 
 
 def kill_point(name: str) -> None:
-    """SIGKILL this process when ``VLQ_TEST_KILL_AFTER`` names ``name`` (an interrupt, not an exception)."""
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Interrupt this process when ``VLQ_TEST_KILL_AFTER`` names ``name``: SIGKILL (no cleanup can run),
+    SIGTERM (``VLQ_TEST_KILL_SIGNAL=TERM``: the CLI cleans up and exits 143) or an unexpected exception
+    (``RAISE``: the CLI's internal-error line, exit 3)."""
+    if os.environ.get(KILL_ENV) != name:
+        return
+    how = os.environ.get(KILL_SIGNAL_ENV, "KILL").upper()
+    if how == "RAISE":
+        raise RuntimeError(f"fault injected at kill point {name!r} ({KILL_SIGNAL_ENV}=RAISE)")
+    os.kill(os.getpid(), signal.Signals[f"SIG{how}"])
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False) -> Path:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .applicability import FormatExclusion
 from .checks import Check
 from .errors import ManifestMismatch
 from .fidelity import FidelityMetrics
@@ -70,6 +71,8 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     #: measured fidelity to the BF16 model (one entry per data kind and measurement point)
     fidelity: tuple[FidelityMetrics, ...] = field(default=(), compare=False)
+    #: candidate formats removed from groups before the search (layer shapes outside their blocks), with why
+    format_exclusions: tuple[FormatExclusion, ...] = ()
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -86,6 +89,7 @@ class Manifest:
             total_score=sum(g.candidate(g.chosen).score for g in lm_groups),
             strategy_prefix=result.name_prefix,
             calibration_source=result.calibration_source,
+            format_exclusions=tuple(result.format_exclusions),
         )
 
     def with_groups(self, groups, *, achieved_bits: float | None = None) -> "Manifest":
@@ -96,6 +100,7 @@ class Manifest:
             self.model_source, self.lm_path, self.vision_root, self.tied_lm_head, self.scheme, groups,
             bits, sum(next(c.score for c in g.candidates if c.format == g.chosen) for g in groups),
             self.strategy_prefix, self.calibration_source, self.version, dict(self.extra),
+            format_exclusions=self.format_exclusions,
         )
 
     def with_fidelity(self, *metrics: FidelityMetrics) -> "Manifest":
@@ -140,6 +145,7 @@ class Manifest:
             "groups": [g.to_dict() for g in self.groups],
             "extra": self.extra,
             "fidelity": [m.to_dict() for m in self.fidelity],
+            "format_exclusions": [e.to_dict() for e in self.format_exclusions],
         }
 
     @classmethod
@@ -163,6 +169,7 @@ class Manifest:
             calibration_source=data.get("calibration_source", ""),
             extra=dict(data.get("extra", {})),
             fidelity=tuple(FidelityMetrics.from_dict(m) for m in data.get("fidelity", ())),
+            format_exclusions=tuple(FormatExclusion.from_dict(e) for e in data.get("format_exclusions", ())),
         )
 
     def to_json(self) -> str:
@@ -212,6 +219,10 @@ class Manifest:
         bits = lm_achieved_bits(self.groups)
         if not math.isclose(bits, self.achieved_bits, rel_tol=1e-9, abs_tol=1e-9):
             problems.append(f"achieved_bits {self.achieved_bits} != {bits} recomputed from the groups' costs")
+        chosen = {m: g.chosen for g in self.groups for m in g.members}
+        for e in self.format_exclusions:
+            if chosen.get(e.group) == e.format:
+                problems.append(f"group {e.group} chose {e.format}, which was removed from its candidates ({e.reason})")
         return problems
 
     def _against_state(self, state: dict[str, Any]) -> list[str]:
@@ -255,14 +266,28 @@ class Manifest:
         return problems
 
     def _against_checkpoint(self, checkpoint) -> list[str]:
-        from .checkpoint import CheckpointQuantConfig, checkpoint_module_name
+        from .checkpoint import CheckpointQuantConfig, checkpoint_module_name, read_tensor_index
 
         config = CheckpointQuantConfig.read(checkpoint)
-        problems = []
+        index, _ = read_tensor_index(Path(checkpoint))  # unreadable files are the on-disk check's to report
+        problems, absent, named = [], [], set()
         for g in self.groups:
             want = FORMATS[g.chosen].export_quant_algo if g.chosen != NO_QUANT else None
             for member in g.members:
-                got = config.algo_for(checkpoint_module_name(member, self.lm_path, self.vision_root))
+                name = checkpoint_module_name(member, self.lm_path, self.vision_root)
+                named.add(name)
+                if index and f"{name}.weight" not in index:
+                    absent.append(name)
+                    continue
+                got = config.algo_for(name)
                 if got != want:
                     problems.append(f"{member}: manifest says {want or 'unquantized'} but the checkpoint config says {got or 'unquantized'}")
+        if absent:
+            problems.insert(0, f"{len(absent)} of the manifest's {len(named)} layers are not in the checkpoint (first: {absent[0]}): "
+                            f"the manifest (model {self.model_source}) describes another model; pass the manifest of this export")
+        linears = {key.rpartition(".")[0] for key, meta in index.items() if key.endswith(".weight") and len(meta.shape) == 2}
+        extra = sorted(linears - named)
+        quantized_extra = [name for name in extra if name.startswith("model.layers.") and config.algo_for(name) is not None]
+        if quantized_extra:
+            problems.append(f"the checkpoint quantizes {len(quantized_extra)} layers the manifest does not list (first: {quantized_extra[0]})")
         return problems

@@ -277,21 +277,38 @@ def build_tiny_processor(tokenizer):
     )
 
 
-def tiny_config(tokenizer):
+def odd_text_shape(hidden_size: int, intermediate_size: int, *, num_hidden_layers: int = TINY_TEXT_CONFIG["num_hidden_layers"],
+                   num_attention_heads: int = TINY_TEXT_CONFIG["num_attention_heads"]) -> dict[str, Any]:
+    """Text-config overrides for a tiny model of other LM shapes (layer sizes outside a format's blocks).
+
+    The mrope sections are rescaled to the head size (they must sum to ``head_dim / 2``).
+    """
+    if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
+        raise ModelSourceError(f"hidden_size {hidden_size} must split into {num_attention_heads} heads of an even size.")
+    half = hidden_size // num_attention_heads // 2
+    side = half * 3 // 8
+    return {"hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_attention_heads, "num_key_value_heads": min(2, num_attention_heads),
+            "rope_scaling": {"type": "mrope", "mrope_section": [half - 2 * side, side, side]}}
+
+
+def tiny_config(tokenizer, text_overrides: dict[str, Any] | None = None, *, tie_word_embeddings: bool = True):
     from transformers import Qwen2_5_VLConfig
 
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
-    text = dict(TINY_TEXT_CONFIG)
+    text = {**TINY_TEXT_CONFIG, **(text_overrides or {})}
     text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     text["pad_token_id"] = ids["<|endoftext|>"]
+    # the merger projects vision features to the LM's hidden size
+    vision = {**TINY_VISION_CONFIG, "out_hidden_size": text["hidden_size"]}
     config = Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=dict(TINY_VISION_CONFIG),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,  # like the 3B model, so tied-lm_head handling is exercised
+        tie_word_embeddings=tie_word_embeddings,  # True like the 3B model, so tied-lm_head handling is exercised
     )
     config.bos_token_id = ids["<|endoftext|>"]
     config.eos_token_id = ids["<|im_end|>"]
@@ -314,11 +331,13 @@ def _init_weights_deterministically(model: nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = TINY_SEED) -> Path:
+def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = TINY_SEED, *, text_overrides: dict[str, Any] | None = None,
+                          tie_word_embeddings: bool = True) -> Path:
     """Build the tiny Qwen2.5-VL and save it (model, tokenizer, processor) to ``dest``.
 
-    The folder appears complete or not at all: everything is written to a sibling temporary
-    folder and renamed into place.
+    ``text_overrides`` changes the language model's shape (:func:`odd_text_shape`), and
+    ``tie_word_embeddings=False`` gives it its own ``lm_head``.  The folder appears complete or not at
+    all: everything is written to a sibling temporary folder and renamed into place.
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -328,7 +347,7 @@ def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = TINY_SEED) -> Pat
     dest.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     processor = build_tiny_processor(tokenizer)
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, text_overrides, tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     _init_weights_deterministically(model, seed)
@@ -341,9 +360,10 @@ def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = TINY_SEED) -> Pat
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "vlq_tiny.json").write_text(
-            json.dumps({"recipe_version": TINY_RECIPE_VERSION, "seed": seed}, indent=2) + "\n"
-        )
+        if text_overrides is None and tie_word_embeddings:  # other shapes load as a user's checkpoint, named by path
+            (tmp / "vlq_tiny.json").write_text(
+                json.dumps({"recipe_version": TINY_RECIPE_VERSION, "seed": seed}, indent=2) + "\n"
+            )
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)

@@ -30,7 +30,16 @@ from .calibration import (
 )
 from .checks import Check
 from .compare import CalibrationComparison, MethodComparison, compare_calibrations, compare_methods as compare_method_manifests
-from .errors import CalibrationDataError, CheckpointError, ManifestMismatch, SchemeError, SearchStateError, ServingError
+from .errors import (
+    CalibrationDataError,
+    CheckpointError,
+    ManifestMismatch,
+    ModelSourceError,
+    SchemeError,
+    SearchStateError,
+    ServingError,
+    stage_boundary,
+)
 from .export import ExportResult, add_fp8_kv_cache, export_checkpoint, unify_fused_scales
 from .fidelity import FidelityMetrics, FidelityReference, capture_reference, logits_forward, measure_against
 from .heldout import HELDOUT_PREFIX, HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
@@ -39,7 +48,7 @@ from .manifest import Manifest
 from .models import LoadedVLM, load_vlm
 from .progress import SILENT, Progress
 from .schemes import Scheme
-from .search import SearchResult, apply_decisions, check_guards, make_forward_step, search_lm_only
+from .search import SearchResult, apply_decisions, check_guards, make_forward_step, plan_lm_formats, search_lm_only
 from .sweep import SweepPoint, SweepResult, manifest_for_target
 from .vllm_runner import QuantResolution, ServedLayer, ServingReport
 
@@ -138,7 +147,8 @@ class MeasuredRun:
 def load_model(request: ModelRequest, *, progress: Progress = SILENT) -> LoadedVLM:
     """Stage 1: the BF16 model on ``request.device`` (``auto`` resolved by the caller)."""
     progress.stage(f"loading {request.source} on {request.device}")
-    return load_vlm(request.source, device=request.device, trust_remote_code=request.trust_remote_code)
+    with stage_boundary(f"loading {request.source}", ModelSourceError):
+        return load_vlm(request.source, device=request.device, trust_remote_code=request.trust_remote_code)
 
 
 def calibrate(loaded: LoadedVLM, scheme: Scheme, data: DataRequest = DataRequest(), *, progress: Progress = SILENT) -> CalibrationSet:
@@ -148,6 +158,13 @@ def calibrate(loaded: LoadedVLM, scheme: Scheme, data: DataRequest = DataRequest
     through the model's tokenizer; a model without a tokenizer (random-weight shapes) gets seeded
     synthetic tokens below the vision markers.
     """
+    with stage_boundary("calibration", CalibrationDataError):
+        calibration = _calibration_batches(loaded, scheme, data)
+    progress.stage(f"calibration: {calibration.num_samples} samples x {calibration.seq_len} tokens from {calibration.source}")
+    return calibration
+
+
+def _calibration_batches(loaded: LoadedVLM, scheme: Scheme, data: DataRequest) -> CalibrationSet:
     batches = max(scheme.num_calib_steps, scheme.num_score_steps)
     if data.images is not None:
         calibration = image_text_calibration(loaded, data.images, num_batches=batches, batch_size=scheme.batch_size,
@@ -161,7 +178,6 @@ def calibrate(loaded: LoadedVLM, scheme: Scheme, data: DataRequest = DataRequest
                                        "load a checkpoint folder with its tokenizer, or drop --data.")
         calibration = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=batches,
                                                  batch_size=scheme.batch_size, seq_len=scheme.seq_len, seed=data.seed)
-    progress.stage(f"calibration: {calibration.num_samples} samples x {calibration.seq_len} tokens from {calibration.source}")
     return calibration
 
 
@@ -230,7 +246,8 @@ def measure_checkpoint(checkpoint: str | Path, references: Sequence[FidelityRefe
     from .dequant import dequantize_checkpoint
 
     device = references[0].batches[0]["input_ids"].device if references else "cpu"
-    with progress.bar("fidelity (checkpoint from disk)", total=len(references)) as bar:
+    with progress.bar("fidelity (checkpoint from disk)", total=len(references)) as bar, \
+            stage_boundary("fidelity of the checkpoint read back from disk", CheckpointError):
         built = dequantize_checkpoint(checkpoint).build_model(device=device)
         forward = logits_forward(built.model)
         metrics = []
@@ -322,7 +339,8 @@ def search(
     With ``run`` the search state is saved to (and resumed from) ``run.search_state`` and, unless
     ``save_manifest`` is False, the manifest written to ``run.manifest`` — only after every check holds.
     """
-    result = search_lm_only(loaded, scheme, calibration, checkpoint=run.search_state if run else None, progress=progress)
+    with stage_boundary(f"search {scheme.id}", SchemeError):
+        result = search_lm_only(loaded, scheme, calibration, checkpoint=run.search_state if run else None, progress=progress)
     guards = tuple(g.require() for g in check_guards(result))
     manifest = Manifest.from_search(result)
     verified = manifest.verify(state=result.modelopt_state, model=loaded.vlm).require()
@@ -342,7 +360,7 @@ def export(
     """Stage 6: write the checkpoint (atomically), then prove it on disk and against the manifest."""
     path = destination.checkpoint if isinstance(destination, RunFolder) else Path(destination)
     loaded = searched.loaded
-    with progress.bar("export", total=3) as bar:
+    with progress.bar("export", total=3) as bar, stage_boundary("export", CheckpointError, where=str(path)):
         if searched.manifest.scheme.kv_cache_fp8:
             add_fp8_kv_cache(loaded, searched.calibration, make_forward_step(loaded, "extract"))
         bar.update()
@@ -368,6 +386,7 @@ def serve_check(
     parsing and per-layer method resolution; ``note`` says so.  With fidelity ``references`` the same
     engine also measures point c (:func:`measure_served`).  Needs an importable vLLM.
     """
+    from .checkpoint import checkpoint_verdict
     from .serving import check_resolution, expected_lm_formats, run_checks
     from .vllm_runner import VllmRunner, default_device, preflight, resolve_quant_methods, serve_checkpoint
 
@@ -378,22 +397,25 @@ def serve_check(
     if manifest is None and (path.parent / RunFolder.MANIFEST).exists():  # a `vlq run` folder
         manifest = Manifest.load(path.parent / RunFolder.MANIFEST)
     source = "the manifest" if manifest is not None else "the checkpoint's quantization config"
+    on_disk = checkpoint_verdict(path, manifest)  # only a consistent checkpoint reaches vLLM
+    if not all(c.ok for c in on_disk):
+        return Served(path, {}, source, (), on_disk, note="vLLM was not started: the checkpoint on disk is inconsistent.")
     expected = expected_lm_formats(manifest=manifest) if manifest is not None else expected_lm_formats(checkpoint=path)
     device = default_device()
     if device not in pre.runnable_on:
-        with progress.bar("vLLM per-layer resolution"):
+        with progress.bar("vLLM per-layer resolution"), stage_boundary("vLLM per-layer resolution", ServingError):
             resolution = resolve_quant_methods(path)
         note = (f"vLLM has no {device} kernels for {', '.join(pre.algos)}: checked config parsing and per-layer "
                 "method resolution only; generation NOT run.")
-        return Served(path, expected, source, resolution.layers, check_resolution(resolution, manifest=manifest),
+        return Served(path, expected, source, resolution.layers, on_disk + check_resolution(resolution, manifest=manifest),
                       resolution=resolution, note=note)
     fidelity: tuple[FidelityMetrics, ...] = ()
-    with progress.bar(f"vLLM engine ({device})"):
+    with progress.bar(f"vLLM engine ({device})"), stage_boundary(f"serving {path.name} in vLLM", ServingError):
         reference_report = serve_checkpoint(reference, device=device) if reference is not None else None
         with VllmRunner(path, device=device, **_served_fidelity_engine_args(references)) as runner:
             report = runner.report()
             fidelity = _served_fidelity(runner, references)
-    checks = run_checks(report, manifest=manifest, reference=reference_report)
+    checks = on_disk + run_checks(report, manifest=manifest, reference=reference_report)
     note = (f"engine start {report.engine_start_s:.1f}s, generation {report.generate_s:.1f}s; text tokens "
             f"{list(report.text.token_ids)}, image tokens {list(report.image.token_ids)}")
     return Served(path, expected, source, report.layers, checks, report=report, note=note, fidelity=fidelity)
@@ -428,6 +450,7 @@ def run(
 ) -> RunOutcome:
     """calibrate → BF16 reference → search → fidelity (a) → export → fidelity from disk (b) → vLLM checks
     and fidelity (c) on ``loaded``, which is quantized in place."""
+    plan_lm_formats(loaded, scheme)  # a format that fits no layer, or an unreachable target: refused before any work
     calibration = calibrate(loaded, scheme, data, progress=progress)
     references = fidelity_references(loaded, scheme, data, calibration=calibration, progress=progress)
     searched = search(loaded, scheme, calibration, run=folder, progress=progress)
@@ -545,6 +568,8 @@ def sweep(
         raise SearchStateError(f"{folder.search_state} exists; pass --overwrite to start a new sweep there.")
     folder.search_state.unlink(missing_ok=True)
 
+    for t in targets:
+        plan_lm_formats(pristine, scheme.with_(target_bits=t))  # shape limits: refused before any work
     first = scheme.with_(target_bits=targets[0])
     references = fidelity_references(pristine, first, data, calibration=calibration, progress=progress) if measure else ()
     loaded = fresh_copy(pristine)

@@ -11,7 +11,7 @@ from pathlib import Path as _Path
 
 from tabulate import tabulate
 
-from .checks import Check
+from .checks import Check, checks_table
 from .fidelity import SUMMARY_HEADERS, FidelityMetrics
 from .manifest import Manifest
 from .schemes import NO_QUANT
@@ -54,12 +54,6 @@ def summary_table(manifest: Manifest, checks: Sequence[Check], fmt: str = "githu
         tablefmt=fmt,
     )
     return head + "\n\n" + checks_table(checks, fmt)
-
-
-def checks_table(checks: Sequence[Check], fmt: str = "github") -> str:
-    """One row per check: name, PASS/FAIL, the detail line or the first problems."""
-    rows = [[c.name, "PASS" if c.ok else "FAIL", c.summary()] for c in checks]
-    return tabulate(rows, headers=["check", "result", "detail"], tablefmt=fmt)
 
 
 def served_layer_table(layers: Sequence[ServedLayer], expected: dict[str, str] | None = None, fmt: str = "github") -> str:

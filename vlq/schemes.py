@@ -62,6 +62,12 @@ class QuantFormat:
     #: AWQ and SmoothQuant fold their per-channel smoothing into the BF16 weights when the format is
     #: applied, so switching a group away from it afterwards does not give back the original weights.
     folds_weights: bool = False
+    #: Weights are quantized in blocks of this many input features (``None``: per tensor / channel).
+    #: ModelOpt's export packs whole blocks only ("partial blocks are not supported") and vLLM's NVFP4 and
+    #: MXFP8 kernels refuse other input sizes; tests/test_faults.py pins each to ModelOpt's live config.
+    block_size: int | None = None
+    #: Output features must be a multiple of this (INT4 packs two output channels per byte).
+    out_multiple: int = 1
 
     @property
     def config(self) -> dict[str, Any]:
@@ -149,12 +155,14 @@ FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
         QuantFormat("fp8", "FP8_DEFAULT_CFG", "FP8", False, "FP8 E4M3 weights and activations, per-tensor scales", 8.0),
-        QuantFormat("int4_awq", "INT4_AWQ_CFG", "W4A16_AWQ", False, "INT4 weights in blocks of 128 (AWQ), BF16 activations", 4.0, True),
-        QuantFormat("w4a8_awq", "W4A8_AWQ_BETA_CFG", "W4A8_AWQ", False, "INT4 AWQ weights, FP8 activations", 4.0, True),
+        QuantFormat("int4_awq", "INT4_AWQ_CFG", "W4A16_AWQ", False, "INT4 weights in blocks of 128 (AWQ), BF16 activations", 4.0, True,
+                    block_size=128, out_multiple=2),
+        QuantFormat("w4a8_awq", "W4A8_AWQ_BETA_CFG", "W4A8_AWQ", False, "INT4 AWQ weights, FP8 activations", 4.0, True,
+                    block_size=128, out_multiple=2),
         QuantFormat("int8_sq", "INT8_SMOOTHQUANT_CFG", "W8A8_SQ_PER_CHANNEL", False, "INT8 SmoothQuant, per-channel weights", 8.0, True),
-        QuantFormat("nvfp4", "NVFP4_DEFAULT_CFG", "NVFP4", True, "NVFP4 weights and activations, blocks of 16", 4.5),
-        QuantFormat("w4a16_nvfp4", "W4A16_NVFP4_CFG", "W4A16_NVFP4", True, "NVFP4 weights, BF16 activations", 4.5),
-        QuantFormat("mxfp8", "MXFP8_DEFAULT_CFG", "MXFP8", True, "MXFP8 weights and activations, blocks of 32", 8.0),
+        QuantFormat("nvfp4", "NVFP4_DEFAULT_CFG", "NVFP4", True, "NVFP4 weights and activations, blocks of 16", 4.5, block_size=16),
+        QuantFormat("w4a16_nvfp4", "W4A16_NVFP4_CFG", "W4A16_NVFP4", True, "NVFP4 weights, BF16 activations", 4.5, block_size=16),
+        QuantFormat("mxfp8", "MXFP8_DEFAULT_CFG", "MXFP8", True, "MXFP8 weights and activations, blocks of 32", 8.0, block_size=32),
     )
 }
 NO_QUANT = "none"  # the format name vlq gives AutoQuant's always-present "do not quantize" choice

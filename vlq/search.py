@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .applicability import FormatExclusion, FormatPlan, lm_layer_shapes, plan_formats
 from .calibration import IGNORE_INDEX, CalibrationSet
 from .checks import Check
 from .errors import GuardViolation, ResourceError, SchemeError, SearchStateError
+from .files import kill_point
 from .models import LoadedVLM, fingerprint_parameters
 from .progress import SILENT, Progress
 from .schemes import NO_QUANT, Scheme, format_for_modelopt_name
@@ -111,6 +113,8 @@ class SearchResult:
     # peak GPU memory as if the searched model were the only thing on the GPU (other resident
     # tensors, e.g. a test session's read-only copy of the model, subtracted)
     peak_gpu_own_bytes: int | None = None
+    #: candidate formats removed from groups before the search because the layer shapes do not fit them
+    format_exclusions: tuple[FormatExclusion, ...] = ()
 
     def lm_groups(self) -> tuple[GroupDecision, ...]:
         return groups_within(self.groups, self.loaded.lm_path)
@@ -451,6 +455,26 @@ def restriction_patterns(loaded: LoadedVLM) -> tuple[str, ...]:
     return (f"{loaded.vision.root}.*", loaded.vision.root, head_name, f"*{head_name}")
 
 
+def modelopt_group_key(model: nn.Module, name: str) -> str:
+    """The decision group ModelOpt's AutoQuant puts module ``name`` in (its ``quant_grouping_rules``)."""
+    import re
+
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
+
+    for rule in AutoQuantizeGradientSearcher.quant_grouping_rules:
+        key = rule(model, name) if callable(rule) else (m.group(1) if (m := re.match(rule, name)) else None)
+        if key is not None:
+            return key
+    return name
+
+
+def plan_lm_formats(loaded: LoadedVLM, scheme: Scheme) -> FormatPlan:
+    """Which of ``scheme``'s formats fit which LM decision groups (:mod:`vlq.applicability`), refused
+    up front (SchemeError naming the layers) when a format fits nothing or the target needs what was removed."""
+    plan = plan_formats(scheme.formats, lm_layer_shapes(loaded), lambda name: modelopt_group_key(loaded.vlm, name))
+    return plan.require(scheme)
+
+
 def _is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
@@ -517,6 +541,7 @@ def search_lm_only(
             f"{loaded.vocab_size}; rebuild it with this model's tokenizer."
         )
     _refuse_already_quantized(loaded)
+    plan = plan_lm_formats(loaded, scheme)  # before any calibration: a format that cannot apply is never searched
 
     model, prefix = searched_module(loaded, scheme.strategy)
     disabled: tuple[str, ...] = ()
@@ -525,6 +550,10 @@ def search_lm_only(
         patterns = restriction_patterns(loaded)
         disabled = patterns if disable_vision else ()
         excluded = patterns if exclude_cost else ()
+    search_spaces, unfit = plan.search_spaces(lambda name: name[len(prefix) + 1:] if prefix else name)
+    disabled += tuple(unfit)
+    if plan.restricted:
+        progress.stage(plan.summary())
 
     clock = _PhaseClock()
     forward = make_forward_step(loaded, scheme.strategy)
@@ -534,6 +563,7 @@ def search_lm_only(
 
     def forward_step(m, batch):
         if torch.is_inference_mode_enabled():  # kl_div scoring runs under inference mode
+            kill_point("score-step")
             clock.mark_score()
             bars.scored()
         else:
@@ -546,6 +576,7 @@ def search_lm_only(
         return out
 
     def loss_func(output, batch):
+        kill_point("score-step")  # tests interrupt a real scoring step here
         clock.mark_score()
         bars.scored()
         loss = causal_lm_loss(output, batch)
@@ -598,6 +629,7 @@ def search_lm_only(
                 verbose=verbose,
                 method=scheme.method,
                 checkpoint=str(checkpoint) if checkpoint is not None else None,
+                module_search_spaces=search_spaces or None,
             )
             if cuda:
                 torch.cuda.synchronize()
@@ -655,6 +687,7 @@ def search_lm_only(
         calibration_source=calibration.source,
         score_calls=clock.score_calls,
         peak_gpu_own_bytes=None if peak_gpu is None else peak_gpu - other_gpu_bytes,
+        format_exclusions=plan.exclusions,
     )
     result.achieved_bits = lm_achieved_bits(result.lm_groups())
     progress.stage(

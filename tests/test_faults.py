@@ -1,0 +1,484 @@
+"""Every failure is a verdict (issue 12): each fault is made to really happen, and ends as one clear line
+or a failed verdict, the documented exit code, no traceback on the terminal, and nothing half-written.
+
+* Format applicability: layer shapes outside a format's blocks are searched without that format (the
+  manifest says why) or refused before any search — never a crash in the export.
+* ``vlq check`` pre-flight: a copy of one real FP8 export, corrupted one way per case, is refused from
+  disk with the layers named, before vLLM starts (the CLI imports neither torch nor vLLM to do it).
+* Stage boundaries, signals, a full disk: real subprocesses, a real SIGTERM at a kill point, a real
+  file-size limit (``RLIMIT_FSIZE``), a real ModelOpt exception.
+
+The README's "What can go wrong" table counts the cases tried here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from helpers import vlq_cli
+from vlq import pipeline
+from vlq.applicability import LayerShape, fused_group_key, lm_layer_shapes, lm_shapes_from_config, plan_formats
+from vlq.checkpoint import SHARD_INDEX, checkpoint_verdict, expected_scale_shapes, inspect_checkpoint
+from vlq.errors import CheckpointError, SchemeError, stage_boundary
+from vlq.inputs import ModelRequest, RunFolder
+from vlq.manifest import Manifest
+from vlq.models import build_tiny_checkpoint, odd_text_shape
+from vlq.pipeline import fresh_copy
+from vlq.schemes import FORMATS, Scheme
+from vlq.search import modelopt_group_key, plan_lm_formats
+
+FP8 = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
+# what `vlq export RUN` restores for FP8 (the CLI's step flags of the search that wrote RUN)
+FP8_CLI = ("--formats", "fp8", "--bits", "8", "--calib-steps", "1", "--score-steps", "1", "--seq-len", "32", "--device", "cpu")
+SHAPE_FORMATS = ("fp8", "int4_awq")  # CPU formats: one per-tensor, one block format
+
+
+def _no_traceback(run) -> None:
+    assert "Traceback" not in run.stdout + run.stderr, run.tail()
+
+
+def _one_error_line(run, pattern: str) -> str:
+    """The process said exactly one thing on stderr: a ``vlq:`` line matching ``pattern``."""
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vlq: "), run.tail()
+    assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+    _no_traceback(run)
+    return lines[0]
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Half-written things vlq could leave: temporary files and partial export folders."""
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp") or ".partial-" in p.name or ".old-" in p.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Format applicability: shape arithmetic, then real odd-shaped models
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_block_sizes_are_modelopts(fmt):
+    """vlq's block sizes (used before ModelOpt is imported) are those of ModelOpt's live configs."""
+    weight = FORMATS[fmt].quantizer_signature().weight
+    first = weight[0] if isinstance(weight[0], tuple) and len(weight) == 2 and isinstance(weight[1], tuple) else weight
+    assert FORMATS[fmt].block_size == first[1]
+
+
+#: (in_features, out_features) -> the formats whose shape rules it meets.  Every format, CUDA-only ones too.
+SHAPE_TABLE = [
+    pytest.param((256, 256), {"fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="256x256-fits-all"),
+    pytest.param((192, 384), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="in192-not-128"),
+    pytest.param((208, 256), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4"}, id="in208-not-32"),
+    pytest.param((200, 256), {"fp8", "int8_sq"}, id="in200-not-16"),
+    pytest.param((256, 255), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="out255-odd-for-int4"),
+]
+
+
+@pytest.mark.parametrize("shape, fits", SHAPE_TABLE)
+def test_format_rules_per_shape(shape, fits):
+    plan = plan_formats(tuple(FORMATS), [LayerShape("model.language_model.layers.0.mlp.down_proj", *shape)], lambda n: n)
+    assert set(plan.allowed[0]) == fits
+    assert {e.format for e in plan.exclusions} == set(FORMATS) - fits
+    for e in plan.exclusions:
+        assert e.reason.startswith(e.format) and "layers.0.mlp.down_proj has" in e.reason, e.reason
+
+
+def test_a_fused_group_keeps_only_formats_every_member_fits():
+    """q/k/v share one decision: a format that misfits one member leaves the whole group."""
+    layers = [LayerShape("l.q_proj", 256, 256), LayerShape("l.k_proj", 256, 255), LayerShape("l.v_proj", 256, 256)]
+    plan = plan_formats(("fp8", "int4_awq"), layers, lambda n: "l")
+    assert plan.groups == (("l.q_proj", "l.k_proj", "l.v_proj"),) and plan.allowed == (("fp8",),)
+    assert "l.k_proj has 255 output features" in plan.exclusions[0].reason
+
+
+def _odd_model(tmp_path_factory, name: str, **shape) -> Path:
+    tied = shape.pop("tied", True)
+    overrides = odd_text_shape(**shape) if shape else None
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("odd") / name, text_overrides=overrides, tie_word_embeddings=tied)
+
+
+@pytest.fixture(scope="module")
+def one_layer_192(tmp_path_factory):
+    """One decoder layer, hidden 192 (not a multiple of 128), intermediate 384: INT4 fits only down_proj."""
+    return pipeline.load_model(ModelRequest(str(_odd_model(tmp_path_factory, "h192-1layer", hidden_size=192,
+                                                            intermediate_size=384, num_hidden_layers=1))))
+
+
+@pytest.fixture(scope="module")
+def searched_around_the_blocks(one_layer_192, tmp_path_factory):
+    """fp8+int4_awq on the 192-wide model: searched without int4 where it cannot apply, exported, verified."""
+    run = RunFolder(tmp_path_factory.mktemp("h192") / "run")
+    scheme = Scheme(formats=SHAPE_FORMATS, target_bits=7.5, num_calib_steps=1, num_score_steps=1, seq_len=32)
+    loaded = fresh_copy(one_layer_192)
+    searched = pipeline.search(loaded, scheme, pipeline.calibrate(loaded, scheme), run=run)
+    exported = pipeline.export(searched, run)
+    return searched, exported, run
+
+
+def test_format_that_cannot_apply_is_removed_from_those_groups_only(searched_around_the_blocks):
+    searched, _, run = searched_around_the_blocks
+    manifest = Manifest.load(run.manifest)
+    removed = {e.group: e for e in manifest.format_exclusions}
+    lm = "model.language_model.layers.0"
+    assert set(removed) == {f"{lm}.self_attn.q_proj", f"{lm}.self_attn.o_proj", f"{lm}.mlp.gate_proj"}
+    assert all(e.format == "int4_awq" and "blocks of 128" in e.reason and "192" in e.reason for e in removed.values())
+    candidates = {g.name: {c.format for c in g.candidates} for g in manifest.groups}
+    assert candidates[f"{lm}.self_attn.q_proj"] == {"fp8", "none"}, "int4_awq was never a candidate there"
+    assert candidates[f"{lm}.mlp.down_proj"] == {"fp8", "int4_awq", "none"}, "negative control: 384 inputs fit, int4 searched"
+    assert manifest.group(f"{lm}.mlp.down_proj").chosen == "int4_awq"
+
+
+def test_searched_around_the_blocks_exports_and_verifies(searched_around_the_blocks):
+    _, exported, _ = searched_around_the_blocks
+    assert all(c.ok for c in exported.checks), [c.verdict() for c in exported.checks]
+    config = exported.export.report.quant_config
+    assert config.quant_algo == "MIXED_PRECISION" and config.quantized_layers["model.layers.0.mlp.down_proj"] == "W4A16_AWQ"
+    assert config.quantized_layers["model.layers.0.self_attn.q_proj"] == "FP8"
+
+
+def test_without_the_rule_modelopts_export_crashes_and_the_stage_names_it(one_layer_192, tmp_path):
+    """Negative control: INT4 AWQ forced on 192-wide layers (what the search did before) fails in ModelOpt's
+    export; the export stage turns that into one CheckpointError naming the first cause, nothing written."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    from vlq.export import export_checkpoint
+
+    loaded = fresh_copy(one_layer_192)
+    batch = pipeline.calibrate(loaded, FP8).batches[0]["input_ids"]
+    with torch.no_grad():
+        mtq.quantize(loaded.language_model, mtq.INT4_AWQ_CFG, forward_loop=lambda m: m(input_ids=batch))
+    with pytest.raises(CheckpointError, match=r"export failed in modelopt: NotImplementedError: Cannot pack weight with input "
+                       r"dimension 192 and block size 128: partial blocks are not supported"):
+        with stage_boundary("export", CheckpointError):
+            export_checkpoint(loaded, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == [], "nothing half-written"
+
+
+def test_unreachable_target_is_refused_before_the_search_naming_the_layers(one_layer_192):
+    with pytest.raises(SchemeError, match=r"target_bits=5 is infeasible for this model: 3 decision groups cannot use int4_awq "
+                       r"\(int4_awq quantizes in blocks of 128 input features and model\.language_model\.layers\.0\.self_attn\.q_proj "
+                       r"has 192 .*minimum over the language model is 7\.\d+"):
+        plan_lm_formats(one_layer_192, Scheme(formats=SHAPE_FORMATS, target_bits=5.0))
+    plan_lm_formats(one_layer_192, Scheme(formats=SHAPE_FORMATS, target_bits=7.5))  # negative control: reachable
+
+
+ODD_SHAPES = [
+    pytest.param(dict(hidden_size=200, intermediate_size=344, num_hidden_layers=1), {"nvfp4", "w4a16_nvfp4", "mxfp8", "int4_awq", "w4a8_awq"},
+                 id="hidden200-not-16"),
+    pytest.param(dict(hidden_size=208, intermediate_size=400, num_hidden_layers=1), {"mxfp8", "int4_awq", "w4a8_awq"}, id="hidden208-not-32"),
+    pytest.param(dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1, tied=False), set(), id="untied-lm_head"),
+]
+
+
+@pytest.mark.parametrize("shape, removed", ODD_SHAPES)
+def test_odd_shaped_models_search_export_and_verify(tmp_path_factory, shape, removed):
+    """Real odd-shaped Qwen2.5-VL models: every format's rule holds on their real layers, and an FP8
+    search exports a checkpoint that passes the on-disk pre-flight (an untied lm_head stays excluded)."""
+    loaded = pipeline.load_model(ModelRequest(str(_odd_model(tmp_path_factory, "m", **dict(shape)))))
+    plan = plan_formats(tuple(FORMATS), lm_layer_shapes(loaded), lambda n: modelopt_group_key(loaded.vlm, n))
+    assert {e.format for e in plan.exclusions} == removed
+    from_config = plan_formats(tuple(FORMATS), lm_shapes_from_config(json.loads((loaded.path / "config.json").read_text())), fused_group_key)
+    assert from_config == plan, "config.json alone (what the CLI refuses with, before torch) plans as the loaded model with ModelOpt's groups"
+    assert loaded.tied_lm_head is shape.get("tied", True)
+    run = RunFolder(tmp_path_factory.mktemp("odd-run") / "run")
+    searched = pipeline.search(loaded, FP8, pipeline.calibrate(loaded, FP8))
+    exported = pipeline.export(searched, run)
+    verdict = checkpoint_verdict(exported.path, searched.manifest)
+    assert all(c.ok for c in verdict), [c.verdict() for c in verdict]
+    assert exported.export.report.quant_config.is_excluded("lm_head")
+
+
+def test_a_format_that_fits_no_layer_is_refused_from_config_before_torch(tmp_path_factory, tmp_path):
+    model = _odd_model(tmp_path_factory, "h200", hidden_size=200, intermediate_size=344, num_hidden_layers=1)
+    out = tmp_path / "run"
+    run = vlq_cli("run", "--model", model, "--formats", "int4_awq", "--bits", "8", "--no-serve", "--out", out, *FP8_CLI[4:],
+                  cwd=tmp_path)
+    assert run.returncode == 2, run.tail()
+    _one_error_line(run, r"vlq: error: Format int4_awq fits none of the language model's 4 decision groups: int4_awq quantizes "
+                         r"in blocks of 128 input features and model\.language_model\.layers\.0\.self_attn\.q_proj has 200 .*Drop int4_awq")
+    assert run.heavy_imports == (), f"refused from config.json before importing {run.heavy_imports}"
+    assert not out.exists(), "a refused run leaves nothing behind"
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. `vlq check` pre-flight from disk: one real export, copied and corrupted per case
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp8_run(pristine_vlm, tmp_path_factory) -> RunFolder:
+    """One real FP8 search + export of the tiny model (the run folder `vlq export` can restore)."""
+    run = RunFolder(tmp_path_factory.mktemp("fp8") / "run")
+    loaded = fresh_copy(pristine_vlm)
+    searched = pipeline.search(loaded, FP8, pipeline.calibrate(loaded, FP8), run=run)
+    pipeline.export(searched, run)
+    return run
+
+
+def _tensors(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _save(ckpt: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    for f in ckpt.glob("*.safetensors"):
+        f.unlink()
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def _set_scale(ckpt: Path, value: float, layers=("q_proj", "k_proj", "v_proj"), leaf="weight_scale") -> None:
+    """Set one scale of every member of layer 0's q/k/v group (members stay equal: only this fault shows)."""
+    import torch
+
+    tensors = _tensors(ckpt)
+    for name in layers:
+        key = f"model.layers.0.self_attn.{name}.{leaf}"
+        tensors[key] = torch.full_like(tensors[key], value)
+    _save(ckpt, tensors)
+
+
+def _reshard(ckpt: Path) -> dict:
+    """Split the checkpoint into two shards and a shard index, as large checkpoints ship; the index."""
+    from safetensors.torch import save_file
+
+    tensors = _tensors(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, ckpt / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (ckpt / SHARD_INDEX).write_text(json.dumps(index))
+    return index
+
+
+def _edit_quant_config(ckpt: Path, edit: Callable[[dict], None]) -> None:
+    """Apply ``edit`` to both copies of the quantization config (vLLM reads config.json's)."""
+    config = json.loads((ckpt / "config.json").read_text())
+    edit(config["quantization_config"])
+    (ckpt / "config.json").write_text(json.dumps(config))
+    hf = json.loads((ckpt / "hf_quant_config.json").read_text())
+    edit(hf["quantization"])
+    (ckpt / "hf_quant_config.json").write_text(json.dumps(hf))
+
+
+def _truncate(ckpt):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _zero_length(ckpt):
+    (ckpt / "model.safetensors").write_bytes(b"")
+
+
+def _wrong_header(ckpt):
+    f = ckpt / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    data[8:8 + length] = b"#" * length  # the right length, garbage instead of JSON
+    f.write_bytes(bytes(data))
+
+
+def _missing_shard(ckpt):
+    _reshard(ckpt)
+    (ckpt / "model-00002-of-00002.safetensors").unlink()
+
+
+def _index_names_missing_tensor(ckpt):
+    index = _reshard(ckpt)
+    index["weight_map"]["model.layers.0.mlp.down_proj.weight_scale_2"] = "model-00001-of-00002.safetensors"
+    (ckpt / SHARD_INDEX).write_text(json.dumps(index))
+
+
+def _config_names_absent_layers(ckpt):
+    def to_mixed(q):  # the same FP8 layers as MIXED_PRECISION, plus a layer this 4-layer model lacks
+        layers = {f"model.layers.{i}.{m}": {"quant_algo": "FP8"} for i in range(4)
+                  for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        layers["model.layers.7.mlp.down_proj"] = {"quant_algo": "FP8"}
+        q.update(quant_algo="MIXED_PRECISION", quantized_layers=layers)
+        q.pop("exclude_modules", None), q.pop("ignore", None)
+    _edit_quant_config(ckpt, to_mixed)
+
+
+def _algo_contradicted_by_dtypes(ckpt):
+    _edit_quant_config(ckpt, lambda q: q.update(quant_algo="NVFP4", group_size=16))  # a format vLLM serves: only the dtypes object
+
+
+def _no_longer_excludes_vision_and_head(ckpt):
+    def drop(q):
+        for key in ("exclude_modules", "ignore"):
+            if key in q:
+                q[key] = [p for p in q[key] if p not in ("visual*", "lm_head")]
+    _edit_quant_config(ckpt, drop)
+
+
+@dataclass(frozen=True)
+class DiskFault:
+    """One way a checkpoint on disk can be broken, and what the pre-flight must say about it."""
+
+    id: str
+    corrupt: Callable[[Path], None]
+    says: str  # a regex the verdict must contain (it names the file or the layers)
+
+    def param(self):
+        return pytest.param(self, id=self.id)
+
+
+DISK_FAULTS = [
+    DiskFault("truncated-safetensors", _truncate, r"model\.safetensors is truncated: its header promises \d+ bytes of tensor data, the file holds \d+"),
+    DiskFault("zero-length-safetensors", _zero_length, r"model\.safetensors is empty \(0 bytes\)"),
+    DiskFault("wrong-header-safetensors", _wrong_header, r"model\.safetensors has no valid safetensors header \(not JSON"),
+    DiskFault("shard-in-index-missing", _missing_shard, r"names shard model-00002-of-00002\.safetensors for \d+ tensors .* but the file is missing"),
+    DiskFault("index-names-missing-tensor", _index_names_missing_tensor,
+              r"maps tensor model\.layers\.0\.mlp\.down_proj\.weight_scale_2 to model-00001-of-00002\.safetensors, which does not hold it"),
+    DiskFault("nan-scale", lambda c: _set_scale(c, math.nan), r"model\.layers\.0\.self_attn\.q_proj\.weight_scale holds 1 non-finite values"),
+    DiskFault("zero-scale", lambda c: _set_scale(c, 0.0), r"model\.layers\.0\.self_attn\.q_proj\.weight_scale is zero"),
+    DiskFault("negative-scale", lambda c: _set_scale(c, -0.01), r"model\.layers\.0\.self_attn\.q_proj\.weight_scale holds 1 negative values"),
+    DiskFault("wrong-shape-scale", lambda c: _set_scale_shape(c), r"model\.layers\.0\.mlp\.down_proj\.input_scale has shape \[3\]; FP8 with weight \[256, 512\] exports \[\]"),
+    DiskFault("config-names-absent-layers", _config_names_absent_layers,
+              r"quantization config quantizes 1 layers the checkpoint does not hold: model\.layers\.7\.mlp\.down_proj"),
+    DiskFault("config-algo-contradicted-by-dtypes", _algo_contradicted_by_dtypes,
+              r"model\.layers\.0\.mlp\.down_proj: the config says NVFP4, which stores weights as U8, but the weight on disk is F8_E4M3"),
+    DiskFault("config-quantizes-vision-and-lm_head", _no_longer_excludes_vision_and_head,
+              r"quantization config applies FP8 to visual\.blocks\.0\.attn\.proj: its ignore list does not exclude the vision tower.*"
+              r"\(on disk it is BF16 without scales\)"),
+]
+
+
+def _set_scale_shape(ckpt):
+    tensors = _tensors(ckpt)
+    tensors["model.layers.0.mlp.down_proj.input_scale"] = tensors["model.layers.0.mlp.down_proj.input_scale"].reshape(1).repeat(3)
+    _save(ckpt, tensors)
+
+
+@pytest.fixture
+def ckpt_copy(fp8_run, tmp_path) -> Path:
+    """A private copy of the real export, outside a run folder (no manifest next to it)."""
+    return Path(shutil.copytree(fp8_run.checkpoint, tmp_path / "ckpt"))
+
+
+def test_the_real_export_passes_the_pre_flight(fp8_run, ckpt_copy):
+    """Negative control for every case below: the uncorrupted copy passes, with and without its manifest."""
+    assert all(c.ok for c in checkpoint_verdict(ckpt_copy)), [c.verdict() for c in checkpoint_verdict(ckpt_copy)]
+    assert all(c.ok for c in checkpoint_verdict(ckpt_copy, Manifest.load(fp8_run.manifest)))
+    resharded = shutil.copytree(ckpt_copy, ckpt_copy.parent / "resharded")
+    _reshard(resharded)
+    assert inspect_checkpoint(resharded).check.ok, "a consistent sharded checkpoint passes too"
+
+
+def test_export_layouts_are_the_shapes_the_pre_flight_expects(fp8_run):
+    """Pins expected_scale_shapes on a real export (FP8; AWQ layouts are pinned by the 192-wide export above)."""
+    report = inspect_checkpoint(fp8_run.checkpoint)
+    assert report.check.ok and expected_scale_shapes("FP8", (256, 256)) == {"weight_scale": (), "input_scale": ()}
+
+
+@pytest.mark.parametrize("fault", [f.param() for f in DISK_FAULTS])
+def test_vlq_check_refuses_an_inconsistent_checkpoint_before_vllm(ckpt_copy, tmp_path, fault):
+    fault.corrupt(ckpt_copy)
+    before = sorted(p.name for p in ckpt_copy.iterdir())
+    run = vlq_cli("check", ckpt_copy, cwd=tmp_path)
+    assert run.returncode == 1, run.tail()
+    assert "pre-flight from disk" in run.stdout and "| FAIL" in run.stdout, run.tail()
+    assert re.search(fault.says, run.stdout), f"{fault.says!r} not in the verdict\n{run.tail()}"
+    assert "vLLM was not started" in run.stdout and run.stderr == "", run.tail()
+    _no_traceback(run)
+    assert run.heavy_imports == (), f"the pre-flight imported {run.heavy_imports}: vLLM must not start"
+    assert sorted(p.name for p in ckpt_copy.iterdir()) == before, "the check writes nothing"
+
+
+def test_vlq_check_refuses_a_manifest_from_another_model(ckpt_copy, searched_around_the_blocks, tmp_path):
+    """The 1-layer model's manifest against the 4-layer export: the layers it does not list are named."""
+    _, _, other_run = searched_around_the_blocks
+    run = vlq_cli("check", ckpt_copy, "--manifest", other_run.manifest, cwd=tmp_path)
+    assert run.returncode == 1, run.tail()
+    assert "manifest == exported checkpoint" in run.stdout and "| FAIL" in run.stdout
+    assert "the checkpoint quantizes 21 layers the manifest does not list (first: model.layers.1.mlp.down_proj)" in run.stdout, run.tail()
+    assert "vLLM was not started" in run.stdout and run.stderr == "", run.tail()
+    _no_traceback(run)
+    assert "vllm" not in (run.heavy_imports or ()), run.heavy_imports
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Interrupts, a full disk and an unexpected exception, in real processes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_copy(fp8_run, tmp_path) -> Path:
+    """A private copy of the FP8 run folder (manifest, search state, checkpoint) for `vlq export`."""
+    return Path(shutil.copytree(fp8_run.root, tmp_path / "run"))
+
+
+@pytest.fixture
+def export_args(run_copy, tiny_checkpoint) -> tuple:
+    """`vlq export RUN --overwrite` from the session's tiny checkpoint (nothing to build into a cache)."""
+    return ("export", run_copy, "--overwrite", "--model", tiny_checkpoint)
+
+
+def _checkpoint_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "checkpoint").iterdir())}
+
+
+@pytest.mark.slow  # ~20 s; SIGKILL during scoring (and the resume) runs by default in test_reliability.py
+def test_sigterm_during_scoring_stops_cleanly(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    run = vlq_cli("search", "--model", tiny_checkpoint, "--out", out, *FP8_CLI, cwd=tmp_path, kill_after="score-step", kill_signal="TERM")
+    assert run.returncode == 143, run.tail()
+    _one_error_line(run, r"^vlq: error: stopped by SIGTERM; nothing half-written was kept")
+    assert not (out / "manifest.json").exists() and _leftovers(out) == [], _leftovers(out)
+
+
+def test_sigterm_during_export_keeps_the_previous_checkpoint(run_copy, export_args, tmp_path):
+    previous = _checkpoint_bytes(run_copy)
+    run = vlq_cli(*export_args, cwd=tmp_path, kill_after="export", kill_signal="TERM")
+    assert run.returncode == 143, run.tail()
+    _one_error_line(run, r"^vlq: error: stopped by SIGTERM")
+    assert _checkpoint_bytes(run_copy) == previous and _leftovers(run_copy) == [], "cleaned up at once (SIGKILL leaves it to the next run)"
+
+
+def test_full_disk_during_export_is_one_line_and_keeps_the_previous_checkpoint(run_copy, export_args, tmp_path):
+    previous = _checkpoint_bytes(run_copy)
+    limit = (run_copy / "checkpoint" / "model.safetensors").stat().st_size // 2  # the new weights cannot be written
+    run = vlq_cli(*export_args, cwd=tmp_path, file_size_limit=limit)
+    assert run.returncode == 2, run.tail()
+    _one_error_line(run, r"^vlq: error: export: the disk is full or a file-size limit was hit while writing .*checkpoint \(.*\)\. "
+                         r"Free space or choose a folder on another disk")
+    assert _checkpoint_bytes(run_copy) == previous and _leftovers(run_copy) == []
+
+
+def test_unexpected_exception_is_an_internal_error_with_a_log(ckpt_copy, tmp_path):
+    """A vlq bug (an exception vlq did not expect) right before vLLM would start: one line, exit 3, the
+    trace in a log named on that line (no run folder here: $VLQ_CACHE_DIR/logs)."""
+    run = vlq_cli("check", ckpt_copy, cwd=tmp_path, kill_after="serve", kill_signal="RAISE")
+    assert run.returncode == 3, run.tail()
+    line = _one_error_line(run, r"^vlq: internal error: RuntimeError: fault injected at kill point 'serve' .*\(details: .*\.log\)$")
+    log = Path(line.rsplit("(details: ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / ".vlq-cache" / "logs" and "Traceback" in log.read_text(), log
+    assert run.heavy_imports == ()
+
+
+@pytest.mark.slow  # ~25 s: the same inside a real export, whose run folder's log.txt gets the trace
+def test_unexpected_exception_in_export_is_an_internal_error_with_the_run_log(run_copy, export_args, tmp_path):
+    previous = _checkpoint_bytes(run_copy)
+    run = vlq_cli(*export_args, cwd=tmp_path, kill_after="export", kill_signal="RAISE")
+    assert run.returncode == 3, run.tail()
+    line = _one_error_line(run, r"^vlq: internal error: RuntimeError: fault injected at kill point 'export' .*\(details: .*log\.txt\)$")
+    log = Path(line.rsplit("(details: ", 1)[1].rstrip(")"))
+    assert log == run_copy / "log.txt" and "Traceback" in log.read_text() and "fault injected" in log.read_text()
+    assert _checkpoint_bytes(run_copy) == previous and _leftovers(run_copy) == []
