@@ -11,6 +11,7 @@ text-only.  The model is built once; each variant searches and exports a private
 from __future__ import annotations
 
 import gc
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -58,9 +59,10 @@ def gpu_searched(request, gpu_pristine_vlm, tmp_path_factory):
     scheme = request.param
     loaded = fresh_copy(gpu_pristine_vlm)
     searched = None
+    folder = tmp_path_factory.mktemp(scheme.id)
     try:
         searched = pipeline.search(loaded, scheme, _calibration(loaded, scheme))
-        exported = pipeline.export(searched, tmp_path_factory.mktemp(scheme.id) / "checkpoint")
+        exported = pipeline.export(searched, folder / "checkpoint")
         result = searched.result
         out = GpuSearched(
             scheme, searched.manifest, searched.checks + exported.checks, result.achieved_bits, result.modelopt_achieved_bits,
@@ -73,6 +75,8 @@ def gpu_searched(request, gpu_pristine_vlm, tmp_path_factory):
         del loaded, searched
         gc.collect()
         torch.cuda.empty_cache()
+        # the checks ran; the 4 GiB checkpoint goes (several variants and the family share the lane's disk)
+        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
     return out
 
 
