@@ -36,6 +36,16 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    """`pytest -n N` distributes whole files (``--dist loadfile``) unless ``--dist`` is given: a module-scoped
+    search (one per variant) then runs once, not once per worker; and the files that fill a GPU's memory
+    (tests/test_gpu_memory.py) never run beside each other.  (xdist's ``loadgroup`` does not group under
+    pytest 9: it renames node ids through an attribute pytest 9 no longer reads.)"""
+    explicit = any(a == "--dist" or a.startswith("--dist=") or a == "-d" for a in config.invocation_params.args)
+    if getattr(config.option, "dist", "no") == "load" and not explicit:
+        config.option.dist = "loadfile"
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
 def pytest_xdist_auto_num_workers(config):
     """`pytest -m gpu -n auto`: one worker per visible GPU (xdist's default, one per CPU core, would crowd them)."""

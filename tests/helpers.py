@@ -134,9 +134,7 @@ class MatrixVariant:
         """A ``pytest.param`` of the scheme with the variant's id."""
         import pytest
 
-        # one xdist group per variant: under `-n N --dist loadgroup` a variant's module-scoped search
-        # runs once, on one worker, and the variants spread over the workers (GPUs)
-        return pytest.param(self.scheme, id=self.id, marks=pytest.mark.xdist_group(self.id))
+        return pytest.param(self.scheme, id=self.id)
 
 
 def variant_from_entry(entry: dict) -> MatrixVariant:

@@ -1,4 +1,6 @@
-"""`pytest -m gpu`: the bigger Qwen2.5-VL shapes (random weights) search, export and verify on the GPUs.
+"""`pytest -m gpu`: the tests that fill a GPU's memory — the bigger Qwen2.5-VL shapes (random weights)
+search, export and verify; a deliberate CUDA OOM is caught and freed.  One file, so under
+``pytest -n N`` (``--dist loadfile``, conftest.py) they never run beside each other on a shared GPU.
 
 Each shape is built on the GPU, planned by ``vlq.plan`` (batch 1 with ModelOpt's gradient checkpointing: the
 setting measured on every size; auto batching of the big shapes is benchmarked, not yet gated), searched through
@@ -10,6 +12,7 @@ The measured peak is recorded beside the planned one (``record_property``), neve
 from __future__ import annotations
 
 import gc
+import re
 import shutil
 
 import pytest
@@ -18,15 +21,14 @@ from vlq import pipeline
 from vlq.calibration import synthetic_text_calibration
 from vlq.hardware import visible_gpus
 from vlq.inputs import random_shape_config
+from vlq.pipeline import fresh_copy
 from vlq.plan import GIB, plan_search
 from vlq.schemes import Scheme
 
 pytestmark = pytest.mark.gpu
 
 ROWS = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=8, num_score_steps=8, seq_len=512)
-# one xdist group with the OOM test (tests/test_reliability.py): under `-n N` on a shared GPU the big
-# shapes and the deliberate OOM run one after another, never beside each other
-SHAPES = [pytest.param(name, id=name.split("-")[2], marks=pytest.mark.xdist_group("big-gpu-memory"))
+SHAPES = [pytest.param(name, id=name.split("-")[2])
           for name in ("qwen2.5-vl-7b-random", "qwen2.5-vl-32b-random", "qwen2.5-vl-72b-random")]
 
 
@@ -70,3 +72,35 @@ def test_family_shape_searches_exports_and_verifies(shape, tmp_path, record_prop
         gc.collect()
         torch.cuda.empty_cache()
         shutil.rmtree(tmp_path / "checkpoint", ignore_errors=True)  # 32B: 26 GiB; the lane's disk is shared
+
+
+def test_gpu_oom_names_the_setting_and_frees_the_memory(gpu_pristine_vlm):
+    """A real CUDA OOM on the 3B model (64 rows x 32k tokens) -> ResourceError; memory comes back."""
+    import torch
+
+    from vlq.calibration import synthetic_text_calibration
+    from vlq.errors import ResourceError
+    from vlq.schemes import Scheme
+
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    calibration = synthetic_text_calibration(gpu_pristine_vlm.config, vocab_size=gpu_pristine_vlm.vocab_size, num_batches=1,
+                                             batch_size=64, seq_len=32768)
+    scheme = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=1, num_score_steps=1, batch_size=64, seq_len=32768)
+    loaded = fresh_copy(gpu_pristine_vlm)
+    # catch it by hand: pytest's ExceptionInfo would keep the traceback, whose frames hold the model
+    try:
+        pipeline.search(loaded, scheme, calibration)
+    except ResourceError as exc:
+        message, pinned = str(exc), (exc.__cause__, exc.__context__)
+    else:
+        pytest.fail("a 64 x 32k-token search did not run out of GPU memory")
+    assert re.search(r"GPU out of memory.*batch_size=64, seq_len=32768.*Lower batch_size or seq_len", message, re.S), message
+    assert pinned == (None, None), "the error must not pin activations"
+    del loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+    leaked = torch.cuda.memory_allocated() - before
+    assert leaked < 256 * 2**20, f"{leaked / 2**30:.2f} GiB still allocated after the OOM"
