@@ -9,6 +9,7 @@ phase, then the tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
                    "CUDA): the largest batch under the memory budget, the steps read as rows at batch 1, gradient "
                    "checkpointing off when the activations fit (`vlq plan` shows the choice)")
     g.add_argument("--memory-budget", type=float, metavar="GIB", help="GiB per device the search may use "
-                   "(default: the free memory; auto batching grows activations by at most 12 GiB unless this is set)")
+                   "(default: the free memory; auto batching grows activations by at most 20 GiB unless this is set)")
     g.add_argument("--seq-len", type=int)
     g.add_argument("--kv-cache-fp8", action="store_true", default=None, help="add FP8 KV-cache quantization after the search")
 
@@ -120,7 +121,19 @@ def _prepare(args):
     plan = _plan(args, model, scheme)
     if plan is not None:
         scheme = plan.require().scheme  # refused here, before anything loads, when it cannot fit
+        placement = _placement(plan)
+        if placement is not None:  # more than one GPU needed and visible: split the model (device_map)
+            model = dataclasses.replace(model, device_map=dict(placement.device_map))
     return model, data, scheme
+
+
+def _placement(plan):
+    """The device_map of a plan that needs several GPUs, None when one device holds it."""
+    if plan.devices_needed <= 1:
+        return None
+    from .placement import place
+
+    return place(plan.shape, [f"cuda:{i}" for i in range(plan.devices_needed)], budget_bytes=plan.budget_bytes)
 
 
 def _auto_batch(args, device: str) -> bool:
@@ -327,7 +340,16 @@ def cmd_plan(args) -> int:
     device = "cuda" if args.device == "auto" else args.device  # planning is for the GPU unless asked otherwise
     scheme = _scheme(args, device, full_size=True)
     plan = _plan(args, ModelRequest(model.source, device, False), scheme)
-    print("\n".join(plan.lines()))
+    lines = plan.lines()
+    try:
+        placement = _placement(plan)  # shown also where the GPUs are not visible here
+    except VlqError:
+        placement = None
+    if placement is not None:
+        lines.append("placement      " + "; ".join(f"cuda:{i}: {n} decoder layers, {b / 2**30:.0f} GiB weights+state"
+                                                  for i, (n, b) in enumerate(zip(placement.layers_per_device,
+                                                                                  placement.planned_bytes))))
+    print("\n".join(lines))
     return 0 if plan.fits else 1
 
 

@@ -174,6 +174,9 @@ class ModelRequest:
     source: str = TINY
     device: str = "cpu"
     trust_remote_code: bool = False
+    # module prefix -> device when the model is split over several devices (vlq.placement); None: all on `device`
+    device_map: dict[str, str] | None = None
+    offload_folder: str | None = None  # where a device_map's "disk" entries live (accelerate's offload)
 
     def __post_init__(self):
         object.__setattr__(self, "source", resolve_model_source(self.source))

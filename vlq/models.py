@@ -434,8 +434,11 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     with_processor: bool = True,
+    device_map: dict[str, str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedVLM:
-    """Load a local Qwen2.5-VL checkpoint folder (never the hub)."""
+    """Load a local Qwen2.5-VL checkpoint folder (never the hub); split over devices with ``device_map``
+    (:func:`vlq.placement.place`; accelerate's hooks move activations between the parts)."""
     from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     path = Path(path).expanduser().resolve()
@@ -445,7 +448,8 @@ def load_checkpoint(
         dtype=_dtype(dtype),
         local_files_only=True,
         trust_remote_code=trust_remote_code,
-        device_map={"": str(device)} if str(device) != "cpu" else None,
+        device_map=dict(device_map) if device_map else ({"": str(device)} if str(device) != "cpu" else None),
+        offload_folder=str(offload_folder) if offload_folder else None,
     )
     tokenizer = processor = None
     if with_processor:
@@ -493,18 +497,28 @@ def load_vlm(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
+    device_map: dict[str, str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedVLM:
     """Load a Qwen2.5-VL from a local folder, ``'tiny'``, ``'tiny-trained'`` or a ``'qwen2.5-vl-*-random'`` shape."""
     if str(device).startswith("cuda"):
         from .hardware import use_extension_cache
 
         use_extension_cache()  # before ModelOpt first builds or loads its CUDA extensions
+    split = dict(device_map=device_map, offload_folder=offload_folder) if device_map and len(set(device_map.values())) > 1 else {}
     if str(source) == TINY:
-        return load_checkpoint(tiny_checkpoint_path(cache_dir), dtype=dtype, device=device)
+        return load_checkpoint(tiny_checkpoint_path(cache_dir), dtype=dtype, device=device, **split)
     if str(source) == TINY_TRAINED:  # shipped weights (vlq.training); loaded like a user's checkpoint
-        loaded = load_checkpoint(TINY_TRAINED_DIR, dtype=dtype, device=device)
+        loaded = load_checkpoint(TINY_TRAINED_DIR, dtype=dtype, device=device, **split)
         loaded.source = TINY_TRAINED
         return loaded
     if str(source) in RANDOM_SHAPES:
-        return build_random_shape(str(source), dtype=dtype, device=device)
-    return load_checkpoint(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        if not split:
+            return build_random_shape(str(source), dtype=dtype, device=device)
+        # random weights have no files to load part by part: built in host memory, then dispatched
+        from accelerate import dispatch_model
+
+        loaded = build_random_shape(str(source), dtype=dtype, device="cpu")
+        dispatch_model(loaded.vlm, device_map=dict(device_map), offload_dir=str(offload_folder) if offload_folder else None)
+        return _finish(loaded.vlm, str(source), None)
+    return load_checkpoint(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, **split)

@@ -146,9 +146,11 @@ class MeasuredRun:
 
 def load_model(request: ModelRequest, *, progress: Progress = SILENT) -> LoadedVLM:
     """Stage 1: the BF16 model on ``request.device`` (``auto`` resolved by the caller)."""
-    progress.stage(f"loading {request.source} on {request.device}")
+    where = request.device if not request.device_map else "+".join(dict.fromkeys(request.device_map.values()))
+    progress.stage(f"loading {request.source} on {where}")
     with stage_boundary(f"loading {request.source}", ModelSourceError):
-        return load_vlm(request.source, device=request.device, trust_remote_code=request.trust_remote_code)
+        return load_vlm(request.source, device=request.device, trust_remote_code=request.trust_remote_code,
+                        device_map=request.device_map, offload_folder=request.offload_folder)
 
 
 def calibrate(loaded: LoadedVLM, scheme: Scheme, data: DataRequest = DataRequest(), *, progress: Progress = SILENT) -> CalibrationSet:
