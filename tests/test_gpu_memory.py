@@ -5,7 +5,8 @@ search, export and verify; a deliberate CUDA OOM is caught and freed.  One file,
 Each shape is built on the GPU, planned by ``vlq.plan`` (batch 1 with ModelOpt's gradient checkpointing: the
 setting measured on every size; auto batching of the big shapes is benchmarked, not yet gated), searched through
 :mod:`vlq.pipeline` (guards and manifest checks required), exported and checked on disk; then the model
-is freed.  72B needs at least two H200-class GPUs (``vlq plan``): with fewer it skips with that reason.
+is freed.  72B needs at least two H200-class GPUs (``vlq plan``): with fewer it skips with that reason, with
+them it is split over the GPUs (``vlq.placement``; random weights built in host memory, then dispatched).
 The measured peak is recorded beside the planned one (``record_property``), never asserted.
 """
 
@@ -36,17 +37,18 @@ SHAPES = [pytest.param(name, id=name.split("-")[2])
 def test_family_shape_searches_exports_and_verifies(shape, tmp_path, record_property):
     import torch
 
-    from vlq.models import build_random_shape
+    from vlq.models import load_vlm
+    from vlq.placement import place
 
     plan = plan_search(random_shape_config(shape), ROWS, name=shape, gpus=visible_gpus())
     if not plan.fits:
         pytest.skip(f"{shape} needs {plan.devices_needed} GPUs of {plan.budget_bytes / GIB:.0f} GiB "
                     f"(planned peak {plan.memory.peak / GIB:.0f} GiB); {len(plan.devices)} visible")
-    if plan.devices_needed > 1:
-        pytest.skip(f"{shape} needs a split over {plan.devices_needed} GPUs; the split search runs in the multi-GPU issue")
+    # several GPUs needed and visible: split (vlq.placement; 72B over two H200s); one GPU: all on it
+    placement = place(plan.shape, [f"cuda:{i}" for i in range(plan.devices_needed)], budget_bytes=plan.budget_bytes)
     gc.collect()
     torch.cuda.empty_cache()
-    loaded = build_random_shape(shape, device="cuda")
+    loaded = load_vlm(shape, device="cuda", device_map=dict(placement.device_map) if placement.split else None)
     searched = exported = None
     try:
         scheme = plan.scheme
