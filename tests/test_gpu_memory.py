@@ -63,6 +63,7 @@ def test_family_shape_searches_exports_and_verifies(shape, tmp_path, record_prop
         record_property("peak_gpu_gib", round(peak, 2))
         record_property("planned_peak_gib", round(plan.memory.peak / GIB, 2))
         record_property("search_s", round(searched.result.times.total_s, 2))
+        record_property("peak_gib_per_gpu", [round(b / GIB, 2) for b in searched.result.peak_gpu_bytes_per_device])
         print(f"\n[family] {shape}: batch {scheme.batch_size}, checkpointing {scheme.gradient_checkpointing}, "
               f"{searched.result.times}, peak {peak:.1f} GiB (planned {plan.memory.peak / GIB:.1f}), "
               f"formats {searched.manifest.format_counts()}", flush=True)

@@ -113,6 +113,8 @@ class SearchResult:
     # peak GPU memory as if the searched model were the only thing on the GPU (other resident
     # tensors, e.g. a test session's read-only copy of the model, subtracted)
     peak_gpu_own_bytes: int | None = None
+    # every visible GPU's peak during the search (a model split over GPUs uses several); () on CPU
+    peak_gpu_bytes_per_device: tuple[int, ...] = ()
     #: candidate formats removed from groups before the search because the layer shapes do not fit them
     format_exclusions: tuple[FormatExclusion, ...] = ()
 
@@ -605,7 +607,8 @@ def search_lm_only(
     if cuda:
         torch.cuda.synchronize()
         gc.collect()  # garbage from earlier work (reference cycles) would otherwise count as "other"
-        torch.cuda.reset_peak_memory_stats()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
         model_bytes = sum(t.numel() * t.element_size() for t in (*loaded.vlm.parameters(), *loaded.vlm.buffers()) if t.is_cuda)
         other_gpu_bytes = max(0, torch.cuda.memory_allocated() - model_bytes)
     was_training = model.training
@@ -665,6 +668,7 @@ def search_lm_only(
             f"or use method=kl_div with fewer score steps. ({oom_message})"
         )
     peak_gpu = max(torch.cuda.max_memory_allocated(), gpu_peak_seen[0]) if cuda else None
+    per_device = tuple(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) if cuda else ()
 
     groups = decisions_from_state(state, name_prefix=prefix)
     result = SearchResult(
@@ -678,6 +682,7 @@ def search_lm_only(
         times=clock.times(),
         peak_rss_bytes=rss.peak,
         peak_gpu_bytes=peak_gpu,
+        peak_gpu_bytes_per_device=per_device,
         modelopt_state=state,
         searched_model=model,
         disabled_layers=disabled,
