@@ -136,3 +136,26 @@ def test_heavy_import_probe_sees_torch(tmp_path):
     assert run.returncode == 0, run.tail()
     assert "nvidia-modelopt" in run.stdout and "*visual*" in run.stdout and "num_score_steps" in run.stdout
     assert run.heavy_imports is not None and {"torch", "modelopt"} <= set(run.heavy_imports)
+
+
+def test_log_handlers_made_during_a_session_write_to_stderr_after_it(tmp_path, capfd):
+    """A library that creates its logging handler while output goes to log.txt (transformers does, and binds
+    sys.stderr.flush) logs to stderr after the session, instead of failing on the closed log file."""
+    import logging
+    import sys
+
+    from vlq.console import third_party_to_log
+
+    logger = logging.getLogger("vlq-test-late-handler")
+    with third_party_to_log(tmp_path / "log.txt"):
+        handler = logging.StreamHandler()  # binds sys.stderr, which is the log file now
+        handler.flush = sys.stderr.flush
+        logger.addHandler(handler)
+        logger.warning("during the session")
+    try:
+        logger.warning("after the session")
+    finally:
+        logger.removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "during the session" in (tmp_path / "log.txt").read_text() and "during the session" not in err
+    assert "after the session" in err and "Logging error" not in err, err

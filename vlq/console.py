@@ -91,9 +91,24 @@ def third_party_to_log(log_path: str | os.PathLike | None, *, verbose: bool = Fa
         finally:
             log.flush()
             sys.stdout, sys.stderr = saved_streams
+            _repoint_log_handlers(log, saved_streams[1])
             os.dup2(saved_fds[0], 1)
             os.dup2(saved_fds[1], 2)
             for fd in saved_fds:
                 os.close(fd)
             if own_fd is not None:
                 terminal.close()
+
+
+def _repoint_log_handlers(log: IO[str], stream: IO[str]) -> None:
+    """Logging handlers a library created during the session write to ``log``, which closes with it; point
+    them back at ``stream`` so a later log line in the same process (a second command, a test) is not lost."""
+    import logging
+
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is log:
+                handler.setStream(stream)
+            if getattr(handler.__dict__.get("flush"), "__self__", None) is log:  # transformers binds sys.stderr.flush
+                handler.flush = stream.flush
