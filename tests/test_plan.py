@@ -93,7 +93,7 @@ def test_cli_refuses_a_run_that_cannot_fit_before_loading(tmp_path):
                    "--out", tmp_path / "run", cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.error_lines) == 1, proc.tail()
     assert "does not fit" in proc.error_lines[0] and "vlq plan" in proc.error_lines[0]
-    assert proc.heavy_imports == () and proc.seconds < 5 and not (tmp_path / "run").exists()
+    assert proc.heavy_imports == () and not (tmp_path / "run").exists()  # refused before torch, nothing written
 
 
 def test_cli_plan_prints_the_estimate(tmp_path):
