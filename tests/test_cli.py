@@ -47,6 +47,7 @@ def test_run_defaults_end_with_vllms_per_layer_table(tmp_path):
     assert MODELOPT_PRINT not in run.stdout + run.stderr, run.tail()
 
 
+@pytest.mark.slow  # two more CLI runs (~40 s); the quiet default run is checked in the default lane
 def test_verbose_run_shows_third_party_output_then_export_logs_it(tmp_path):
     """A scheme vLLM cannot serve is flagged before loading; `--verbose` puts ModelOpt's output on the
     terminal (the negative control for the log redirect); `vlq export` restores the saved search
