@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU lane on a bare runner (torch + transformers preinstalled, no network):
-#   bash scripts/gpu_lane.sh [pytest args...]        e.g.  bash scripts/gpu_lane.sh tests/ -x
+#   bash scripts/gpu_lane.sh [pytest args...]        e.g.  bash scripts/gpu_lane.sh tests/ -n 2
+# (-n N: xdist workers, one GPU each round-robin, whole files per worker; -n 2 on one H200 overlaps two files.
+#  Keep ModelOpt's CUDA extension builds with VLQ_EXTENSIONS_DIR=<folder kept between runs>.)
 # Installs the carried wheels (.whl/, from scripts/fetch_gpu_wheels.sh) into $VLQ_SITE only when that
 # folder lacks modelopt: reinstalling makes ModelOpt's JIT-built CUDA extension cache stale (~50 s rebuild).
 set -euo pipefail
