@@ -465,11 +465,12 @@ def test_full_disk_during_export_is_one_line_and_keeps_the_previous_checkpoint(r
 def test_unexpected_exception_is_an_internal_error_with_a_log(ckpt_copy, tmp_path):
     """A vlq bug (an exception vlq did not expect) right before vLLM would start: one line, exit 3, the
     trace in a log named on that line (no run folder here: $VLQ_CACHE_DIR/logs)."""
-    run = vlq_cli("check", ckpt_copy, cwd=tmp_path, kill_after="serve", kill_signal="RAISE")
+    cache = tmp_path / "cache"  # explicit: CI sets its own VLQ_CACHE_DIR for the whole run
+    run = vlq_cli("check", ckpt_copy, cwd=tmp_path, kill_after="serve", kill_signal="RAISE", env={"VLQ_CACHE_DIR": str(cache)})
     assert run.returncode == 3, run.tail()
     line = _one_error_line(run, r"^vlq: internal error: RuntimeError: fault injected at kill point 'serve' .*\(details: .*\.log\)$")
     log = Path(line.rsplit("(details: ", 1)[1].rstrip(")"))
-    assert log.parent == tmp_path / ".vlq-cache" / "logs" and "Traceback" in log.read_text(), log
+    assert log.parent == cache / "logs" and "Traceback" in log.read_text(), log
     assert run.heavy_imports == ()
 
 
