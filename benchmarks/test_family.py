@@ -66,15 +66,20 @@ def _calibration(loaded, rows, scheme):
 
 
 def _vlq_search(pristine, scheme, rows):
-    """A search on a private copy; plain results only, so the copy is freed."""
-    loaded, searched = pipeline.fresh_copy(pristine), None
+    """A search on a private copy; plain results only, so the copy is freed — also when it fails: the
+    error is re-raised as its text alone, since a traceback's frames would keep the copy on the GPU for
+    the rest of the session (the 2026-12-01 run lost three benchmarks to one 32B OOM that way)."""
+    loaded, searched, error = pipeline.fresh_copy(pristine), None, None
     try:
         searched = pipeline.search(loaded, scheme, _calibration(pristine, rows, scheme))
         r = searched.result
         return searched.manifest, r.times.total_s, r.peak_gpu_own_bytes / GIB  # the pristine copy excluded
+    except Exception as exc:  # re-raised below without its frames
+        error = f"{scheme.id} batch {scheme.batch_size}: {type(exc).__name__}: {exc}"
     finally:
         del loaded, searched
         _free()
+    raise RuntimeError(error)
 
 
 def _raw_modelopt(pristine, scheme, rows):
