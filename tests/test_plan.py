@@ -144,3 +144,16 @@ def test_checkpointing_off_keeps_the_decisions(pristine_vlm, eight_rows):
     off, off_calls = _decisions(pristine_vlm, base.with_(gradient_checkpointing=False), eight_rows)
     assert on_calls - off_calls == 8, (on_calls, off_calls)  # one recompute per scored batch, none without
     assert off == on
+
+
+def test_auto_batch_without_a_budget_stays_within_half_the_gpu():
+    """The CLI's default on CUDA: 3B batches without checkpointing, 32B keeps ModelOpt's checkpointed batch 1
+    (the plan under-estimated bigger shapes without checkpointing on an H200); an explicit budget is trusted."""
+    def auto(shape, **kw):
+        return plan_search(random_shape_config(shape), DEFAULT_ROWS, gpus=[H200], auto_batch=True, **kw).scheme
+
+    small, big = auto("qwen2.5-vl-3b-random"), auto("qwen2.5-vl-32b-random")
+    assert (small.batch_size, small.gradient_checkpointing) == (4, False)
+    assert (big.batch_size, big.gradient_checkpointing) == (1, True)
+    trusted = auto("qwen2.5-vl-32b-random", budget_gib=130)
+    assert not trusted.gradient_checkpointing  # the user's budget, not the half-GPU default
