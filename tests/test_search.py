@@ -369,3 +369,25 @@ def test_in_place_redecisions_refused_where_a_format_folds_weights(variants):
     awq = variants(_matrix_scheme("fp8+int4_awq-6b-gradient-extract"))
     with pytest.raises(SchemeError, match="folded smoothing scales into the weights"):
         apply_decisions(awq.result, awq.result.lm_groups())
+
+
+def test_search_leaves_no_gradient_on_an_untied_lm_head(tmp_path):
+    """The extracted LM is searched; the parent's untied lm_head gets no weight gradient (compute and memory
+    ModelOpt never asked for) and keeps requires_grad afterwards.  Negative control: one plain backward
+    through the same model does fill that gradient, so the check can see it."""
+    from vlq import pipeline
+    from vlq.calibration import text_batches
+    from vlq.models import build_tiny_checkpoint, load_checkpoint
+    from vlq.search import causal_lm_loss, make_forward_step
+
+    loaded = load_checkpoint(build_tiny_checkpoint(tmp_path / "untied", tie_word_embeddings=False))
+    assert not loaded.tied_lm_head
+    cal = text_batches(loaded.tokenizer, vocab_size=loaded.vocab_size, num_batches=2, seq_len=32)
+    searched = pipeline.fresh_copy(loaded)
+    pipeline.search(searched, Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=2, num_score_steps=2, seq_len=32), cal)
+    assert searched.lm_head.weight.grad is None and searched.lm_head.weight.requires_grad
+
+    control = pipeline.fresh_copy(loaded)
+    batch = cal.batches[0]
+    causal_lm_loss(make_forward_step(control, "extract")(control.language_model, batch), batch).backward()
+    assert control.lm_head.weight.grad is not None

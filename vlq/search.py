@@ -613,6 +613,13 @@ def search_lm_only(
         other_gpu_bytes = max(0, torch.cuda.memory_allocated() - model_bytes)
     was_training = model.training
     model.eval()
+    # ModelOpt decides which of the searched module's parameters need gradients; the parent's parameters
+    # outside it (an untied lm_head, the vision tower under `extract`) would otherwise get weight gradients
+    # computed and kept after the search (7B: a 1 GiB lm_head gradient, one extra vocab-sized GEMM per step)
+    inside = {id(p) for p in model.parameters()}
+    frozen = [p for p in loaded.vlm.parameters() if id(p) not in inside and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     from .state import modelopt_state_io
 
     oom_message = None
@@ -652,6 +659,8 @@ def search_lm_only(
     finally:
         bars.close()
         model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
         # ModelOpt switches on gradient checkpointing for HF models while scoring; the searched
         # model is used for inference and export afterwards.
         for candidate in (model, loaded.vlm):
