@@ -270,6 +270,7 @@ def test_pipeline_exports_the_fp8_kv_cache(fp8_kv_run, fp8_runs):
     assert preflight(fp8_runs["fp8-extract"][1]).kv_cache_quant_algo is None  # negative control: no KV cache asked
 
 
+@pytest.mark.slow  # the opt-in FP8 KV cache and its negative control: two more engines (~35 s)
 def test_fp8_kv_cache_serves_with_loaded_scales(serve, fp8_kv_run, tiny_checkpoint):
     manifest, path = fp8_kv_run
     report = serve(path)
@@ -281,6 +282,7 @@ def test_fp8_kv_cache_serves_with_loaded_scales(serve, fp8_kv_run, tiny_checkpoi
     assert all(k.k_scale != 1.0 and k.v_scale != 1.0 for k in report.kv_layers if k.name.startswith("language_model."))
 
 
+@pytest.mark.slow
 def test_kv_cache_check_fails_without_fp8_cache(serve, fp8_runs):
     """Negative control: an FP8 export without k/v scales serves a BF16 cache."""
     report = serve(fp8_runs["fp8-extract"][1])
