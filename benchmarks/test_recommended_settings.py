@@ -27,13 +27,13 @@ from pathlib import Path
 import pytest
 
 from vlq import pipeline
-from vlq.calibration import from_token_ids
 from vlq.inputs import TINY_TRAINED
 from vlq.models import load_vlm
 from vlq.pipeline import fresh_copy
 from vlq.schemes import Scheme
 from vlq.sweep import decision_agreement
 
+from .conftest import RowPool
 from .test_scaling_and_sweep import _synthetic_for
 
 REFERENCE = dict(num_calib_steps=128, num_score_steps=128, batch_size=1)
@@ -128,19 +128,17 @@ def _check_table(table) -> None:
 
 def test_recommended_settings_tiny_trained_cpu(benchmark, record_benchmark):
     """CPU: fewer steps judged by their scheme's KLD relative to the 32 + 32-step reference's, on tiny-trained."""
-    import torch
 
     pristine = load_vlm(TINY_TRAINED)
     reference_scheme = Scheme(**TINY_BASE, **TINY_REFERENCE)
     pool = pipeline.calibrate(pristine, reference_scheme)  # text from the front of the shipped corpus
-    rows = torch.cat([b["input_ids"] for b in pool.batches])
+    rows = RowPool(pool)
     start = time.perf_counter()
     references = pipeline.fidelity_references(pristine, reference_scheme, calibration=pool)  # text and image+text
     capture_s = time.perf_counter() - start
 
     def search(settings):
-        n = max(settings["num_calib_steps"], settings["num_score_steps"]) * settings["batch_size"]
-        calibration = from_token_ids(rows[:n], vocab_size=pristine.vocab_size, batch_size=settings["batch_size"], source=pool.source)
+        calibration = rows.take(vocab_size=pristine.vocab_size, **settings)
         loaded = fresh_copy(pristine)
         searched = pipeline.search(loaded, Scheme(**TINY_BASE, **settings), calibration)
         t0 = time.perf_counter()
@@ -171,15 +169,13 @@ def test_recommended_settings_3b_gpu(benchmark, record_benchmark, gpu_pristine_v
     pristine = gpu_pristine_vlm
     reference_scheme = Scheme(**GPU_BASE, **REFERENCE)
     # one pool of samples: every setting draws its first batches from the same rows
-    pool = _synthetic_for(pristine, reference_scheme)
-    rows = torch.cat([b["input_ids"] for b in pool.batches])
+    rows = RowPool(_synthetic_for(pristine, reference_scheme))
     start = time.perf_counter()
     references = pipeline.fidelity_references(pristine, reference_scheme, kinds=("text",), rows=GPU_FIDELITY_ROWS)
     capture_s = time.perf_counter() - start
 
     def search(settings):
-        n = max(settings["num_calib_steps"], settings["num_score_steps"]) * settings["batch_size"]
-        calibration = from_token_ids(rows[:n], vocab_size=pristine.vocab_size, batch_size=settings["batch_size"], source="synthetic pool")
+        calibration = rows.take(vocab_size=pristine.vocab_size, **settings)
         loaded, searched = fresh_copy(pristine), None
         try:
             searched = pipeline.search(loaded, Scheme(**GPU_BASE, **settings), calibration)

@@ -28,8 +28,9 @@ def current_log() -> Path | None:
 
 def error_log_path() -> Path:
     """Where a command without a run folder writes a trace: ``$VLQ_CACHE_DIR/logs`` (~/.cache/vlq/logs)."""
-    base = Path(os.environ.get("VLQ_CACHE_DIR", Path.home() / ".cache" / "vlq"))
-    return base / "logs" / f"vlq-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    from .cache import default_cache_dir
+
+    return default_cache_dir() / "logs" / f"vlq-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 def log_exception(exc: BaseException, log_path: str | os.PathLike | None = None) -> Path | None:

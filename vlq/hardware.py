@@ -111,8 +111,9 @@ def extension_cache_dir() -> Path:
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
     if os.environ.get("VLQ_EXTENSIONS_DIR"):
         return Path(os.environ["VLQ_EXTENSIONS_DIR"])
-    base = Path(os.environ.get("VLQ_CACHE_DIR", Path.home() / ".cache" / "vlq"))
-    return base / "torch_extensions"
+    from .cache import default_cache_dir
+
+    return default_cache_dir() / "torch_extensions"
 
 
 def use_extension_cache() -> Path:

@@ -28,7 +28,15 @@ from torch import nn
 
 from . import _compat
 from .errors import ModelSourceError
-from .inputs import QWEN25_VL_3B_RANDOM, RANDOM_SHAPES, TINY, TINY_TRAINED, random_shape_config, validate_checkpoint_dir
+from .cache import default_cache_dir
+from .inputs import (
+    QWEN25_VL_3B_RANDOM,
+    RANDOM_SHAPES,
+    TINY,
+    TINY_TRAINED,
+    random_shape_config,
+    validate_checkpoint_dir,
+)
 
 _compat.apply_torchvision_schema_shim()
 
@@ -371,10 +379,6 @@ def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = TINY_SEED, *, tex
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VLQ_CACHE_DIR", Path.home() / ".cache" / "vlq"))
 
 
 def tiny_checkpoint_path(cache_dir: str | os.PathLike | None = None, seed: int = TINY_SEED) -> Path:
