@@ -115,6 +115,22 @@ _REQUIRED = {"lane", "formats", "bits", "method", "strategy", "calib_steps", "sc
 _OPTIONAL = {"batch_size"}
 
 
+@dataclass(frozen=True)
+class SearchedExport:
+    """One search through :mod:`vlq.pipeline` and its export, as the test modules keep them."""
+
+    searched: object  # vlq.pipeline.Searched (kept untyped: helpers import no torch)
+    exported: object  # vlq.pipeline.Exported
+
+    @property
+    def result(self):
+        return self.searched.result
+
+    @property
+    def manifest(self):
+        return self.searched.manifest
+
+
 class MatrixError(ValueError):
     """A variant entry that does not describe one search."""
 

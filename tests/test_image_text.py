@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import SearchedExport
+
 from vlq.calibration import (
     IGNORE_INDEX,
     CalibrationSet,
@@ -174,18 +176,8 @@ def test_processorless_batches_match_the_model(pristine_vlm):
 
 
 @dataclass(frozen=True)
-class ImageSearched:
-    searched: pipeline.Searched
-    exported: pipeline.Exported
+class ImageSearched(SearchedExport):
     vision_grads: tuple[str, ...]  # vision parameters that kept a gradient after the search
-
-    @property
-    def result(self):
-        return self.searched.result
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.searched.manifest
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ Ids are the scheme id ``<formats>-<bits>b-<method>-<strategy>``, e.g. ``fp8+int4
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import pytest
 import yaml
 
-from helpers import MatrixError, search_variants, variant_params
+from helpers import MatrixError, SearchedExport, search_variants, variant_params
 from vlq import pipeline
 from vlq.errors import GuardViolation, ManifestMismatch, SchemeError
 from vlq.manifest import Manifest
@@ -23,18 +22,7 @@ from vlq.schemes import FORMATS, NO_QUANT, Scheme
 from vlq.search import LmHeadGuard, VisionGuard, search_lm_only
 
 
-@dataclass(frozen=True)
-class Variant:
-    searched: pipeline.Searched
-    exported: pipeline.Exported
-
-    @property
-    def result(self):
-        return self.searched.result
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.searched.manifest
+Variant = SearchedExport  # one matrix variant's search and export
 
 
 def _search_and_export(pristine, calibration, scheme: Scheme, dest) -> Variant:
