@@ -1,0 +1,61 @@
+"""`pytest -n N` on GPUs: which GPU each xdist worker gets, and that whole files go to one worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlq import hardware
+from vlq.hardware import GpuInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_H200 = [GpuInfo(0, "NVIDIA H200", 140 * 2**30), GpuInfo(1, "NVIDIA H200", 140 * 2**30)]
+
+
+@pytest.mark.parametrize("worker, visible, expected", [
+    ("gw0", None, "0"), ("gw1", None, "1"), ("gw2", None, "0"),  # round-robin over the machine's GPUs
+    ("gw0", "1", "1"), ("gw1", "1", "1"),                         # a user's CUDA_VISIBLE_DEVICES is respected
+], ids=["gw0-all", "gw1-all", "gw2-wraps", "gw0-only-1", "gw1-only-1"])
+def test_each_worker_sees_one_gpu(monkeypatch, worker, visible, expected):
+    # the machine's GPU list stands in for NVML (this CPU machine has none); the selection is vlq's
+    monkeypatch.setattr(hardware, "_all_gpus", lambda: list(TWO_H200))
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert hardware.pin_xdist_worker_to_gpu() == expected
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_no_pinning_outside_a_worker_or_without_gpus(monkeypatch):
+    """Negative controls: the controller process and a GPU-less machine keep CUDA_VISIBLE_DEVICES as it is."""
+    monkeypatch.setattr(hardware, "_all_gpus", lambda: list(TWO_H200))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert hardware.pin_xdist_worker_to_gpu() is None
+    monkeypatch.setattr(hardware, "_all_gpus", lambda: [])
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    assert hardware.pin_xdist_worker_to_gpu() is None
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def _workers_per_test(*args: str) -> dict[str, str]:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-v",
+                           "tests/test_package.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return {line.split()[-1]: line.split()[0] for line in proc.stdout.splitlines() if line.startswith("[gw") and "PASSED" in line}
+
+
+@pytest.mark.slow  # two pytest runs with two workers each
+def test_under_n_workers_a_file_stays_on_one_worker():
+    """conftest turns xdist's default `--dist load` into `loadfile`: a module-scoped search runs once.
+    Negative control: an explicit `--dist load` spreads the same file over both workers."""
+    by_file = _workers_per_test()
+    assert len(by_file) == 5 and len(set(by_file.values())) == 1, by_file
+    spread = _workers_per_test("--dist", "load")
+    assert len(set(spread.values())) == 2, spread
