@@ -59,3 +59,17 @@ def test_under_n_workers_a_file_stays_on_one_worker():
     assert len(by_file) == 5 and len(set(by_file.values())) == 1, by_file
     spread = _workers_per_test("--dist", "load")
     assert len(set(spread.values())) == 2, spread
+
+
+def test_modelopt_extension_builds_go_where_vlq_says(monkeypatch, tmp_path):
+    """torch builds ModelOpt's CUDA extensions into TORCH_EXTENSIONS_DIR: vlq sets it from VLQ_EXTENSIONS_DIR
+    (else its cache), and a TORCH_EXTENSIONS_DIR the user set wins (the control: vlq does not overwrite it)."""
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("VLQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("VLQ_EXTENSIONS_DIR", raising=False)
+    assert hardware.use_extension_cache() == tmp_path / "cache" / "torch_extensions"
+    monkeypatch.setenv("VLQ_EXTENSIONS_DIR", str(tmp_path / "kept"))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert hardware.use_extension_cache() == tmp_path / "kept" and os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "kept")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "users"))
+    assert hardware.use_extension_cache() == tmp_path / "users"
