@@ -157,3 +157,10 @@ def test_auto_batch_without_a_budget_stays_within_half_the_gpu():
     assert (big.batch_size, big.gradient_checkpointing) == (1, True)
     trusted = auto("qwen2.5-vl-32b-random", budget_gib=130)
     assert not trusted.gradient_checkpointing  # the user's budget, not the half-GPU default
+
+
+@pytest.mark.parametrize("budget", ["0", "-8", "lots"])
+def test_a_memory_budget_that_is_not_a_positive_number_is_refused(tmp_path, budget):
+    proc = vlq_cli("plan", "--model", "qwen2.5-vl-7b-random", "--memory-budget", budget, cwd=tmp_path)
+    assert proc.returncode == 2 and "--memory-budget" in proc.stderr and "Traceback" not in proc.stderr, proc.tail()
+    assert proc.heavy_imports == ()

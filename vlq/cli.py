@@ -39,7 +39,7 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_batch_size, help="rows per step, or 'auto' (default for full-size models on "
                    "CUDA): the largest batch under the memory budget, the steps read as rows at batch 1, gradient "
                    "checkpointing off when the activations fit (`vlq plan` shows the choice)")
-    g.add_argument("--memory-budget", type=float, metavar="GIB", help="GiB per device the search may use "
+    g.add_argument("--memory-budget", type=_positive_gib, metavar="GIB", help="GiB per device the search may use "
                    "(default: the free memory; auto batching grows activations by at most 20 GiB unless this is set)")
     g.add_argument("--seq-len", type=int)
     g.add_argument("--kv-cache-fp8", action="store_true", default=None, help="add FP8 KV-cache quantization after the search")
@@ -52,6 +52,16 @@ def _batch_size(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
+
+
+def _positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB, e.g. 40; got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 GiB, got {text}")
+    return value
 
 
 def _model_args(p: argparse.ArgumentParser, *, default_model: str | None = "tiny") -> None:
