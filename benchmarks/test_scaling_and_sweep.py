@@ -75,27 +75,38 @@ def test_scaling_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm, item):
 SWEEP_TARGETS = (8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.75)
 
 
-def _sweep(benchmark, record_benchmark, pristine, scheme, cal, tmp_path):
-    """One full search, then 8 targets decided, exported and verified; ratios in extra_info."""
+def _sweep(benchmark, record_benchmark, pristine, scheme, cal, tmp_path, *, export_targets=True):
+    """One full search, then 8 targets decided and measured (fidelity on held-out text and image+text);
+    ``export_targets`` exported and verified.  Ratios to the one search in extra_info; the issue-11 goal
+    (measured sweep <= 1.5x one search) recorded, never asserted."""
 
     def run():
-        return pipeline.sweep(pristine, scheme, cal, SWEEP_TARGETS, RunFolder(tmp_path / "sweep"), overwrite=True)
+        return pipeline.sweep(pristine, scheme, cal, SWEEP_TARGETS, RunFolder(tmp_path / "sweep"), overwrite=True,
+                              export_targets=export_targets)
 
     sweep = benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
     assert [p.target_bits for p in sweep.points] == list(SWEEP_TARGETS)
-    assert all(p.export_path is not None and p.verified for p in sweep.points)
+    exported = [p for p in sweep.points if p.export_path is not None]
+    assert all(p.verified for p in exported)
+    assert all(m.kld_mean >= 0 for p in sweep.points for m in p.manifest.fidelity)
+    text_kld = {p.target_bits: next(m.kld_mean for m in p.manifest.fidelity if m.data_kind == "text") for p in sweep.points}
     record_benchmark(
         device=pristine.device,
-        variant=f"sweep-{len(SWEEP_TARGETS)}-targets-" + "+".join(scheme.formats),
+        variant=f"sweep-{len(SWEEP_TARGETS)}-targets-" + "+".join(scheme.formats) + f"-{len(exported)}-exported",
         search_s=round(sweep.search_s, 3),
         decisions_s=round(sweep.decisions_s, 3),
+        measured_s=round(sweep.measured_s, 3),
         total_s=round(sweep.total_s, 3),
         decisions_over_one_search=round(sweep.decisions_s / sweep.search_s, 3),
+        measured_over_one_search=round(sweep.measured_s / sweep.search_s, 3),
         total_over_one_search=round(sweep.total_s / sweep.search_s, 3),
-        goal_decisions_le=1.2,
-        goal_total_le=1.6,
+        goal_measured_le=1.5,
         targets=list(SWEEP_TARGETS),
+        exported=[p.target_bits for p in exported],
+        text_kld_by_target=text_kld,
     )
+    print("[sweep]", dict(search_s=round(sweep.search_s, 2), measured_s=round(sweep.measured_s, 2),
+                          total_s=round(sweep.total_s, 2), text_kld=text_kld), flush=True)
 
 
 def test_sweep_tiny_cpu(benchmark, record_benchmark, pristine_vlm, calibration, tmp_path):
@@ -104,9 +115,11 @@ def test_sweep_tiny_cpu(benchmark, record_benchmark, pristine_vlm, calibration, 
 
 
 @pytest.mark.gpu
-def test_sweep_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm, tmp_path):
+def test_measured_sweep_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm, tmp_path):
+    """Issue 11's target: 8 targets measured (no exports: they are opt-in) in <= 1.5x one search."""
     import torch
 
-    scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=8.0, num_calib_steps=32, num_score_steps=32, seq_len=512)
-    _sweep(benchmark, record_benchmark, gpu_pristine_vlm, scheme, _synthetic_for(gpu_pristine_vlm, scheme), tmp_path)
+    scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=8.0, num_calib_steps=16, num_score_steps=16, seq_len=512)
+    _sweep(benchmark, record_benchmark, gpu_pristine_vlm, scheme, _synthetic_for(gpu_pristine_vlm, scheme), tmp_path,
+           export_targets=())
     torch.cuda.empty_cache()
