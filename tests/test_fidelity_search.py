@@ -178,6 +178,20 @@ def test_checkpoint_with_a_doubled_scale_disagrees(exported, tmp_path):
     assert not check.ok and "do not encode what the search measured" in check.problems[0], key
 
 
+def test_checkpoint_with_a_nan_scale_is_a_failed_check_not_a_crash(exported, tmp_path):
+    """An overflowed scale on disk (NaN) makes the rebuilt model's logits NaN: the agreement check says
+    so as a verdict instead of raising out of the measurement."""
+    manifest, fake_quant, to_bf16, path = exported
+    tampered = tmp_path / "nan"
+    shutil.copytree(path, tampered)
+    tensors = load_file(tampered / "model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("mlp.down_proj.weight_scale"))[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, tampered / "model.safetensors", metadata={"format": "pt"})
+    check = pipeline.export_agreement(manifest, fake_quant, tampered, bf16_to_fake_quant=to_bf16)
+    assert not check.ok and "non-finite logits" in check.problems[0], key
+
+
 # ------------------------------------------------------------------------------------------------
 # Serving fidelity (point c), CPU FP8
 # ------------------------------------------------------------------------------------------------

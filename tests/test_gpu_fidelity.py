@@ -7,7 +7,11 @@ The published 3B shape (random weights, or ``--vlq-model``) searched at the reco
   measured the same way sits at KLD ~0 (the control: the yardstick itself adds nothing on a GPU);
 * point b, the exported checkpoint re-read by vlq's independent dequantizer on the GPU (NVFP4 and FP8
   decoded from disk), agrees with point a within the per-format tolerance, and a checkpoint whose
-  down_proj weight scales were doubled does not (the control: the agreement check can fail).
+  down_proj weight scales were doubled does not (the control: the agreement check can fail); an E4M3
+  block scale doubled past its range (NaN on disk) is a failed check too, not a crash;
+* layer by layer, every linear read from disk equals ModelOpt's fake quant of its weight and of the
+  activations it really sees on held-out text (``vlq.dequant`` tolerances), so a model-level
+  disagreement can be traced to a layer.
 
 Timing of point a on 32 rows is a benchmark (benchmarks/test_fidelity_benchmarks.py), never asserted here.
 """
@@ -46,6 +50,7 @@ class Measured3B:
     fake_quant: tuple[FidelityMetrics, ...]  # point a, text and image+text
     checkpoint: tuple[FidelityMetrics, ...]  # point b, text and image+text
     fake_quant_logits: FidelityReference  # a's logits on held-out text, to check the checkpoint against
+    layers: dict  # checkpoint layer name -> (fake-quantized weight, held-out input x, input_quantizer(x)), CPU
     path: object  # the exported checkpoint
     seconds: dict
 
@@ -75,6 +80,7 @@ def measured_3b(gpu_pristine_vlm, tmp_path_factory):
         text = references[0]
         assert text.data_kind == "text"
         fake_quant_logits = capture_reference(logits_forward(loaded.vlm), text.batches, data_source="fake-quant", data_kind="text")
+        layers = _live_layers(loaded, text.batches[0])
         path = pipeline.export(searched, folder / "checkpoint").path
         manifest = searched.manifest
         del searched, loaded  # point b builds the dequantized model on the GPU; a's copy is no longer needed
@@ -83,18 +89,66 @@ def measured_3b(gpu_pristine_vlm, tmp_path_factory):
         start = time.perf_counter()
         checkpoint = pipeline.measure_checkpoint(path, references)
         seconds["point_b"] = time.perf_counter() - start
+        diagnosis = _weights_or_activations(path, layers, fake_quant_logits)
         print(f"\n[gpu fidelity] {SCHEME.id}, {ROWS} rows x {SCHEME.seq_len} per kind: {manifest.format_counts()}; "
               + "; ".join(f"{m.measurement_point} {m.data_kind}: {m.summary_row()}" for m in fake_quant + checkpoint)
-              + f"; seconds {', '.join(f'{k} {v:.1f}' for k, v in seconds.items())}", flush=True)
-        yield Measured3B(manifest, unquantized, fake_quant, checkpoint, fake_quant_logits, path, seconds)
+              + f"; seconds {', '.join(f'{k} {v:.1f}' for k, v in seconds.items())}; a vs b: {diagnosis}", flush=True)
+        yield Measured3B(manifest, unquantized, fake_quant, checkpoint, fake_quant_logits, layers, path, seconds)
     finally:
         gc.collect()
         torch.cuda.empty_cache()
         shutil.rmtree(folder, ignore_errors=True)  # ~4 GiB; the lane's disk is shared
 
 
-def _doubled_down_proj_scales(path, dest):
-    """``path`` copied to ``dest`` (hard links) with every down_proj ``weight_scale`` doubled on disk."""
+def _live_layers(loaded, batch, tokens: int = 64) -> dict:
+    """Every quantized LM linear's fake-quantized weight, and the input it sees on ``batch`` (first
+    ``tokens`` positions) before and after its input quantizer; checkpoint names, CPU."""
+    import torch
+
+    lm = loaded.language_model
+    quantized = {name: m for name, m in lm.named_modules()
+                 if hasattr(m, "weight_quantizer") and hasattr(m, "in_features") and m.weight_quantizer.is_enabled}
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0].reshape(-1, args[0].shape[-1])[:tokens].detach().clone()))
+             for name, m in quantized.items()]
+    try:
+        with torch.no_grad():
+            logits_forward(loaded.vlm)(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        # the export writes the language model (model.language_model in transformers 5) as model.*
+        return {f"model.{name}": (m.weight_quantizer(m.weight).cpu(), seen[name].cpu(), m.input_quantizer(seen[name]).cpu())
+                for name, m in quantized.items()}
+
+
+def _weights_or_activations(path, layers: dict, fake_quant_logits: FidelityReference) -> str:
+    """Where b differs from a, when it does: KLD(a || b) with b's decoded weights, then with a's own
+    fake-quantized weights in b's model (what is left is activation quantization and the model build)."""
+    import torch
+
+    from vlq.dequant import dequantize_checkpoint
+    from vlq.fidelity import measure_against
+
+    built = dequantize_checkpoint(path).build_model(device="cuda")
+    try:
+        forward = logits_forward(built.model)
+        decoded = measure_against(fake_quant_logits, forward, measurement_point="checkpoint").kld_mean
+        modules = dict(built.model.named_modules())
+        with torch.no_grad():
+            for name, (weight, _, _) in layers.items():
+                target = modules[name.replace("model.", "model.language_model.", 1)].weight
+                target.copy_(weight.to(target.device, target.dtype))
+        swapped = measure_against(fake_quant_logits, forward, measurement_point="checkpoint").kld_mean
+    finally:
+        built.remove_hooks()
+        del built
+    return f"KLD(a||b) {decoded:.4g} with weights from disk, {swapped:.4g} with a's weights"
+
+
+def _tampered_copy(path, dest, *, keys_to_double):
+    """``path`` copied to ``dest`` (hard links) with the tensors ``keys_to_double`` picks doubled on disk."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -104,7 +158,7 @@ def _doubled_down_proj_scales(path, dest):
     doubled = []
     for shard in shards:
         tensors = load_file(dest / shard)
-        keys = [k for k in tensors if k.endswith("mlp.down_proj.weight_scale")]
+        keys = keys_to_double(tensors)
         if not keys:
             continue
         for key in keys:
@@ -112,8 +166,22 @@ def _doubled_down_proj_scales(path, dest):
         doubled += keys
         (dest / shard).unlink()  # a hard link: writing through it would change the original too
         save_file(tensors, dest / shard, metadata={"format": "pt"})
-    assert doubled, f"{path} has no quantized down_proj"
+    assert doubled, f"{path}: nothing to tamper with"
     return doubled
+
+
+def _down_proj_tensor_scales(tensors) -> list[str]:
+    """Each quantized down_proj's per-tensor float32 weight scale: NVFP4's ``weight_scale_2``, FP8's ``weight_scale``."""
+    import torch
+
+    layers = {k.rsplit(".", 1)[0] for k in tensors if ".mlp.down_proj.weight_scale" in k}
+    return [f"{layer}.weight_scale_2" if f"{layer}.weight_scale_2" in tensors else f"{layer}.weight_scale"
+            for layer in sorted(layers) if tensors.get(f"{layer}.weight_scale_2", tensors[f"{layer}.weight_scale"]).dtype == torch.float32]
+
+
+def _down_proj_block_scales(tensors) -> list[str]:
+    """Each NVFP4 down_proj's E4M3 block scales: doubled, the largest (448) overflow to NaN."""
+    return [k for k in tensors if k.endswith("mlp.down_proj.weight_scale") and k + "_2" in tensors]
 
 
 def test_point_a_moves_from_bf16_and_the_unquantized_copy_does_not(measured_3b):
@@ -150,11 +218,33 @@ def test_checkpoint_from_disk_agrees_with_fake_quant(measured_3b):
     assert check.ok, check.problems
 
 
-def test_checkpoint_with_doubled_scales_disagrees(measured_3b, tmp_path):
+@pytest.mark.parametrize("tamper", [_down_proj_tensor_scales, _down_proj_block_scales],
+                         ids=["down_proj-tensor-scales-doubled", "down_proj-e4m3-block-scales-doubled"])
+def test_checkpoint_with_doubled_scales_disagrees(measured_3b, tmp_path, tamper):
     tampered = tmp_path / "tampered"
     try:
-        doubled = _doubled_down_proj_scales(measured_3b.path, tampered)
+        doubled = _tampered_copy(measured_3b.path, tampered, keys_to_double=tamper)
         check = _agreement(measured_3b, tampered)
-        assert not check.ok and "do not encode what the search measured" in check.problems[0], doubled[:3]
+        assert not check.ok, doubled[:3]
+        assert "do not encode what the search measured" in check.problems[0] or "non-finite logits" in check.problems[0]
     finally:
         shutil.rmtree(tampered, ignore_errors=True)
+
+
+def test_every_layer_from_disk_equals_fake_quant_on_held_out_activations(measured_3b):
+    from vlq.dequant import compare_activation, compare_weight, dequantize_checkpoint
+
+    ckpt = dequantize_checkpoint(measured_3b.path)
+    assert sorted(layer.name for layer in ckpt.layers) == sorted(measured_3b.layers)
+    worst: dict = {}
+    bad = []
+    for layer in ckpt.layers:
+        weight, x, quantized_x = measured_3b.layers[layer.name]
+        for agreement in (compare_weight(layer, weight), compare_activation(layer, x, quantized_x)):
+            key = (agreement.quant_algo, agreement.what)
+            if key not in worst or agreement.differing_share > worst[key].differing_share:
+                worst[key] = agreement
+            if not agreement.ok:
+                bad.append(agreement.describe())
+    print("\n[gpu fidelity] worst layer per format: " + "; ".join(a.describe() for a in worst.values()), flush=True)
+    assert not bad, f"{len(bad)} layer comparisons out of tolerance:\n" + "\n".join(bad[:20])

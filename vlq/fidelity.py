@@ -167,6 +167,10 @@ def _scored_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None)
     return flat, targets.flatten()[flat]
 
 
+class NonFiniteLogits(ValueError):
+    """A model under measurement produced NaN (or +inf) logits: its output is broken, not merely far."""
+
+
 class FidelityAccumulator:
     """Streams (base logits, quantized logits, labels) batches into llama.cpp-style KLD statistics.
 
@@ -246,7 +250,7 @@ class FidelityAccumulator:
         nll_quant = quant_lse - quant_flat[rows, targets].float()
         for name, values in (("base", nll_base), ("quantized", nll_quant), ("KLD of quantized", kld)):
             if torch.isnan(values).any():
-                raise ValueError(
+                raise NonFiniteLogits(
                     f"{name} logits give NaN at {int(torch.isnan(values).sum())} of {rows.numel()} positions "
                     "(NaN or +inf logits); the model's output is broken, fidelity cannot be measured."
                 )

@@ -41,7 +41,7 @@ from .errors import (
     stage_boundary,
 )
 from .export import ExportResult, add_fp8_kv_cache, export_checkpoint, unify_fused_scales
-from .fidelity import FidelityMetrics, FidelityReference, capture_reference, logits_forward, measure_against
+from .fidelity import FidelityMetrics, FidelityReference, NonFiniteLogits, capture_reference, logits_forward, measure_against
 from .heldout import HELDOUT_PREFIX, HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
 from .inputs import POINT_NAMES, DataRequest, ModelRequest, RunFolder
 from .manifest import Manifest
@@ -307,15 +307,20 @@ def export_agreement(manifest: Manifest, fake_quant: FidelityReference, checkpoi
                      bf16_to_fake_quant: FidelityMetrics) -> Check:
     """Point b agrees with point a: the exported checkpoint, rebuilt from disk, is within the format's
     :data:`EXPORT_AGREEMENT_FACTOR` of the fake-quantized model (``fake_quant`` holds a's logits)."""
-    between = measure_checkpoint(checkpoint, [fake_quant])[0]
     chosen = {g.chosen for g in manifest.groups} - {"none"}
     factor = max((EXPORT_AGREEMENT_FACTOR[f] for f in chosen), default=0.0)
     allowed = factor * bf16_to_fake_quant.kld_mean
+    name = "checkpoint from disk == fake-quantized model (fidelity)"
+    try:
+        between = measure_checkpoint(checkpoint, [fake_quant])[0]
+    except NonFiniteLogits as exc:  # e.g. an E4M3 scale that overflowed to NaN on disk: a verdict, not a crash
+        return Check(name, (f"checkpoint read back from disk gives non-finite logits ({exc}): scales or weights on disk "
+                            "are broken",), 0, "", CheckpointError)
     problems = [] if between.kld_mean <= allowed else [
         f"checkpoint read back from disk is {between.kld_mean:.3g} nats/token from the fake-quantized model, more than "
         f"{factor:g} x its {bf16_to_fake_quant.kld_mean:.3g} from BF16 ({', '.join(sorted(chosen))}): scales or weights on "
         "disk do not encode what the search measured"]
-    return Check("checkpoint from disk == fake-quantized model (fidelity)", tuple(problems), between.tokens,
+    return Check(name, tuple(problems), between.tokens,
                  f"KLD {between.kld_mean:.3g} <= {allowed:.3g} ({factor:g} x KLD to BF16)", CheckpointError)
 
 
