@@ -109,8 +109,15 @@ def _live_layers(loaded, batch, tokens: int = 64) -> dict:
     quantized = {name: m for name, m in lm.named_modules()
                  if hasattr(m, "weight_quantizer") and hasattr(m, "in_features") and m.weight_quantizer.is_enabled}
     seen: dict = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0].reshape(-1, args[0].shape[-1])[:tokens].detach().clone()))
-             for name, m in quantized.items()]
+
+    def keep(name):
+        def hook(_module, args):
+            seen[name] = args[0].reshape(-1, args[0].shape[-1])[:tokens].detach().clone()
+            # returns None: a pre-hook that returns a value replaces the layer's input
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(name)) for name, m in quantized.items()]
     try:
         with torch.no_grad():
             logits_forward(loaded.vlm)(batch)
