@@ -80,7 +80,9 @@ are measured (tiny model, CPU lane and one H200) with about 2x margin:
   (no fake quant) the decoded weights equal this module's rule applied to the live weights, bit for bit.
 * MXFP8 weights and inputs: measured identical on the H200.  Bound 0.1 %, 1 step.
 * FP8 and INT8 inputs (:data:`ACTIVATION_TOLERANCES`): ``input_scale * maxbound`` can miss ModelOpt's
-  float32 amax by an ulp, which moves ties: measured 0 to 0.44 % (W4A8).  Bound 1 %, 1 step.
+  float32 amax by an ulp, which moves ties: measured 0 to 0.44 % on random probes (W4A8), and up to
+  3.3 % of the inputs of one layer on the 3B shape's held-out hidden states (bf16 activations divided by a
+  bf16-derived scale land on E4M3 midpoints far more often than random probes).  Bound 5 %, 1 step.
   Unquantized inputs (pre_quant_scale only) must agree exactly.
 * A power-of-two error in an FP8 scale is invisible except where values saturate or underflow (the
   grid is floating point); a doubled FP8 ``weight_scale`` still fails, as every weight doubles.
@@ -193,7 +195,7 @@ WEIGHT_TOLERANCES: dict[str, Tolerance] = {
 _AMAX_ULP = "input_scale*maxbound can miss ModelOpt's float32 amax by an ulp, which moves ties"
 ACTIVATION_TOLERANCES: dict[str, Tolerance] = {
     ACT_NONE: Tolerance(0.0, 0.0, "pre_quant_scale only, multiplied in the input dtype as ModelOpt does"),
-    ACT_FP8: Tolerance(0.01, 1.0, _AMAX_ULP),
+    ACT_FP8: Tolerance(0.05, 1.0, _AMAX_ULP),
     ACT_INT8: Tolerance(0.01, 1.0, _AMAX_ULP),
     ACT_NVFP4: Tolerance(0.02, 1.0, _TRITON_DIV),
     ACT_MXFP8: Tolerance(0.001, 1.0, "same E8M0 scale rule"),
