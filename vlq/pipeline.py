@@ -298,12 +298,13 @@ def _served_fidelity(runner, references: Sequence[FidelityReference]) -> tuple[F
 #: per tensor): an element one grid step away carries ~12x the energy of uniform rounding error (step^2
 #: vs step^2/12), so a format whose tolerance lets a share s of elements move one step gets ~12 s.
 #: FP8: 12 x 12.5% = 1.5 (the export divides by the scale in bf16 before the E4M3 cast; tiny models
-#: measured 0.64, the random-weight 3B fp8+nvfp4 mix 1.08).  AWQ/SmoothQuant differ by bf16 rounding of
-#: folded scales instead (0.08 and 0.32 measured, 0.25 and 0.5 allowed); NVFP4/MXFP8 tie rounding
-#: (12 x 2% = 0.24, 0.5 allowed).  A checkpoint with weight scales doubled sits 6-120x away on learned
-#: weights and 8.6x on the random 3B.  Random weights saturate KLD (near-uniform outputs decorrelate under
-#: any perturbation: on the 3B shape BF16-a, a-b and a-with-b's-activation-rounding all measure ~0.055),
-#: so there the per-layer comparison (tests/test_gpu_fidelity.py) is the sharp check.
+#: measured 0.64).  AWQ/SmoothQuant differ by bf16 rounding of folded scales instead (0.08 and 0.32
+#: measured, 0.25 and 0.5 allowed); NVFP4/MXFP8 tie rounding (12 x 2% = 0.24, 0.5 allowed).  A checkpoint
+#: with weight scales doubled sits 6-120x away on learned weights and 8.6x on the random 3B.
+#: Not explained yet: on the random-weight 3B (fp8+nvfp4, 6 bits, H200) b sits 1.08x from a, and b's model
+#: given a's own fake-quantized weights still 1.02x, although every layer's weights and held-out inputs
+#: agree within vlq/dequant.py's tolerances (tests/test_gpu_fidelity.py); the gap lies outside the
+#: quantized linears' arithmetic, so the per-layer comparison is the sharp check there.
 EXPORT_AGREEMENT_FACTOR = {"fp8": 1.5, "int4_awq": 0.25, "w4a8_awq": 0.5, "int8_sq": 0.5, "nvfp4": 0.5,
                            "w4a16_nvfp4": 0.5, "mxfp8": 0.5}
 
