@@ -61,11 +61,12 @@ def _calibration(loaded, rows: RowPool, scheme):
     return rows.take(vocab_size=loaded.vocab_size, **scheme.to_dict())
 
 
-def _vlq_search(pristine, scheme, rows):
-    """A search on a private copy; plain results only, so the copy is freed — also when it fails: the
-    error is re-raised as its text alone, since a traceback's frames would keep the copy on the GPU for
-    the rest of the session (the 2026-12-01 run lost three benchmarks to one 32B OOM that way)."""
-    loaded, searched, error = pipeline.fresh_copy(pristine), None, None
+def _vlq_search(pristine, scheme, rows, *, copy: bool = True):
+    """A search on a private copy (``copy=False``: on ``pristine`` itself, which it quantizes — the big
+    shapes, whose second copy would not fit: 32B is 62 GiB); plain results only, so the copy is freed — also
+    when it fails: the error is re-raised as its text alone, since a traceback's frames would keep the copy
+    on the GPU for the rest of the session (the 2026-12-01 run lost three benchmarks to one 32B OOM that way)."""
+    loaded, searched, error = (pipeline.fresh_copy(pristine) if copy else pristine), None, None
     try:
         searched = pipeline.search(loaded, scheme, _calibration(pristine, rows, scheme))
         r = searched.result
@@ -148,7 +149,8 @@ def test_family_default_search_gpu(benchmark, record_benchmark, shape):
     from vlq.models import build_random_shape
 
     _free()
-    # batch 1 with checkpointing: the auto plan's 32B batch 4 ran out of memory on an H200 (reports/README.md)
+    # searched in place: a private copy doubled the weights, which is what ran 32B out of memory on an H200
+    # (2026-12-01: 67 GiB pristine + 67 GiB copy) and made 7B's earlier total peak look 20 GiB over plan
     planned = plan_search(random_shape_config(shape), DEFAULT_ROWS, name=shape, gpus=visible_gpus())
     print("\n".join(planned.lines()), flush=True)
     start = time.perf_counter()
@@ -156,7 +158,8 @@ def test_family_default_search_gpu(benchmark, record_benchmark, shape):
     build_s = time.perf_counter() - start
     rows = _rows(pristine, 16)
     try:
-        result = benchmark.pedantic(_vlq_search, args=(pristine, planned.scheme, rows), rounds=1, iterations=1)
+        result = benchmark.pedantic(_vlq_search, args=(pristine, planned.scheme, rows), kwargs=dict(copy=False),
+                                    rounds=1, iterations=1)
         manifest, seconds, peak = result
         row = dict(shape=shape, build_s=round(build_s, 1), search_s=round(seconds, 2), peak_gib=round(peak, 3),
                    planned_gib=round(planned.memory.peak / GIB, 3), batch=planned.scheme.batch_size,
