@@ -154,14 +154,18 @@ def exported(trained, references, tmp_path_factory):
     return searched.manifest, fake_quant, to_bf16, path
 
 
-def _doubled_scale(path, tmp_path):
-    tampered = tmp_path / "tampered"
-    shutil.copytree(path, tampered)
-    tensors = load_file(tampered / "model.safetensors")
+def _changed_scale(path, dest, change):
+    """``path`` copied to ``dest`` with the first down_proj weight scale replaced by ``change(scale)``."""
+    shutil.copytree(path, dest)
+    tensors = load_file(dest / "model.safetensors")
     key = sorted(k for k in tensors if k.endswith("mlp.down_proj.weight_scale"))[0]
-    tensors[key] = tensors[key] * 2
-    save_file(tensors, tampered / "model.safetensors", metadata={"format": "pt"})
-    return tampered, key
+    tensors[key] = change(tensors[key])
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest, key
+
+
+def _doubled_scale(path, tmp_path):
+    return _changed_scale(path, tmp_path / "tampered", lambda scale: scale * 2)
 
 
 def test_checkpoint_from_disk_agrees_with_fake_quant(exported):
@@ -182,12 +186,7 @@ def test_checkpoint_with_a_nan_scale_is_a_failed_check_not_a_crash(exported, tmp
     """An overflowed scale on disk (NaN) makes the rebuilt model's logits NaN: the agreement check says
     so as a verdict instead of raising out of the measurement."""
     manifest, fake_quant, to_bf16, path = exported
-    tampered = tmp_path / "nan"
-    shutil.copytree(path, tampered)
-    tensors = load_file(tampered / "model.safetensors")
-    key = sorted(k for k in tensors if k.endswith("mlp.down_proj.weight_scale"))[0]
-    tensors[key] = torch.full_like(tensors[key], float("nan"))
-    save_file(tensors, tampered / "model.safetensors", metadata={"format": "pt"})
+    tampered, key = _changed_scale(path, tmp_path / "nan", lambda scale: torch.full_like(scale, float("nan")))
     check = pipeline.export_agreement(manifest, fake_quant, tampered, bf16_to_fake_quant=to_bf16)
     assert not check.ok and "non-finite logits" in check.problems[0], key
 
