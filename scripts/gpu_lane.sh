@@ -13,4 +13,8 @@ if ! PYTHONPATH=$site python3 -c "import modelopt" 2>/dev/null; then
 fi
 export PYTHONPATH=$site:$PWD
 export PYTHONUNBUFFERED=1
+if [ -n "${VLQ_EXTENSIONS_DIR:-}" ]; then
+  # a carried cache outlives the install it was built against: keep it (mtimes) or clear it (other versions)
+  python3 -m vlq.hardware keep-extension-cache
+fi
 exec python3 -m pytest -m gpu -p no:cacheprovider "$@"

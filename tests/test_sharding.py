@@ -73,3 +73,23 @@ def test_modelopt_extension_builds_go_where_vlq_says(monkeypatch, tmp_path):
     assert hardware.use_extension_cache() == tmp_path / "kept" and os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "kept")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "users"))
     assert hardware.use_extension_cache() == tmp_path / "users"
+
+
+def test_a_carried_extension_cache_is_kept_only_for_what_it_was_built_against(tmp_path):
+    """A fresh install makes ModelOpt's sources newer than carried objects, so ninja rebuilt them; a cache
+    stamped for the same versions gets newer mtimes than the sources (kept).  Negative control: a cache
+    stamped for another ModelOpt is emptied, not trusted."""
+    cache = tmp_path / "ext"
+    built_for = "nvidia-modelopt==0.47.0 torch==2.11.0+cu130"
+    assert hardware.keep_extension_cache(cache, built_for) == "stamped"
+    obj = cache / "modelopt_cuda_ext_fp8" / "tensor_quant_gpu_fp8.cuda.o"
+    obj.parent.mkdir()
+    obj.write_bytes(b"object")
+    os.utime(obj, (1_000_000, 1_000_000))
+    source = tmp_path / "tensor_quant_gpu_fp8.cu"  # installed after the object was built
+    source.write_text("// source")
+    assert obj.stat().st_mtime < source.stat().st_mtime
+    assert hardware.keep_extension_cache(cache, built_for) == "kept"
+    assert obj.read_bytes() == b"object" and obj.stat().st_mtime >= source.stat().st_mtime
+    assert hardware.keep_extension_cache(cache, "nvidia-modelopt==0.48.0 torch==2.11.0+cu130") == "cleared"
+    assert not obj.parent.exists() and (cache / hardware.EXTENSION_STAMP).read_text().strip().endswith("torch==2.11.0+cu130")
