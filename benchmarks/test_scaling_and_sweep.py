@@ -94,6 +94,9 @@ def _sweep(benchmark, record_benchmark, pristine, scheme, cal, tmp_path, *, expo
         device=pristine.device,
         variant=f"sweep-{len(SWEEP_TARGETS)}-targets-" + "+".join(scheme.formats) + f"-{len(exported)}-exported",
         search_s=round(sweep.search_s, 3),
+        reference_s=round(sweep.reference_s, 3),
+        fidelity_rows=sweep.rows,
+        measure_s_by_target={p.target_bits: round(p.measure_s, 3) for p in sweep.points},
         decisions_s=round(sweep.decisions_s, 3),
         measured_s=round(sweep.measured_s, 3),
         total_s=round(sweep.total_s, 3),
@@ -105,7 +108,7 @@ def _sweep(benchmark, record_benchmark, pristine, scheme, cal, tmp_path, *, expo
         exported=[p.target_bits for p in exported],
         text_kld_by_target=text_kld,
     )
-    print("[sweep]", dict(search_s=round(sweep.search_s, 2), measured_s=round(sweep.measured_s, 2),
+    print("[sweep]", dict(search_s=round(sweep.search_s, 2), reference_s=round(sweep.reference_s, 2), measured_s=round(sweep.measured_s, 2),
                           total_s=round(sweep.total_s, 2), text_kld=text_kld), flush=True)
 
 

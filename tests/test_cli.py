@@ -96,13 +96,14 @@ def test_infeasible_bits_refused_before_torch(tmp_path):
     (("run", "--images", "/no/such/images"), "Image data /no/such/images does not exist"),
     (("sweep", "--targets", "8,x"), "--targets takes comma-separated numbers"),
     (("sweep", "--targets", "8,6", "--export", "7"), "--export 7 is not among --targets"),
+    (("sweep", "--targets", "8,6", "--fidelity-rows", "0"), "--fidelity-rows takes a whole number of at least 1"),
     (("export", "/no/such/run"), "has no manifest.json"),
     (("check", "/no/such/checkpoint"), "does not exist"),
     (("fidelity", "/no/such/run"), "has no manifest.json"),
     (("fidelity", "/no/such/run", "--point", "sideways"), "--point takes fake, checkpoint or served"),
     (("compare-methods", "--methods", "gradient,newton"), "--methods takes two of gradient, kl_div"),
     (("compare-methods", "--method", "kl_div"), "drop --method"),
-], ids=["unknown-format", "missing-data", "missing-images", "bad-targets", "export-not-a-target", "export-no-run", "check-no-checkpoint",
+], ids=["unknown-format", "missing-data", "missing-images", "bad-targets", "export-not-a-target", "sweep-no-fidelity-rows", "export-no-run", "check-no-checkpoint",
         "fidelity-no-run", "fidelity-unknown-point", "compare-methods-unknown-method", "compare-methods-one-method"])
 def test_bad_inputs_are_one_line_before_torch(tmp_path, args, message):
     out = () if args[0] in ("export", "check", "fidelity") else ("--out", tmp_path / "out")

@@ -28,7 +28,7 @@ from vlq import pipeline
 from vlq.fidelity import capture_reference, logits_forward
 from vlq.inputs import RunFolder
 from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import apply_decisions, lm_achieved_bits
+from vlq.search import apply_decisions, enabled_quantizers, lm_achieved_bits, weights_quantized_once
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
 SWEEP_TARGETS = (16.0, 14.0, 12.0, 10.0, 8.0)
@@ -133,6 +133,39 @@ def test_search_beats_random_and_inverted_allocations(searched, references):
     median = statistics.median(randoms)
     assert measured["search"] < median, (measured, randoms)
     assert measured["inverted"] > max(measured["search"], median), (measured, randoms)
+
+
+def _held_out_logits(loaded, references) -> torch.Tensor:
+    forward = logits_forward(loaded.vlm)
+    with torch.no_grad():
+        return torch.cat([forward(batch) for batch in references[0].batches])
+
+
+def test_weights_quantized_once_give_the_live_fake_quant_logits(searched, references):
+    """Measurement serves each fake-quantized weight once instead of per forward: the logits must be
+    exactly the live ones, and everything is back afterwards.  Negative control: serving the weights
+    unquantized (quantizers off, no fold) moves the logits, so the equality has teeth."""
+    live = _held_out_logits(searched.loaded, references)
+    enabled_before = enabled_quantizers(searched.loaded.vlm)
+    weights_before = {n: p.detach().clone() for n, p in searched.loaded.language_model.named_parameters()}
+    with weights_quantized_once(searched.loaded.vlm) as folded:
+        assert folded == sum(len(g.members) for g in searched.result.lm_groups() if g.chosen != NO_QUANT) > 0
+        assert len(enabled_quantizers(searched.loaded.vlm)) < len(enabled_before)
+        assert torch.equal(_held_out_logits(searched.loaded, references), live)
+    assert enabled_quantizers(searched.loaded.vlm) == enabled_before
+    assert all(torch.equal(p, weights_before[n]) for n, p in searched.loaded.language_model.named_parameters())
+    assert torch.equal(_held_out_logits(searched.loaded, references), live)
+
+    weight_quantizers = [m.weight_quantizer for m in searched.loaded.vlm.modules()
+                         if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)]
+    for quantizer in weight_quantizers:
+        quantizer.disable()
+    try:
+        assert not torch.equal(_held_out_logits(searched.loaded, references), live)
+    finally:
+        for quantizer in weight_quantizers:
+            quantizer.enable()
+    assert torch.equal(_held_out_logits(searched.loaded, references), live)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class Measured3B:
     checkpoint: tuple[FidelityMetrics, ...]  # point b, text and image+text
     fake_quant_logits: FidelityReference  # a's logits on held-out text, to check the checkpoint against
     layers: dict  # checkpoint layer name -> (fake-quantized weight, held-out input x, input_quantizer(x)), CPU
+    folded: tuple[int, int, float]  # weights quantized once: (linears folded, quantized LM linears, max |logit diff| vs live)
     path: object  # the exported checkpoint
     seconds: dict
 
@@ -87,6 +88,7 @@ def measured_3b(gpu_pristine_vlm, tmp_path_factory):
         assert text.data_kind == "text"
         fake_quant_logits = capture_reference(logits_forward(loaded.vlm), text.batches, data_source="fake-quant", data_kind="text")
         layers = _live_layers(loaded, text.batches[0])
+        folded = _folded_against_live(loaded, text.batches[0], quantized=len(layers))
         path = pipeline.export(searched, folder / "checkpoint").path
         manifest = searched.manifest
         del searched, loaded  # point b builds the dequantized model on the GPU; a's copy is no longer needed
@@ -99,7 +101,7 @@ def measured_3b(gpu_pristine_vlm, tmp_path_factory):
         print(f"\n[gpu fidelity] {SCHEME.id}, {ROWS} rows x {SCHEME.seq_len} per kind: {manifest.format_counts()}; "
               + "; ".join(f"{m.measurement_point} {m.data_kind}: {m.summary_row()}" for m in fake_quant + checkpoint)
               + f"; seconds {', '.join(f'{k} {v:.1f}' for k, v in seconds.items())}; a vs b: {diagnosis}", flush=True)
-        yield Measured3B(manifest, unquantized, fake_quant, checkpoint, fake_quant_logits, layers, path, seconds)
+        yield Measured3B(manifest, unquantized, fake_quant, checkpoint, fake_quant_logits, layers, folded, path, seconds)
     finally:
         gc.collect()
         torch.cuda.empty_cache()
@@ -134,6 +136,23 @@ def _live_layers(loaded, batch, tokens: int = 64) -> dict:
         # the export writes the language model (model.language_model in transformers 5) as model.*
         return {f"model.{name}": (m.weight_quantizer(m.weight).cpu(), seen[name].cpu(), m.input_quantizer(seen[name]).cpu())
                 for name, m in quantized.items()}
+
+
+def _folded_against_live(loaded, batch, *, quantized: int) -> tuple[int, int, float]:
+    """Point a is measured with each fake-quantized weight computed once (``weights_quantized_once``);
+    on the GPU kernels that must still give the live forward's logits, bit for bit."""
+    import torch
+
+    from vlq.search import weights_quantized_once
+
+    forward = logits_forward(loaded.vlm)
+    with torch.no_grad():
+        live = forward(batch)
+        with weights_quantized_once(loaded.vlm) as count:
+            once = forward(batch)
+        again = forward(batch)  # everything restored: the live forward is unchanged
+    assert torch.equal(again, live)
+    return count, quantized, float((once.float() - live.float()).abs().max())
 
 
 def _weights_or_activations(path, layers: dict, fake_quant_logits: FidelityReference) -> str:
@@ -205,6 +224,11 @@ def test_point_a_moves_from_bf16_and_the_unquantized_copy_does_not(measured_3b):
         assert point_a.kld_median <= point_a.kld_p99 <= point_a.kld_max
         assert control.kld_mean <= 1e-6 and control.same_top_rate == 1.0, control
         assert point_a.kld_mean > 100 * max(control.kld_mean, 1e-9), (control, point_a)
+
+
+def test_weights_quantized_once_equal_live_fake_quant(measured_3b):
+    folded, quantized, max_diff = measured_3b.folded
+    assert folded == quantized > 0 and max_diff == 0.0, measured_3b.folded
 
 
 def test_point_b_from_disk_tracks_point_a(measured_3b):

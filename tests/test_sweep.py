@@ -47,6 +47,20 @@ def test_sweep_json_round_trip(sweep):
     data = json.loads((sweep.points[0].export_path.parent.parent / "sweep.json").read_text())
     assert [p["target_bits"] for p in data["points"]] == list(TARGETS)
     assert data["decisions_s"] >= data["search_s"]
+    # measured time counts the BF16 reference too: every target is measured against it
+    assert data["fidelity_rows"] == pipeline.FIDELITY_ROWS_TINY and data["reference_s"] > 0
+    assert data["measured_s"] == pytest.approx(data["reference_s"] + data["decisions_s"] + sum(p["measure_s"] for p in data["points"]))
+
+
+def test_fewer_fidelity_rows_measure_every_target_on_those_rows(pristine_vlm, calibration, tmp_path):
+    """--fidelity-rows trades precision for speed: each target is measured on exactly that many held-out rows
+    per kind (the control: the default sweep above measured FIDELITY_ROWS_TINY)."""
+    sweep = pipeline.sweep(pristine_vlm, SCHEME, calibration, (7.0, 5.0), RunFolder(tmp_path), rows=2, export_targets=())
+    assert sweep.rows == 2 != pipeline.FIDELITY_ROWS_TINY
+    for point in sweep.points:
+        assert {m.data_kind for m in point.manifest.fidelity} == {"text", "image_text"}
+        text = point.fidelity("text")
+        assert text.tokens == 2 * (SCHEME.seq_len - 1), text
 
 
 def test_agreement_detects_a_different_decision(sweep):

@@ -261,6 +261,7 @@ def cmd_export(args) -> int:
 def cmd_sweep(args) -> int:
     """Score once, then decide (and optionally export and verify) every effective-bits target."""
     targets = _float_list(args.targets, "--targets")
+    rows = _positive_int(args.fidelity_rows, "--fidelity-rows")
     if not targets:
         raise SchemeError("--targets needs at least one effective-bits target, e.g. --targets 8,7,6.")
     exports: list[float] | bool = True if args.export == "all" else _float_list(args.export or "", "--export")
@@ -281,14 +282,27 @@ def cmd_sweep(args) -> int:
         loaded = pipeline.load_model(model, progress=progress)
         calibration = pipeline.calibrate(loaded, scheme, data, progress=progress)
         result = pipeline.sweep(loaded, scheme, calibration, targets, folder, export_targets=exports,
-                                overwrite=args.overwrite, progress=progress)
+                                rows=rows, overwrite=args.overwrite, progress=progress)
     from .report import sweep_table
 
     _print(sweep_table(result.points),
-           f"one search {result.search_s:.1f}s; all decisions {result.decisions_s:.1f}s; measured {result.measured_s:.1f}s; "
+           f"one search {result.search_s:.1f}s; all decisions {result.decisions_s:.1f}s; "
+           f"measured {result.measured_s:.1f}s ({result.rows} rows per kind, BF16 reference included); "
            f"with exports {result.total_s:.1f}s; "
            f"written to {folder.sweep}")
     return 0 if all(p.verified for p in result.points if p.export_path is not None) else 1
+
+
+def _positive_int(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SchemeError(f"{flag} takes a whole number of at least 1 (e.g. 16); got {text!r}.")
+    return value
 
 
 def _float_list(text: str, flag: str) -> list[float]:
@@ -524,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     _scheme_args(p)
     p.add_argument("--targets", required=True, help="comma-separated effective-bits targets, e.g. 8,7,6,5")
     p.add_argument("--export", help="targets to export and verify: comma-separated (e.g. 6,5) or 'all' (default: none)")
+    p.add_argument("--fidelity-rows", help="held-out rows per data kind each target is measured on "
+                   "(default: 32 for full-size models, 8 for tiny ones; fewer is faster and noisier)")
     p.add_argument("--out", help="sweep folder")
     p.add_argument("--overwrite", action="store_true")
     _common(p)

@@ -220,7 +220,7 @@ class FidelityAccumulator:
         self._vocab = vocab
         # compute where the accelerator is: a stored CPU reference meets GPU logits on the GPU
         device = quant_logits.device if quant_logits.device.type != "cpu" else base_logits.device
-        base_logits = base_logits.to(device)
+        base_logits = base_logits.to(device, non_blocking=base_logits.is_pinned())  # ordered on the stream
         quant_logits = quant_logits.to(device)
         labels = labels.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
@@ -419,10 +419,20 @@ def capture_reference(forward: Callable[[dict], Any], batches: Iterable[dict], *
     with torch.no_grad():
         for batch in batches:
             kept_batches.append(batch)
-            kept_logits.append(_as_logits(forward(batch)).detach().to("cpu"))
+            kept_logits.append(_to_host(_as_logits(forward(batch)).detach()))
     if not kept_batches:
         raise CalibrationDataError(f"{data_source} holds no batch; fidelity needs held-out data.")
     return FidelityReference(tuple(kept_batches), tuple(kept_logits), data_source, data_kind, time.perf_counter() - start)
+
+
+def _to_host(logits: torch.Tensor) -> torch.Tensor:
+    """Logits kept on the CPU; from a GPU into page-locked memory, which every later measurement copies
+    back several times faster than from pageable memory (a 3B row's logits are 155 MB)."""
+    if logits.device.type != "cuda":
+        return logits.to("cpu")
+    host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+    host.copy_(logits)
+    return host
 
 
 def measure_against(reference: FidelityReference, quant_forward: Callable[[dict], Any], *, measurement_point: str,

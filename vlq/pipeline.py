@@ -48,7 +48,8 @@ from .manifest import Manifest
 from .models import LoadedVLM, load_vlm
 from .progress import SILENT, Progress
 from .schemes import Scheme
-from .search import SearchResult, apply_decisions, check_guards, make_forward_step, plan_lm_formats, search_lm_only
+from .search import (SearchResult, apply_decisions, check_guards, make_forward_step, plan_lm_formats, search_lm_only,
+                     weights_quantized_once)
 from .sweep import SweepPoint, SweepResult, manifest_for_target
 from .vllm_runner import QuantResolution, ServedLayer, ServingReport
 
@@ -232,7 +233,7 @@ def fidelity_references(
 def measure_fake_quant(loaded: LoadedVLM, references: Sequence[FidelityReference], *, progress: Progress = SILENT) -> tuple[FidelityMetrics, ...]:
     """Measurement point a: the fake-quantized model right after the search, against the BF16 reference."""
     forward = logits_forward(loaded.vlm)
-    with progress.bar("fidelity (fake-quantized)", total=len(references)) as bar:
+    with progress.bar("fidelity (fake-quantized)", total=len(references)) as bar, weights_quantized_once(loaded.vlm):
         metrics = []
         for reference in references:
             metrics.append(measure_against(reference, forward, measurement_point="fake_quant"))
@@ -553,13 +554,15 @@ def sweep(
     *,
     export_targets: Sequence[float] | bool = True,
     measure: bool = True,
+    rows: int | None = None,
     data: DataRequest = DataRequest(),
     overwrite: bool = False,
     progress: Progress = SILENT,
 ) -> SweepResult:
     """Score once, solve many: one search at ``targets[0]``, every target decided from its saved scores.
 
-    With ``measure`` every target's fidelity to BF16 is measured on held-out text and image+text:
+    With ``measure`` every target's fidelity to BF16 is measured on held-out text and image+text (``rows``
+    per kind, default :data:`FIDELITY_ROWS_FULL_SIZE` / ``_TINY``; every target on the same rows):
     in place on the searched model (:func:`vlq.search.apply_decisions`, seconds) or — for AWQ /
     SmoothQuant schemes, which fold scales into the weights — on a fresh copy that restores the saved
     state.  Targets in ``export_targets`` (``True``: all) are exported from such a restored copy (no
@@ -584,7 +587,10 @@ def sweep(
     for t in targets:
         plan_lm_formats(pristine, scheme.with_(target_bits=t))  # shape limits: refused before any work
     first = scheme.with_(target_bits=targets[0])
-    references = fidelity_references(pristine, first, data, calibration=calibration, progress=progress) if measure else ()
+    t0 = time.perf_counter()
+    references = (fidelity_references(pristine, first, data, calibration=calibration, rows=rows, progress=progress)
+                  if measure else ())
+    reference_s = time.perf_counter() - t0
     loaded = fresh_copy(pristine)
     start = time.perf_counter()
     base = search(loaded, first, calibration, run=folder, save_manifest=False, progress=progress)
@@ -643,7 +649,8 @@ def sweep(
         manifest_at[target].save(sub.manifest)
         points.append(SweepPoint(target, manifest_at[target], resolve_s[target], path, export_s, verified,
                                  measure_s.get(target, 0.0)))
-    result = SweepResult(first, tuple(points), search_s, pristine.source)
+    result = SweepResult(first, tuple(points), search_s, pristine.source, reference_s,
+                         len(references[0].batches) if references else 0)
     result.save(folder.sweep)
     progress.stage(f"sweep written to {folder.sweep}")
     return result

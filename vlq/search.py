@@ -225,6 +225,71 @@ def apply_decisions(result: SearchResult, decisions) -> int:
     return applied
 
 
+def _weight_quantizer_leaves(module: nn.Module) -> list | None:
+    """The TensorQuantizers that fake-quantize ``module``'s weight, or None where serving their output as
+    the weight would not equal the live forward (a pre-quant scale or rotation also acts while disabled,
+    real quantization, nothing enabled)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantizer = getattr(module, "weight_quantizer", None)
+    leaves = [quantizer] if isinstance(quantizer, TensorQuantizer) else list(quantizer or ()) if isinstance(quantizer, nn.Sequential) else []
+    if not leaves or not all(isinstance(q, TensorQuantizer) for q in leaves) or not any(q.is_enabled for q in leaves):
+        return None
+    for q in leaves:
+        if not q.fake_quant or getattr(q, "pre_quant_scale", None) is not None or getattr(q, "rotate_is_enabled", False):
+            return None
+    return leaves
+
+
+@contextlib.contextmanager
+def weights_quantized_once(model: nn.Module, *, spare_bytes: int = 2 * 2**30):
+    """Within: each linear's fake-quantized weight is computed once and served, not recomputed per forward.
+
+    ModelOpt fake-quantizes every weight in every forward; during a fidelity measurement neither weights
+    nor decisions change, so the quantizer's output is the same tensor each time.  Serving it as the
+    weight (its quantizer disabled meanwhile) gives the same logits as live fake quant (tested on CPU and
+    on the 3B shape on GPU) and spares the per-forward weight quantization.  It needs one quantized copy of
+    those weights beside the originals: on a CUDA device without that room plus ``spare_bytes`` nothing is
+    folded and forwards quantize live.  On exit every original weight and quantizer is back.  Yields how
+    many linears were folded.
+    """
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantLinearConvBase
+
+    candidates = []
+    for module in model.modules():
+        if not isinstance(module, QuantLinearConvBase):
+            continue
+        weight = module._parameters.get("weight")
+        leaves = _weight_quantizer_leaves(module)
+        if weight is not None and leaves is not None:
+            candidates.append((module, weight, leaves))
+    need: dict[torch.device, int] = {}
+    for _, weight, _ in candidates:
+        need[weight.device] = need.get(weight.device, 0) + weight.numel() * weight.element_size()
+    for device, nbytes in need.items():
+        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < nbytes + spare_bytes:
+            candidates = []  # not enough room: measure with live fake quant
+    folded = []
+    try:
+        with torch.no_grad():
+            for module, weight, leaves in candidates:
+                quantized = module.weight_quantizer(weight)
+                if quantized.shape != weight.shape or quantized.dtype != weight.dtype:
+                    continue
+                was_enabled = [q.is_enabled for q in leaves]
+                original, weight.data = weight.data, quantized
+                for q in leaves:
+                    q.disable()
+                folded.append((weight, original, leaves, was_enabled))
+        yield len(folded)
+    finally:
+        for weight, original, leaves, was_enabled in folded:
+            weight.data = original
+            for q, enabled in zip(leaves, was_enabled):
+                if enabled:
+                    q.enable()
+
+
 def groups_within(groups, module_path: str) -> tuple:
     """The groups whose every member lies under ``module_path`` (the language model's, usually)."""
     prefix = module_path + "."

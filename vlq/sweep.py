@@ -55,6 +55,8 @@ class SweepResult:
     points: tuple[SweepPoint, ...]
     search_s: float
     model_source: str
+    reference_s: float = 0.0  # the BF16 reference logits every target is measured against (captured once)
+    rows: int = 0  # held-out rows per data kind that each target is measured on (0: not measured)
 
     @property
     def decisions_s(self) -> float:
@@ -63,8 +65,8 @@ class SweepResult:
 
     @property
     def measured_s(self) -> float:
-        """The one search, the re-solves and every target's fidelity measurement (no exports)."""
-        return self.decisions_s + sum(p.measure_s for p in self.points)
+        """The BF16 reference, the one search, the re-solves and every target's fidelity measurement (no exports)."""
+        return self.reference_s + self.decisions_s + sum(p.measure_s for p in self.points)
 
     @property
     def total_s(self) -> float:
@@ -76,6 +78,8 @@ class SweepResult:
             "scheme": self.scheme.to_dict(),
             "model_source": self.model_source,
             "search_s": self.search_s,
+            "reference_s": self.reference_s,
+            "fidelity_rows": self.rows,
             "decisions_s": self.decisions_s,
             "measured_s": self.measured_s,
             "total_s": self.total_s,
