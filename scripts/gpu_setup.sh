@@ -1,0 +1,14 @@
+# Source on a bare GPU runner (torch + transformers preinstalled, no network):  source scripts/gpu_setup.sh
+# Installs the carried wheels (.whl/, from scripts/fetch_gpu_wheels.sh) into $VLQ_SITE only when that
+# folder lacks modelopt: reinstalling makes ModelOpt's JIT-built CUDA extension cache stale (~50 s rebuild).
+# With VLQ_EXTENSIONS_DIR (a folder kept between runs) a cache built for this ModelOpt and torch is kept.
+site=${VLQ_SITE:-/tmp/site}
+if ! PYTHONPATH=$site python3 -c "import modelopt" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+fi
+export PYTHONPATH=$site:$PWD
+export PYTHONUNBUFFERED=1
+if [ -n "${VLQ_EXTENSIONS_DIR:-}" ]; then
+  # a carried cache outlives the install it was built against: keep it (mtimes) or clear it (other versions)
+  python3 -m vlq.hardware keep-extension-cache
+fi
