@@ -242,18 +242,20 @@ def _weight_quantizer_leaves(module: nn.Module) -> list | None:
 
 
 @contextlib.contextmanager
-def weights_quantized_once(model: nn.Module, *, spare_bytes: int = 2 * 2**30):
+def weights_quantized_once(model: nn.Module, *, spare_bytes: int = 4 * 2**30):
     """Within: each linear's fake-quantized weight is computed once and served, not recomputed per forward.
 
     ModelOpt fake-quantizes every weight in every forward; during a fidelity measurement neither weights
-    nor decisions change, so the quantizer's output is the same tensor each time.  Serving it as the
-    weight (its quantizer disabled meanwhile) gives the same logits as live fake quant (tested on CPU and
-    on the 3B shape on GPU) and spares the per-forward weight quantization.  It needs one quantized copy of
-    those weights beside the originals: on a CUDA device without that room plus ``spare_bytes`` nothing is
-    folded and forwards quantize live.  On exit every original weight and quantizer is back.  Yields how
-    many linears were folded.
+    nor decisions change, so the quantizer's output is the same tensor each time.  Written over the
+    weight in place (its quantizer disabled meanwhile), it gives the same logits as live fake quant
+    (tested bit for bit on CPU and on the 3B shape on GPU) and spares the per-forward weight quantization.
+    The originals wait in host memory (page-locked for GPU weights), so the device holds no second copy;
+    where the host lacks that room plus ``spare_bytes`` nothing is folded and forwards quantize live.
+    On exit every original weight and quantizer is back.  Yields how many linears were folded.
     """
     from modelopt.torch.quantization.nn.modules.quant_module import QuantLinearConvBase
+
+    from .hardware import host_memory
 
     candidates = []
     for module in model.modules():
@@ -263,31 +265,35 @@ def weights_quantized_once(model: nn.Module, *, spare_bytes: int = 2 * 2**30):
         leaves = _weight_quantizer_leaves(module)
         if weight is not None and leaves is not None:
             candidates.append((module, weight, leaves))
-    need: dict[torch.device, int] = {}
-    for _, weight, _ in candidates:
-        need[weight.device] = need.get(weight.device, 0) + weight.numel() * weight.element_size()
-    for device, nbytes in need.items():
-        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < nbytes + spare_bytes:
-            candidates = []  # not enough room: measure with live fake quant
+    need = sum(weight.numel() * weight.element_size() for _, weight, _ in candidates)
+    if candidates and host_memory()[1] < need + spare_bytes:
+        candidates = []  # no room for the originals: measure with live fake quant
     folded = []
     try:
         with torch.no_grad():
             for module, weight, leaves in candidates:
+                on_gpu = weight.device.type == "cuda"
+                original = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=on_gpu)
+                original.copy_(weight.data, non_blocking=on_gpu)  # stream-ordered before the overwrite below
                 quantized = module.weight_quantizer(weight)
                 if quantized.shape != weight.shape or quantized.dtype != weight.dtype:
                     continue
                 was_enabled = [q.is_enabled for q in leaves]
-                original, weight.data = weight.data, quantized
+                weight.data.copy_(quantized)
+                del quantized
                 for q in leaves:
                     q.disable()
                 folded.append((weight, original, leaves, was_enabled))
         yield len(folded)
     finally:
-        for weight, original, leaves, was_enabled in folded:
-            weight.data = original
-            for q, enabled in zip(leaves, was_enabled):
-                if enabled:
-                    q.enable()
+        with torch.no_grad():
+            for weight, original, leaves, was_enabled in folded:
+                weight.data.copy_(original, non_blocking=original.is_pinned())
+                for q, enabled in zip(leaves, was_enabled):
+                    if enabled:
+                        q.enable()
+        if any(weight.device.type == "cuda" for weight, *_ in folded):
+            torch.cuda.synchronize()  # the page-locked originals are released only after their copies ran
 
 
 def groups_within(groups, module_path: str) -> tuple:
