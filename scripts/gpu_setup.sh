@@ -10,5 +10,6 @@ export PYTHONPATH=$site:$PWD
 export PYTHONUNBUFFERED=1
 if [ -n "${VLQ_EXTENSIONS_DIR:-}" ]; then
   # a carried cache outlives the install it was built against: keep it (mtimes) or clear it (other versions)
+  export TORCH_EXTENSIONS_DIR=$VLQ_EXTENSIONS_DIR  # every process builds and finds them there, not only vlq's
   python3 -m vlq.hardware keep-extension-cache
 fi

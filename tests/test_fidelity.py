@@ -20,7 +20,10 @@ from vlq.fidelity import (
     SUMMARY_HEADERS,
     FidelityAccumulator,
     FidelityMetrics,
+    capture_reference,
+    group_rows,
     logits_forward,
+    measure_against,
     measure_fidelity,
 )
 from vlq.heldout import (
@@ -276,6 +279,40 @@ def test_image_text_fidelity_counts_only_text_labels(pristine_vlm, fresh_vlm):
         _down_proj(fresh_vlm).mul_(2.0)
     moved = measure_fidelity(base, logits_forward(fresh_vlm.vlm), heldout, measurement_point=POINT)
     assert moved.tokens == scored and moved.kld_mean > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["text", "image_text"])
+def test_rows_grouped_into_bigger_forwards_are_the_same_rows_and_measure_the_same(pristine_vlm, fresh_vlm, kind):
+    """group_rows merges consecutive single-row batches (fewer forwards: the speed of a measurement on a GPU
+    is per-forward overhead); the rows, the tokens scored and the statistics stay the same."""
+    if kind == "text":
+        heldout = heldout_text_batches(pristine_vlm.tokenizer, vocab_size=pristine_vlm.vocab_size, num_batches=5, seq_len=32)
+    else:
+        heldout = heldout_image_text_batches(pristine_vlm, num_batches=5)
+    grouped = group_rows(heldout, 2)
+    assert [int(b["input_ids"].shape[0]) for b in grouped] == [2, 2, 1]
+    real = lambda bs: [row[mask.bool()].tolist() for b in bs for row, mask in zip(b["input_ids"], b["attention_mask"])]
+    assert real(grouped) == real(heldout)  # the same rows in the same order, padding aside
+    with torch.no_grad():
+        _down_proj(fresh_vlm).mul_(1.5)
+    base = capture_reference(logits_forward(pristine_vlm.vlm), heldout)
+    merged = capture_reference(logits_forward(pristine_vlm.vlm), heldout, rows_per_forward=2)
+    assert (len(base.batches), len(merged.batches), base.rows, merged.rows) == (5, 3, 5, 5)
+    one = measure_against(base, logits_forward(fresh_vlm.vlm), measurement_point=POINT)
+    two = measure_against(merged, logits_forward(fresh_vlm.vlm), measurement_point=POINT)
+    assert one.tokens == two.tokens and one.kld_mean > 1e-4
+    assert two.kld_mean == pytest.approx(one.kld_mean, rel=0.02) and two.same_top_rate == pytest.approx(one.same_top_rate, abs=0.02)
+
+
+def test_shorter_rows_are_right_padded_and_unknown_keys_never_merged():
+    row = lambda t: {"input_ids": torch.ones(1, t, dtype=torch.long), "attention_mask": torch.ones(1, t, dtype=torch.long),
+                     "labels": torch.ones(1, t, dtype=torch.long)}
+    merged, = group_rows([row(8), row(6)], 8)
+    assert merged["input_ids"].shape == (2, 8)
+    assert merged["attention_mask"][1].tolist() == [1] * 6 + [0, 0] and merged["labels"][1, 6:].tolist() == [IGNORE_INDEX] * 2
+    # the control: a key whose rows do not lie along dim 0 (mrope position_ids [3, B, T]) keeps its batches apart
+    odd = {**row(8), "position_ids": torch.zeros(3, 1, 8, dtype=torch.long)}
+    assert len(group_rows([odd, dict(odd)], 8)) == 2
 
 
 # ---- held-out data --------------------------------------------------------------------------------

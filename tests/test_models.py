@@ -85,6 +85,36 @@ def test_3b_architecture_matches_published_config():
     assert json.loads(QWEN25_VL_3B_CONFIG.read_text())["model_type"] == "qwen2_5_vl"
 
 
+def _float32_buffers(model) -> dict[str, torch.dtype]:
+    return {name: b.dtype for name, b in model.named_buffers() if name.endswith("inv_freq")}
+
+
+def test_random_shapes_keep_rope_in_float32_like_from_pretrained(pristine_vlm):
+    """A checkpoint loaded by from_pretrained keeps rotary inv_freq (text and vision) in float32; the random
+    3B shape must too, or its BF16 reference and point a run a coarser RoPE than the checkpoint rebuilt from
+    disk.  Negative control: the plain ``.to(bfloat16)`` the builder used to apply casts them."""
+    loaded = _float32_buffers(pristine_vlm.vlm)
+    assert len(loaded) == 4 and set(loaded.values()) == {torch.float32}, loaded  # inv_freq, original_inv_freq
+    built = build_3b_random(device="meta").vlm
+    assert _float32_buffers(built) == loaded
+    assert set(_float32_buffers(built.to(torch.bfloat16)).values()) == {torch.bfloat16}
+
+
+def test_rope_cast_to_bf16_moves_cos_sin_at_long_positions(pristine_vlm):
+    """Why it matters, measured on the tiny model: float32 inv_freq (what vlq keeps) vs bf16 (the old cast)."""
+    rotary = pristine_vlm.language_model.rotary_emb
+    x = torch.zeros(1, 512, 1, dtype=torch.bfloat16)
+    positions = torch.arange(512)[None, None, :].expand(3, 1, -1)
+    cos32, _ = rotary(x, positions)
+    saved = rotary.inv_freq
+    try:
+        rotary.inv_freq = saved.to(torch.bfloat16)
+        cos16, _ = rotary(x, positions)
+    finally:
+        rotary.inv_freq = saved
+    assert (cos32.float() - cos16.float()).abs().max() > 0.1
+
+
 def test_fingerprint_sees_one_changed_weight(fresh_vlm):
     before = fingerprint_parameters(fresh_vlm.vlm)
     with torch.no_grad():

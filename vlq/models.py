@@ -491,7 +491,23 @@ def build_random_shape(
             vlm = Qwen2_5_VLForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    return _finish(vlm.to(_dtype(dtype)), name, None)
+    return _finish(to_dtype_like_from_pretrained(vlm, _dtype(dtype)), name, None)
+
+
+def to_dtype_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, except the float32 buffers that are not saved (rotary ``inv_freq``, text and
+    vision), which ``from_pretrained`` leaves in float32 as the model computed them.
+
+    Cast to bf16, RoPE's cos/sin moved by up to 0.58 at 512 positions (3B, H200): a random-shape model then
+    disagreed with the same weights rebuilt from its checkpoint (KLD 0.057 on random 3B weights with every
+    quantized linear equal) and with how a real checkpoint runs in transformers and vLLM.
+    """
+    kept = {(module, name): buffer for module in model.modules() for name, buffer in module._buffers.items()
+            if buffer is not None and name in module._non_persistent_buffers_set and buffer.dtype == torch.float32}
+    model = model.to(dtype)
+    for (module, name), buffer in kept.items():
+        module._buffers[name] = buffer
+    return model
 
 
 def load_vlm(

@@ -187,6 +187,9 @@ def _calibration_batches(loaded: LoadedVLM, scheme: Scheme, data: DataRequest) -
 #: Held-out rows measured for fidelity: a few for the tiny model, 32 (x the scheme's seq_len) for full-size ones.
 FIDELITY_ROWS_TINY = 8
 FIDELITY_ROWS_FULL_SIZE = 32
+#: Rows share a forward while their bf16 logits stay within this (3B at 512 tokens: 6 rows of 155 MB); the
+#: measurement then holds about twice this (reference and quantized logits) plus float32 chunks on the device.
+FIDELITY_LOGITS_PER_FORWARD = 2**30
 
 
 def fidelity_references(
@@ -225,7 +228,8 @@ def fidelity_references(
                 heldout = heldout_image_text_batches(loaded, num_batches=rows, seed=data.seed, calibration=image_calibration)
             else:
                 raise SchemeError(f"Unknown fidelity data kind {kind!r}; use text or image_text.")
-            references.append(capture_reference(forward, heldout.to(loaded.device)))
+            per_forward = max(1, FIDELITY_LOGITS_PER_FORWARD // (2 * scheme.seq_len * loaded.vocab_size))
+            references.append(capture_reference(forward, heldout.to(loaded.device), rows_per_forward=per_forward))
             bar.update()
     return tuple(references)
 
@@ -650,7 +654,7 @@ def sweep(
         points.append(SweepPoint(target, manifest_at[target], resolve_s[target], path, export_s, verified,
                                  measure_s.get(target, 0.0)))
     result = SweepResult(first, tuple(points), search_s, pristine.source, reference_s,
-                         len(references[0].batches) if references else 0)
+                         references[0].rows if references else 0)
     result.save(folder.sweep)
     progress.stage(f"sweep written to {folder.sweep}")
     return result
