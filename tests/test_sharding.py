@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -75,21 +76,39 @@ def test_modelopt_extension_builds_go_where_vlq_says(monkeypatch, tmp_path):
     assert hardware.use_extension_cache() == tmp_path / "users"
 
 
+def _ninja(folder, *args) -> str:
+    """ninja (the pip package ModelOpt and vLLM depend on, the builder torch's JIT extensions use) in ``folder``."""
+    run = subprocess.run([sys.executable, "-m", "ninja", *args], cwd=folder, capture_output=True, text=True, check=True)
+    return run.stdout
+
+
 def test_a_carried_extension_cache_is_kept_only_for_what_it_was_built_against(tmp_path):
-    """A fresh install makes ModelOpt's sources newer than carried objects, so ninja rebuilt them; a cache
-    stamped for the same versions gets newer mtimes than the sources (kept).  Negative control: a cache
-    stamped for another ModelOpt is emptied, not trusted."""
+    """Real ninja, as torch drives it: an output with a dependency record.  Carried to a new machine the
+    outputs' mtimes are re-dated (truncated to seconds) and a fresh install dates the sources to now, and ninja
+    rebuilds (the control); kept, the outputs get ninja's recorded mtimes back and the sources an old date,
+    and ninja has nothing to do.  A cache stamped for another ModelOpt is emptied, not trusted."""
+    source = tmp_path / "site" / "tensor_quant_gpu_fp8.cu"
+    source.parent.mkdir()
+    source.write_text("// kernel")
     cache = tmp_path / "ext"
-    built_for = "nvidia-modelopt==0.47.0 torch==2.11.0+cu130"
+    built_for = "nvidia-modelopt==0.47.0 torch==2.11.0"
     assert hardware.keep_extension_cache(cache, built_for) == "stamped"
-    obj = cache / "modelopt_cuda_ext_fp8" / "tensor_quant_gpu_fp8.cuda.o"
-    obj.parent.mkdir()
-    obj.write_bytes(b"object")
-    os.utime(obj, (1_000_000, 1_000_000))
-    source = tmp_path / "tensor_quant_gpu_fp8.cu"  # installed after the object was built
-    source.write_text("// source")
-    assert obj.stat().st_mtime < source.stat().st_mtime
-    assert hardware.keep_extension_cache(cache, built_for) == "kept"
-    assert obj.read_bytes() == b"object" and obj.stat().st_mtime >= source.stat().st_mtime
-    assert hardware.keep_extension_cache(cache, "nvidia-modelopt==0.48.0 torch==2.11.0+cu130") == "cleared"
-    assert not obj.parent.exists() and (cache / hardware.EXTENSION_STAMP).read_text().strip().endswith("torch==2.11.0+cu130")
+    build = cache / "modelopt_cuda_ext_fp8"
+    build.mkdir()
+    (build / "build.ninja").write_text(
+        "rule compile\n  command = cp $in $out && printf '%s: %s\\n' $out $in > $out.d\n  depfile = $out.d\n  deps = gcc\n"
+        f"build tensor_quant_gpu_fp8.cuda.o: compile {source}\n"
+        "rule link\n  command = cp $in $out\n"
+        "build modelopt_cuda_ext_fp8.so: link tensor_quant_gpu_fp8.cuda.o\n")
+    _ninja(build)
+    assert "no work to do" in _ninja(build, "-n")
+    # the carry and the fresh install: outputs re-dated to a later whole second, the source to now
+    later = int(time.time()) + 5
+    for output in ("tensor_quant_gpu_fp8.cuda.o", "modelopt_cuda_ext_fp8.so"):
+        os.utime(build / output, (later, later))
+    os.utime(source, (later + 5, later + 5))
+    assert "no work to do" not in _ninja(build, "-n")  # the control: ninja would rebuild
+    assert hardware.keep_extension_cache(cache, built_for, [source]) == "kept"
+    assert "no work to do" in _ninja(build, "-n")
+    assert hardware.keep_extension_cache(cache, "nvidia-modelopt==0.48.0 torch==2.11.0", [source]) == "cleared"
+    assert not build.exists() and (cache / hardware.EXTENSION_STAMP).read_text().strip() == "nvidia-modelopt==0.48.0 torch==2.11.0"

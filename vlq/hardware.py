@@ -10,6 +10,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -124,27 +125,48 @@ def use_extension_cache() -> Path:
 
 
 EXTENSION_STAMP = ".vlq-built-for"
+#: What installed extension sources are dated to when a kept cache is reused: older than any build.
+SOURCES_MTIME = 946684800  # 2000-01-01
 
 
-def keep_extension_cache(path: str | os.PathLike, built_for: str) -> str:
+def _ninja_recorded_mtimes(folder: Path) -> dict[Path, int]:
+    """Each output's mtime (ns) as ninja recorded it in ``.ninja_log`` (v5+: start, end, mtime, output, hash)."""
+    log = folder / ".ninja_log"
+    recorded: dict[Path, int] = {}
+    if not log.is_file():
+        return recorded
+    for line in log.read_text().splitlines():
+        fields = line.split("\t")
+        if line.startswith("#") or len(fields) != 5 or not fields[2].isdigit():
+            continue
+        recorded[folder / fields[3]] = int(fields[2])  # a later entry for the same output wins
+    return recorded
+
+
+def keep_extension_cache(path: str | os.PathLike, built_for: str, sources: Iterable[str | os.PathLike] = ()) -> str:
     """Make a carried extension cache usable after a fresh install of the sources it was built from.
 
-    torch rebuilds a JIT extension when ninja sees a source newer than its objects, and a fresh
-    ``pip install`` of ModelOpt stamps its sources with the install time: a cache carried to a new machine
-    was rebuilt every time (56-69 s measured on an H200).  With ``built_for`` naming what the objects were
-    built against (ModelOpt and torch versions), a cache stamped for the same thing gets every file's mtime
-    set to now, so ninja keeps it ("kept"); a cache stamped for anything else is emptied so torch builds
-    afresh ("cleared"); an unstamped or missing folder is stamped ("stamped").  Source *contents* stay
-    guarded by torch itself, which hashes them into the extension's version.
+    ninja rebuilds an output when an input is newer than the mtime its log recorded for that output, or when
+    the output's own mtime is newer than its dependency record.  A fresh ``pip install`` dates ModelOpt's
+    sources to the install, and copying the cache to a new machine re-dates (and truncates) the outputs' mtimes:
+    a carried cache was rebuilt on every new machine (56-69 s per extension on an H200; touching the outputs
+    made it worse).  With ``built_for`` naming what the objects were built against (ModelOpt and torch
+    versions), a cache stamped for the same thing gets each output's mtime back from ``.ninja_log`` and the
+    ``sources`` dated to :data:`SOURCES_MTIME` ("kept"); a cache stamped for anything else is emptied so
+    torch builds afresh ("cleared"); an unstamped or missing folder is stamped ("stamped").  Source
+    *contents* stay guarded by torch, which hashes them into the extension's version.
     """
     import shutil
 
     root = Path(path)
     stamp = root / EXTENSION_STAMP
     if stamp.is_file() and stamp.read_text().strip() == built_for:
-        for entry in root.rglob("*"):
-            if entry.is_file():
-                os.utime(entry)
+        for folder in [p for p in root.iterdir() if p.is_dir()]:
+            for output, mtime_ns in _ninja_recorded_mtimes(folder).items():
+                if output.is_file():
+                    os.utime(output, ns=(mtime_ns, mtime_ns))
+        for source in sources:
+            os.utime(source, (SOURCES_MTIME, SOURCES_MTIME))
         return "kept"
     outcome = "stamped"
     if stamp.is_file():
@@ -165,9 +187,14 @@ def _main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     from importlib.metadata import version
 
+    import importlib.util
+
     built_for = f"nvidia-modelopt=={version('nvidia-modelopt')} torch=={version('torch')}"
+    package = Path(next(iter(importlib.util.find_spec("modelopt").submodule_search_locations)))
+    sources = [p for p in (package / "torch" / "kernels").rglob("*") if p.is_file()]  # the extensions' .cu/.cpp/.h
     path = extension_cache_dir()
-    print(f"ModelOpt CUDA extension cache {path}: {keep_extension_cache(path, built_for)} ({built_for})")
+    outcome = keep_extension_cache(path, built_for, sources)
+    print(f"ModelOpt CUDA extension cache {path}: {outcome} ({built_for}; {len(sources)} source files)")
     return 0
 
 
