@@ -9,8 +9,10 @@ the order a runs them; the first modules that differ are printed.
     python scripts/diagnose_b_vs_a.py --model qwen2.5-vl-3b-random --device cuda          # the 3B gap, issue 11
     python scripts/diagnose_b_vs_a.py --model tiny-trained --device cpu --formats fp8 --bits 12 --steps 4 --seq-len 64
 
-On the tiny model every output is identical (the swap gives KLD 0); on the random 3B shape (H200,
-2026-12-01) the swap still left KLD(a||b) = 0.056, unexplained.
+On the tiny model every output is identical (the swap gives KLD 0).  On the random 3B shape (H200,
+2026-12-01) the swap left KLD(a||b) = 0.057 and this script found the first differing output at
+``rotary_emb`` (cos/sin 4.9% apart), before any quantized linear: the random-shape builder had cast RoPE's
+inv_freq to bf16, which from_pretrained and the rebuilt checkpoint keep in float32 (fixed in vlq.models).
 """
 
 from __future__ import annotations

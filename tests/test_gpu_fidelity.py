@@ -14,9 +14,9 @@ The published 3B shape (random weights, or ``--vlq-model``) searched at the reco
   disagreement can be traced to a layer.
 
 Measured on an H200 (2026-12-01): KLD(BF16||a) 0.0547, KLD(a||b) 0.059 (1.08x, within FP8's derived 1.5x),
-and 0.056 still with a's own fake-quantized weights loaded into b's model, although every layer's weights
-and held-out inputs agree within vlq.dequant's tolerances: the gap lies outside the quantized linears'
-arithmetic and is not explained yet.  Doubled tensor scales sit 8.6x away and are caught; the
+and 0.056 still with a's own fake-quantized weights loaded into b's model: scripts/diagnose_b_vs_a.py traced
+that to RoPE (the random-shape builder cast inv_freq to bf16; the rebuilt checkpoint keeps float32), fixed
+since; the lane passed after the fix.  Doubled tensor scales sit 8.6x away and are caught; the
 layer-by-layer comparison is the sharp check on this shape.
 
 Timing of point a on 32 rows is a benchmark (benchmarks/test_fidelity_benchmarks.py), never asserted here.
