@@ -128,7 +128,6 @@ def _check_table(table) -> None:
 
 def test_recommended_settings_tiny_trained_cpu(benchmark, record_benchmark):
     """CPU: fewer steps judged by their scheme's KLD relative to the 32 + 32-step reference's, on tiny-trained."""
-
     pristine = load_vlm(TINY_TRAINED)
     reference_scheme = Scheme(**TINY_BASE, **TINY_REFERENCE)
     pool = pipeline.calibrate(pristine, reference_scheme)  # text from the front of the shipped corpus

@@ -181,14 +181,12 @@ def keep_extension_cache(path: str | os.PathLike, built_for: str, sources: Itera
 def _main(argv: list[str] | None = None) -> int:
     """``python -m vlq.hardware keep-extension-cache`` for the GPU lane script (after the wheel install)."""
     import argparse
+    import importlib.util
+    from importlib.metadata import version
 
     parser = argparse.ArgumentParser(prog="python -m vlq.hardware")
     parser.add_argument("action", choices=["keep-extension-cache"])
     parser.parse_args(argv)
-    from importlib.metadata import version
-
-    import importlib.util
-
     built_for = f"nvidia-modelopt=={version('nvidia-modelopt')} torch=={version('torch')}"
     package = Path(next(iter(importlib.util.find_spec("modelopt").submodule_search_locations)))
     sources = [p for p in (package / "torch" / "kernels").rglob("*") if p.is_file()]  # the extensions' .cu/.cpp/.h
