@@ -8,6 +8,7 @@ Ids are the scheme id ``<formats>-<bits>b-<method>-<strategy>``, e.g. ``fp8+int4
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -379,3 +380,101 @@ def test_search_leaves_no_gradient_on_an_untied_lm_head(tmp_path):
     batch = cal.batches[0]
     causal_lm_loss(make_forward_step(control, "extract")(control.language_model, batch), batch).backward()
     assert control.lm_head.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient scoring's loss, chunk by chunk (vlq.search.chunked_causal_lm_loss)
+# ------------------------------------------------------------------------------------------------
+
+
+def _trained_text_batch(trained_vlm, *, batch_size=2, seq_len=24):
+    from vlq.calibration import IGNORE_INDEX, text_batches
+
+    cal = text_batches(trained_vlm.tokenizer, vocab_size=trained_vlm.vocab_size, num_batches=1,
+                       batch_size=batch_size, seq_len=seq_len)
+    batch = dict(cal.batches[0])
+    labels = batch["labels"].clone()
+    labels[0, 5:9] = IGNORE_INDEX  # ignored positions inside a chunk and across a chunk edge
+    batch["labels"] = labels
+    return batch
+
+
+def _hidden_and_lm_head(trained_vlm, batch):
+    import torch
+
+    from vlq.search import make_forward_step
+
+    with torch.no_grad():
+        hidden = make_forward_step(trained_vlm, "extract", logits=False)(trained_vlm.language_model, batch)
+    lm_head = copy.deepcopy(trained_vlm.lm_head).requires_grad_(False)  # the read-only model stays as it is
+    return hidden.detach().requires_grad_(True), lm_head
+
+
+def test_chunked_loss_equals_full_logits_loss(trained_vlm):
+    """Gradient scoring's chunked loss has the full-logits loss's value and gradient on the hidden states,
+    with chunks that split rows mid-way and ignored labels.  Control: the same loss read one label
+    position off (what a misaligned chunk would compute) differs, so the comparison can fail."""
+    import torch
+
+    from vlq.search import causal_lm_loss, chunked_causal_lm_loss
+
+    batch = _trained_text_batch(trained_vlm)
+    hidden, lm_head = _hidden_and_lm_head(trained_vlm, batch)
+    hidden, lm_head = hidden.float().detach().requires_grad_(True), lm_head.float()
+    with torch.autocast("cpu", enabled=False):
+        full = causal_lm_loss(lm_head(hidden), batch)
+        (full_grad,) = torch.autograd.grad(full, hidden)
+        for chunk in (1, 7, 23, 10_000):
+            chunked = chunked_causal_lm_loss(hidden, lm_head, batch, chunk)
+            (chunked_grad,) = torch.autograd.grad(chunked, hidden)
+            torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(chunked_grad, full_grad, rtol=1e-4, atol=1e-7)
+        shifted = dict(batch, labels=batch["labels"].roll(1, dims=1))
+        assert not torch.allclose(chunked_causal_lm_loss(hidden, lm_head, shifted, 7), full, rtol=1e-3)
+
+
+def test_chunked_loss_keeps_no_whole_batch_logits_for_backward(trained_vlm):
+    """The largest tensor autograd keeps for backward is smaller than one chunk's fp32 logits.  Control:
+    the full-logits loss keeps the whole batch's fp32 log-softmax (tokens x vocab x 4 bytes)."""
+    import torch
+
+    from vlq.search import causal_lm_loss, chunked_causal_lm_loss
+
+    batch = _trained_text_batch(trained_vlm, batch_size=4, seq_len=32)
+    hidden, lm_head = _hidden_and_lm_head(trained_vlm, batch)  # bf16, as the search runs them
+    tokens = hidden.shape[0] * (hidden.shape[1] - 1)
+    chunk = 16
+
+    def largest_saved(loss_of):
+        sizes = [0]
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_of()
+        loss.backward()
+        return max(sizes)
+
+    chunked = largest_saved(lambda: chunked_causal_lm_loss(hidden, lm_head, batch, chunk))
+    full = largest_saved(lambda: causal_lm_loss(lm_head(hidden), batch))
+    vocab_fp32 = trained_vlm.vocab_size * 4
+    assert chunked < chunk * vocab_fp32
+    assert full >= tokens * vocab_fp32
+
+
+def test_search_with_chunked_loss_decides_as_with_full_logits(trained_vlm):
+    """The search's default (chunked loss) and the full-logits loss ModelOpt's examples use: the same
+    decisions and the same scores to float summation order, on the trained tiny model."""
+    from vlq.calibration import text_batches
+
+    scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
+    cal = text_batches(trained_vlm.tokenizer, vocab_size=trained_vlm.vocab_size, num_batches=2, batch_size=2, seq_len=32)
+    chunked = search_lm_only(fresh_copy(trained_vlm), scheme, cal, loss_chunk_tokens=24)
+    full = search_lm_only(fresh_copy(trained_vlm), scheme, cal, loss_chunk_tokens=None)
+    assert [(g.name, g.chosen) for g in chunked.groups] == [(g.name, g.chosen) for g in full.groups]
+    for a, b in zip(chunked.groups, full.groups):
+        assert [c.format for c in a.candidates] == [c.format for c in b.candidates]
+        assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], rel=1e-3, abs=1e-9)
+    assert any(c.score > 0 for g in full.groups for c in g.candidates)  # scores that could differ

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import ResourceError
 from .hardware import GpuInfo, host_memory
-from .schemes import Scheme
+from .schemes import LOSS_CHUNK_TOKENS, Scheme
 
 GIB = 2**30
 BF16 = 2
@@ -116,6 +116,7 @@ class SearchMemory:
     per_row: int
     rows_per_step: int
     gradient_checkpointing: bool
+    loss_chunk: int = 0  # one loss chunk's logits when the loss is taken in chunks (else inside per_row)
 
     @property
     def activations(self) -> int:
@@ -123,22 +124,23 @@ class SearchMemory:
 
     @property
     def peak(self) -> int:
-        return self.weights + self.search_state + self.activations
+        return self.weights + self.search_state + self.activations + self.loss_chunk
 
 
-def per_row_bytes(shape: ModelShape, scheme: Scheme, *, gradient_checkpointing: bool) -> int:
+def per_row_bytes(shape: ModelShape, scheme: Scheme, *, gradient_checkpointing: bool, full_logits: bool) -> int:
     """Activation bytes one scored row of ``scheme.seq_len`` tokens keeps for the backward pass.
 
     Per token: ModelOpt's output differences (every linear, every candidate format, bf16) stay attached
     to their modules until the next step, with or without checkpointing; autograd keeps one layer's
     activations ((6 x hidden + 4 x intermediate) bf16, measured) for every layer, or only the layer
-    inputs plus one layer under checkpointing; the logits and their loss cost ~10 bytes per vocabulary entry.
+    inputs plus one layer under checkpointing; with ``full_logits`` the logits and their loss cost
+    ~10 bytes per vocabulary entry (a chunked loss holds one chunk's instead: :func:`search_memory`).
     """
     tokens = scheme.seq_len
     candidates = len(scheme.formats)
     differences = shape.layers * candidates * shape.layer_out_features * BF16
     layer = BF16 * (6 * shape.hidden + 4 * shape.intermediate)
-    logits = LOGIT_BYTES * shape.vocab
+    logits = LOGIT_BYTES * shape.vocab if full_logits else 0
     if gradient_checkpointing:
         activations = shape.layers * BF16 * shape.hidden + layer
     else:
@@ -146,11 +148,15 @@ def per_row_bytes(shape: ModelShape, scheme: Scheme, *, gradient_checkpointing: 
     return int(tokens * (differences + activations + logits))
 
 
-def search_memory(shape: ModelShape, scheme: Scheme) -> SearchMemory:
+def search_memory(shape: ModelShape, scheme: Scheme, *, full_logits: bool | None = None) -> SearchMemory:
+    """The planned peak of ``scheme``'s search.  ``full_logits`` (default: unless the scheme takes its loss
+    in chunks) plans the whole batch's logits, as the measurements before chunking had them."""
+    full = not scheme.loss_in_chunks if full_logits is None else full_logits
     weights = BF16 * shape.total_params
     state = int(SEARCH_STATE_PER_LM_BYTE * BF16 * shape.lm_linear_params)
-    per_row = per_row_bytes(shape, scheme, gradient_checkpointing=scheme.gradient_checkpointing)
-    return SearchMemory(weights, state, per_row, scheme.batch_size, scheme.gradient_checkpointing)
+    per_row = per_row_bytes(shape, scheme, gradient_checkpointing=scheme.gradient_checkpointing, full_logits=full)
+    chunk = 0 if full else LOGIT_BYTES * shape.vocab * min(LOSS_CHUNK_TOKENS, scheme.batch_size * scheme.seq_len)
+    return SearchMemory(weights, state, per_row, scheme.batch_size, scheme.gradient_checkpointing, chunk)
 
 
 def export_bytes(shape: ModelShape, target_bits: float) -> int:
@@ -182,7 +188,8 @@ class Plan:
             f"({self.shape.lm_linear_params / 1e9:.2f} B in LM linears), {self.shape.layers} layers",
             f"weights        {m.weights / GIB:.1f} GiB (bf16)",
             f"search peak    {m.peak / GIB:.1f} GiB = weights + {m.search_state / GIB:.1f} GiB search state + "
-            f"{m.rows_per_step} x {m.per_row / GIB:.2f} GiB per {s.seq_len}-token row",
+            f"{m.rows_per_step} x {m.per_row / GIB:.2f} GiB per {s.seq_len}-token row"
+            + (f" + {m.loss_chunk / GIB:.2f} GiB of logits per loss chunk" if m.loss_chunk else ""),
             f"search         batch {s.batch_size}, {s.num_calib_steps} calibration + {s.num_score_steps} scoring steps, "
             f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}",
             f"export         {self.export_bytes / GIB:.1f} GiB on disk at {s.target_bits:g} bits",
@@ -226,7 +233,7 @@ def _auto_batch(shape: ModelShape, scheme: Scheme, budget: int) -> Scheme:
     for checkpointing in (False, True):
         trial = scheme.with_(gradient_checkpointing=checkpointing, batch_size=1)
         fixed = search_memory(shape, trial)
-        room = budget - fixed.weights - fixed.search_state
+        room = budget - fixed.weights - fixed.search_state - fixed.loss_chunk
         if room < fixed.per_row:
             continue
         batch = 1
@@ -257,7 +264,8 @@ def plan_search(
     if auto_batch:
         fixed = search_memory(shape, scheme)
         room = budget if budget_gib is not None else min(budget * AUTO_SHARE,
-                                                         fixed.weights + fixed.search_state + DEFAULT_ACTIVATION_ROOM)
+                                                         fixed.weights + fixed.search_state + fixed.loss_chunk
+                                                         + DEFAULT_ACTIVATION_ROOM)
         resolved = _auto_batch(shape, scheme, room)
     memory = search_memory(shape, resolved)
     needed = max(1, math.ceil(memory.peak / budget)) if budget > 0 else 1

@@ -203,6 +203,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Tokens whose logits exist at once while gradient scoring under ``extract`` (3B: 256 x 151936 vocabulary
+# ~ 0.4 GiB with the fp32 log-softmax and its gradient) instead of the whole batch's (batch 4 x 512: ~3 GiB).
+LOSS_CHUNK_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class Scheme:
     """What an LM-only AutoQuant search is asked to do.
@@ -262,6 +267,13 @@ class Scheme:
             raise SchemeError(f"seq_len must be at least 2, got {self.seq_len}.")
 
     # -- derived ------------------------------------------------------------------------------
+    @property
+    def loss_in_chunks(self) -> bool:
+        """Gradient scoring under ``extract`` takes its loss LOSS_CHUNK_TOKENS tokens at a time
+        (``vlq.search.chunked_causal_lm_loss``); ``mask`` runs the VLM's own lm_head and kl_div compares
+        whole logits, so both hold the batch's logits."""
+        return self.method == "gradient" and self.strategy == "extract"
+
     @property
     def format_objects(self) -> tuple[QuantFormat, ...]:
         return tuple(FORMATS[f] for f in self.formats)

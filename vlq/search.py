@@ -39,7 +39,7 @@ from .errors import GuardViolation, ResourceError, SchemeError, SearchStateError
 from .files import kill_point
 from .models import LoadedVLM, fingerprint_parameters
 from .progress import SILENT, Progress
-from .schemes import NO_QUANT, Scheme, format_for_modelopt_name
+from .schemes import LOSS_CHUNK_TOKENS, NO_QUANT, Scheme, format_for_modelopt_name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,6 +332,33 @@ def causal_lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torc
     )
 
 
+def _summed_token_nll(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor, lm_head: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> torch.Tensor:
+    """``causal_lm_loss(lm_head(hidden), batch)`` without holding the batch's logits.
+
+    The logits of ``chunk_tokens`` tokens at a time are made, reduced to a summed cross-entropy and dropped;
+    backward makes them again (a torch checkpoint per chunk: one extra vocabulary GEMM, milliseconds).
+    Same value and gradients as the full-logits loss up to float summation order
+    (``tests/test_search.py::test_chunked_loss_equals_full_logits_loss``).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    states = hidden[:, :-1].flatten(0, 1)
+    labels = batch["labels"].to(hidden.device)[:, 1:].flatten()
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, states.shape[0], chunk_tokens):
+        stop = start + chunk_tokens
+        total = total + checkpoint(_summed_token_nll, lm_head, states[start:stop], labels[start:stop], use_reentrant=False)
+    return total / (labels != IGNORE_INDEX).sum()  # 0/0 = nan with no label, as the mean cross-entropy gives
+
+
 def _model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
 
@@ -369,14 +396,19 @@ def image_text_inputs(loaded: LoadedVLM, text_model: nn.Module, inputs: dict[str
     return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
 
 
-def make_forward_step(loaded: LoadedVLM, strategy: str) -> Callable[[nn.Module, dict], torch.Tensor]:
-    """Forward returning logits. For ``extract`` the parent's lm_head turns hidden states into logits.
+def make_forward_step(
+    loaded: LoadedVLM, strategy: str, *, logits: bool = True
+) -> Callable[[nn.Module, dict], torch.Tensor]:
+    """Forward returning logits. For ``extract`` the parent's lm_head turns hidden states into logits
+    (``logits=False``: the last hidden states, for :func:`chunked_causal_lm_loss`).
 
     Image+text batches (``pixel_values`` present): ``mask`` runs the whole VLM as is (the vision tower
     is disabled and cost-excluded); ``extract`` builds ``inputs_embeds`` and mrope ``position_ids``
     with :func:`image_text_inputs` and calls the text model with them.
     """
     device = loaded.device
+    if not logits and strategy != "extract":
+        raise ValueError("Only the extract strategy can return hidden states (mask runs the VLM's own lm_head).")
     if strategy == "extract":
         lm_head = loaded.lm_head
 
@@ -391,7 +423,7 @@ def make_forward_step(loaded: LoadedVLM, strategy: str) -> Callable[[nn.Module, 
             if "inputs_embeds" in inputs:
                 inputs.pop("input_ids", None)
             hidden = model(**inputs, use_cache=False).last_hidden_state
-            return lm_head(hidden)
+            return lm_head(hidden) if logits else hidden
 
         return forward_extract
 
@@ -596,12 +628,15 @@ def search_lm_only(
     exclude_cost: bool = True,
     verbose: bool = False,
     progress: Progress | None = None,
+    loss_chunk_tokens: int | None = LOSS_CHUNK_TOKENS,
 ) -> SearchResult:
     """Run ``mtq.auto_quantize`` on the language model of ``loaded`` only.
 
     ``disable_vision`` and ``exclude_cost`` exist for negative controls: turning either off makes
     the ``mask`` strategy search the vision tower or count it in the bit budget, which the guards
-    and tests must catch.  The model in ``loaded`` is quantized in place.
+    and tests must catch.  Gradient scoring under ``extract`` takes its loss chunk by chunk
+    (:func:`chunked_causal_lm_loss`); ``loss_chunk_tokens=None`` holds the whole batch's logits, as
+    ModelOpt's examples do.  The model in ``loaded`` is quantized in place.
     """
     import modelopt.torch.quantization as mtq
 
@@ -629,7 +664,8 @@ def search_lm_only(
         progress.stage(plan.summary())
 
     clock = _PhaseClock()
-    forward = make_forward_step(loaded, scheme.strategy)
+    chunked_loss = loss_chunk_tokens is not None and scheme.loss_in_chunks
+    forward = make_forward_step(loaded, scheme.strategy, logits=not chunked_loss)
     bars = _PhaseBars(progress, scheme)
 
     gpu_peak_seen = [0]
@@ -652,8 +688,9 @@ def search_lm_only(
         kill_point("score-step")  # tests interrupt a real scoring step here
         clock.mark_score()
         bars.scored()
-        loss = causal_lm_loss(output, batch)
-        return loss
+        if chunked_loss:
+            return chunked_causal_lm_loss(output, loaded.lm_head, batch, loss_chunk_tokens)
+        return causal_lm_loss(output, batch)
 
     constraints: dict[str, Any] = {"effective_bits": scheme.target_bits}
     if excluded:
