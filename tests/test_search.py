@@ -478,3 +478,15 @@ def test_search_with_chunked_loss_decides_as_with_full_logits(trained_vlm):
         assert [c.format for c in a.candidates] == [c.format for c in b.candidates]
         assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], rel=1e-3, abs=1e-9)
     assert any(c.score > 0 for g in full.groups for c in g.candidates)  # scores that could differ
+
+
+def test_only_extract_can_hand_hidden_states_to_the_chunked_loss(trained_vlm):
+    """``mask`` runs the VLM's own lm_head: asking it for hidden states is refused, not silently ignored.
+    Control: ``extract`` returns the hidden size, not the vocabulary."""
+    from vlq.search import make_forward_step
+
+    with pytest.raises(ValueError, match="Only the extract strategy"):
+        make_forward_step(trained_vlm, "mask", logits=False)
+    batch = _trained_text_batch(trained_vlm, batch_size=1, seq_len=8)
+    hidden, _ = _hidden_and_lm_head(trained_vlm, batch)
+    assert hidden.shape[-1] == trained_vlm.config.text_config.hidden_size != trained_vlm.vocab_size
