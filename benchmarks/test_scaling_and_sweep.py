@@ -117,25 +117,12 @@ def test_sweep_tiny_cpu(benchmark, record_benchmark, pristine_vlm, calibration, 
     _sweep(benchmark, record_benchmark, pristine_vlm, scheme, calibration, tmp_path)
 
 
-def sweep_default_scheme(loaded, rows: Scheme) -> Scheme:
-    """The search ``vlq sweep`` runs on this machine by default (``--batch-size auto``): ``rows`` batched
-    under the plan, gradient checkpointing off where it fits."""
-    from vlq.hardware import visible_gpus
-    from vlq.plan import plan_search
-
-    return plan_search(loaded.config.to_dict(), rows, device=str(loaded.device), gpus=visible_gpus(),
-                       auto_batch=True).scheme
-
-
 @pytest.mark.gpu
 def test_measured_sweep_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm, tmp_path):
-    """Issue 11's target: 8 targets measured (no exports: they are opt-in) in <= 1.5x one search, the
-    search being ``vlq sweep``'s default (batched 16+16 rows; before 2026-12-01d this benchmark ran
-    ModelOpt's batch-1 checkpointed search, about 3x slower, which flattered the ratio)."""
+    """Issue 11's target: 8 targets measured (no exports: they are opt-in) in <= 1.5x one search."""
     import torch
 
-    rows = Scheme(formats=("fp8", "nvfp4"), target_bits=8.0, num_calib_steps=16, num_score_steps=16, seq_len=512)
-    scheme = sweep_default_scheme(gpu_pristine_vlm, rows)
+    scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=8.0, num_calib_steps=16, num_score_steps=16, seq_len=512)
     _sweep(benchmark, record_benchmark, gpu_pristine_vlm, scheme, _synthetic_for(gpu_pristine_vlm, scheme), tmp_path,
            export_targets=())
     torch.cuda.empty_cache()
