@@ -26,9 +26,13 @@ from .schemes import LOSS_CHUNK_TOKENS, Scheme
 
 GIB = 2**30
 BF16 = 2
-# Fitted on one H200 (reports/benchmarks/h200-family-partial.json, the 3B grid of batch x checkpointing):
-# ModelOpt's search state (amax / per-block scales, score buffers) per byte of bf16 LM linear weight ...
-SEARCH_STATE_PER_LM_BYTE = 0.27
+# Fitted on one H200 to the nine own-allocation peaks measured so far (3B grid of batch x checkpointing,
+# 3B default, 7B, 32B; reports/README.md, fourth session), each within 5.8 %:
+# ModelOpt's search state (amax / per-block scales, score buffers) per byte of bf16 LM linear weight,
+SEARCH_STATE_PER_LM_BYTE = 0.04
+# ModelOpt's kept output differences and autograd's layer activations against their byte counts ...
+DIFFERENCE_FACTOR = 1.28
+ACTIVATION_FACTOR = 0.8
 # ... and bytes per vocabulary entry per token for the logits, their fp32 loss and gradients.
 LOGIT_BYTES = 10
 # A device's usable share of its free memory (CUDA context, allocator fragmentation).
@@ -38,7 +42,7 @@ USABLE_SHARE = 0.92
 DEFAULT_ACTIVATION_ROOM = 20 * GIB
 MAX_AUTO_BATCH = 64
 # Without --memory-budget, auto batching keeps its planned peak within this share of the device, so the
-# biggest shapes keep ModelOpt's checkpointed batch 1 until measured without it (32B: 88 GiB planned > half
+# biggest shapes keep ModelOpt's checkpointed batch 1 until measured without it (32B: 77 GiB planned > half
 # of an H200).  7B without checkpointing, batch 2, is measured: 27.1 GiB against 30.7 planned (reports/README.md).
 AUTO_SHARE = 0.5
 # What a GPU is assumed to hold when none is visible (planning on a laptop for a GPU runner): one H200.
@@ -145,7 +149,7 @@ def per_row_bytes(shape: ModelShape, scheme: Scheme, *, gradient_checkpointing: 
         activations = shape.layers * BF16 * shape.hidden + layer
     else:
         activations = shape.layers * layer
-    return int(tokens * (differences + activations + logits))
+    return int(tokens * (DIFFERENCE_FACTOR * differences + ACTIVATION_FACTOR * activations + logits))
 
 
 def search_memory(shape: ModelShape, scheme: Scheme, *, full_logits: bool | None = None) -> SearchMemory:
