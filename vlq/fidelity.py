@@ -14,7 +14,9 @@ Median and p99 interpolate linearly between sorted per-token values, as llama.cp
 
 Memory stays bounded: batches are streamed, positions are processed ``position_chunk`` at a time and the
 vocabulary ``vocab_chunk`` columns at a time (online logsumexp), so no full-vocabulary float32 copy of a
-batch is made; only one float32 KLD per scored token is kept (for the median and p99).
+batch is made; only one float32 KLD per scored token is kept (for the median and p99).  A forward may
+return :class:`LazyLogits` (final hidden states + lm_head): each chunk's logits are then made when it is
+scored, and a stored reference keeps hidden states, not logits.
 
 Nothing here imports modelopt, vLLM or transformers: any callable that maps a batch to logits can be
 measured (fake-quantized model, a dequantized checkpoint, vLLM prompt logprobs).
@@ -181,7 +183,7 @@ class LazyLogits:
     its weight's checksum is taken here and checked whenever logits are made, so a later change to it
     (it is never quantized) fails loudly instead of measuring against other logits."""
 
-    def __init__(self, hidden: torch.Tensor, lm_head: torch.nn.Module, *, checksum: float | None = None):
+    def __init__(self, hidden: torch.Tensor, lm_head: torch.nn.Module, *, checksum: tuple[int, float] | None = None):
         if hidden.dim() != 3:
             raise ValueError(f"hidden states must be [batch, seq_len, hidden], got {tuple(hidden.shape)}.")
         self.hidden = hidden.detach()
@@ -220,9 +222,12 @@ class LazyLogits:
                          ).reshape(self.shape)
 
 
-def _weight_checksum(module: torch.nn.Module) -> float:
+def _weight_checksum(module: torch.nn.Module) -> tuple[int, float]:
+    """Where the weight lives and the sum of every 4099th element: cheap enough to check per chunk of
+    positions (a 3B lm_head has 311 M elements), and any scaling or quantization of it moves the sum."""
+    weight = module.weight.detach()
     with torch.no_grad():
-        return float(module.weight.float().abs().sum(dtype=torch.float64))
+        return weight.data_ptr(), float(weight.reshape(-1)[::4099].sum(dtype=torch.float64))
 
 
 def _take(logits: "torch.Tensor | LazyLogits", flat_rows: torch.Tensor, device: torch.device) -> torch.Tensor:
