@@ -20,8 +20,10 @@ from vlq.fidelity import (
     SUMMARY_HEADERS,
     FidelityAccumulator,
     FidelityMetrics,
+    LazyLogits,
     capture_reference,
     group_rows,
+    hidden_logits_forward,
     logits_forward,
     measure_against,
     measure_fidelity,
@@ -302,6 +304,45 @@ def test_rows_grouped_into_bigger_forwards_are_the_same_rows_and_measure_the_sam
     two = measure_against(merged, logits_forward(fresh_vlm.vlm), measurement_point=POINT)
     assert one.tokens == two.tokens and one.kld_mean > 1e-4
     assert two.kld_mean == pytest.approx(one.kld_mean, rel=0.02) and two.same_top_rate == pytest.approx(one.same_top_rate, abs=0.02)
+
+
+@pytest.mark.parametrize("kind", ["text", "image_text"])
+def test_lazy_logits_measure_as_full_logits_from_a_small_reference(pristine_vlm, fresh_vlm, kind):
+    """A reference kept as final hidden states + lm_head (logits made 1024 positions at a time) measures what
+    the stored full logits measure, in a fraction of the memory (hidden size / vocabulary).  Control: the
+    lazy logits themselves equal the model's logits, and a perturbation they must see moves the KLD."""
+    if kind == "text":
+        heldout = heldout_text_batches(pristine_vlm.tokenizer, vocab_size=pristine_vlm.vocab_size, num_batches=4, seq_len=32)
+    else:
+        heldout = heldout_image_text_batches(pristine_vlm, num_batches=4)
+    lazy = capture_reference(hidden_logits_forward(pristine_vlm.vlm), heldout, rows_per_forward=2)
+    full = capture_reference(logits_forward(pristine_vlm.vlm), heldout, rows_per_forward=2)
+    assert all(isinstance(t, LazyLogits) for t in lazy.logits) and lazy.rows == full.rows == 4
+    hidden = pristine_vlm.config.text_config.hidden_size
+    assert lazy.nbytes * pristine_vlm.vocab_size == full.nbytes * hidden
+    with torch.no_grad():
+        # the same GEMM on differently shaped inputs: equal up to bf16 rounding (CPU kernels may pick other blockings)
+        torch.testing.assert_close(lazy.logits[0].materialize(), full.logits[0], rtol=2**-6, atol=2**-6)
+        _down_proj(fresh_vlm).mul_(1.5)
+    by_lazy = measure_against(lazy, hidden_logits_forward(fresh_vlm.vlm), measurement_point=POINT)
+    by_full = measure_against(full, logits_forward(fresh_vlm.vlm), measurement_point=POINT)
+    assert by_lazy.tokens == by_full.tokens and by_full.kld_mean > 1e-4
+    assert by_lazy.kld_mean == pytest.approx(by_full.kld_mean, rel=0.01, abs=1e-6)
+    assert by_lazy.same_top_rate == pytest.approx(by_full.same_top_rate, abs=0.02)
+    assert by_lazy.nll_base == pytest.approx(by_full.nll_base, rel=1e-3)
+
+
+def test_lazy_logits_refuse_an_lm_head_changed_after_capture(fresh_vlm):
+    """The lm_head is shared with the model, not copied: measuring after it changed raises instead of
+    comparing against other logits.  Control: before the change the same logits are made."""
+    heldout = heldout_text_batches(fresh_vlm.tokenizer, vocab_size=fresh_vlm.vocab_size, num_batches=1, seq_len=16)
+    lazy = capture_reference(hidden_logits_forward(fresh_vlm.vlm), heldout).logits[0]
+    positions = torch.arange(4)
+    with torch.no_grad():
+        assert lazy.rows(positions).shape == (4, fresh_vlm.vocab_size)
+        fresh_vlm.vlm.lm_head.weight.mul_(2.0)
+        with pytest.raises(ValueError, match="lm_head behind stored hidden states changed"):
+            lazy.rows(positions)
 
 
 def test_shorter_rows_are_right_padded_and_unknown_keys_never_merged():

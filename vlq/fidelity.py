@@ -14,7 +14,9 @@ Median and p99 interpolate linearly between sorted per-token values, as llama.cp
 
 Memory stays bounded: batches are streamed, positions are processed ``position_chunk`` at a time and the
 vocabulary ``vocab_chunk`` columns at a time (online logsumexp), so no full-vocabulary float32 copy of a
-batch is made; only one float32 KLD per scored token is kept (for the median and p99).
+batch is made; only one float32 KLD per scored token is kept (for the median and p99).  A forward may
+return :class:`LazyLogits` (final hidden states + lm_head): each chunk's logits are then made when it is
+scored, and a stored reference keeps hidden states, not logits.
 
 Nothing here imports modelopt, vLLM or transformers: any callable that maps a batch to logits can be
 measured (fake-quantized model, a dequantized checkpoint, vLLM prompt logprobs).
@@ -41,6 +43,8 @@ __all__ = [
     "FidelityReference",
     "capture_reference",
     "group_rows",
+    "hidden_logits_forward",
+    "LazyLogits",
     "logits_forward",
     "measure_against",
     "measure_fidelity",
@@ -172,6 +176,68 @@ class NonFiniteLogits(ValueError):
     """A model under measurement produced NaN (or +inf) logits: its output is broken, not merely far."""
 
 
+class LazyLogits:
+    """``[B, T, V]`` logits not made yet: a model's final hidden states and the lm_head that makes them,
+    a few positions at a time.  A 3B row's logits are 155 MB; its hidden states 2 MB, so a stored
+    reference stays on the device and a forward can hold many rows.  The lm_head is shared, not copied:
+    its weight's checksum is taken here and checked whenever logits are made, so a later change to it
+    (it is never quantized) fails loudly instead of measuring against other logits."""
+
+    def __init__(self, hidden: torch.Tensor, lm_head: torch.nn.Module, *, checksum: tuple[int, float] | None = None):
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden states must be [batch, seq_len, hidden], got {tuple(hidden.shape)}.")
+        self.hidden = hidden.detach()
+        self.lm_head = lm_head
+        self.checksum = _weight_checksum(lm_head) if checksum is None else checksum
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:2], self.lm_head.weight.shape[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
+
+    def dim(self) -> int:
+        return 3
+
+    def __getitem__(self, rows) -> "LazyLogits":
+        """Rows (sequences) of the batch, e.g. ``[:2]``: the same lm_head."""
+        return LazyLogits(self.hidden[rows], self.lm_head, checksum=self.checksum)
+
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[len(flat), V]`` logits of the flat ``[B * T]`` positions ``flat``."""
+        if _weight_checksum(self.lm_head) != self.checksum:
+            raise ValueError("The lm_head behind stored hidden states changed after they were captured; "
+                             "capture the reference again.")
+        states = self.hidden.reshape(-1, self.hidden.shape[-1])[flat.to(self.hidden.device)]
+        return self.lm_head(states.to(self.lm_head.weight.device))
+
+    def materialize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.hidden.shape[0] * self.hidden.shape[1], device=self.hidden.device)
+                         ).reshape(self.shape)
+
+
+def _weight_checksum(module: torch.nn.Module) -> tuple[int, float]:
+    """Where the weight lives and the sum of every 4099th element: cheap enough to check per chunk of
+    positions (a 3B lm_head has 311 M elements), and any scaling or quantization of it moves the sum."""
+    weight = module.weight.detach()
+    with torch.no_grad():
+        return weight.data_ptr(), float(weight.reshape(-1)[::4099].sum(dtype=torch.float64))
+
+
+def _take(logits: "torch.Tensor | LazyLogits", flat_rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[n, V]`` logits of flat positions ``flat_rows``, on ``device``."""
+    if isinstance(logits, LazyLogits):
+        return logits.rows(flat_rows).to(device)
+    flat = logits.reshape(-1, logits.shape[-1])
+    return flat[flat_rows.to(flat.device)].to(device)
+
+
 class FidelityAccumulator:
     """Streams (base logits, quantized logits, labels) batches into llama.cpp-style KLD statistics.
 
@@ -221,56 +287,60 @@ class FidelityAccumulator:
         self._vocab = vocab
         # compute where the accelerator is: a stored CPU reference meets GPU logits on the GPU
         device = quant_logits.device if quant_logits.device.type != "cpu" else base_logits.device
-        base_logits = base_logits.to(device, non_blocking=base_logits.is_pinned())  # ordered on the stream
-        quant_logits = quant_logits.to(device)
+        if isinstance(base_logits, torch.Tensor):
+            base_logits = base_logits.to(device, non_blocking=base_logits.is_pinned())  # ordered on the stream
+        if isinstance(quant_logits, torch.Tensor):
+            quant_logits = quant_logits.to(device)
         labels = labels.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
         positions, targets = _scored_positions(labels, attention_mask)
         if positions.numel() and int(targets.max()) >= vocab:
             raise ValueError(f"a label id ({int(targets.max())}) is outside the {vocab}-entry vocabulary of the logits.")
-        base_flat = base_logits.reshape(batch * length, vocab)
-        quant_flat = quant_logits.reshape(batch * length, vocab)
         for start in range(0, positions.numel(), self.position_chunk):
             rows = positions[start : start + self.position_chunk]
-            self._add_rows(base_flat, quant_flat, rows, targets[start : start + self.position_chunk])
+            # one chunk of positions' logits at a time (made here when the logits are lazy)
+            self._add_rows(_take(base_logits, rows, device), _take(quant_logits, rows, device),
+                           targets[start : start + self.position_chunk])
         return int(positions.numel())
 
-    def _add_rows(self, base_flat: torch.Tensor, quant_flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> None:
-        base_lse, base_top = self._logsumexp_and_argmax(base_flat, rows)
-        quant_lse, quant_top = self._logsumexp_and_argmax(quant_flat, rows)
+    def _add_rows(self, base_rows: torch.Tensor, quant_rows: torch.Tensor, targets: torch.Tensor) -> None:
+        """Statistics of ``[n, V]`` base and quantized logits whose labels are ``targets``."""
+        base_lse, base_top = self._logsumexp_and_argmax(base_rows)
+        quant_lse, quant_top = self._logsumexp_and_argmax(quant_rows)
         # KLD = sum_v P (log P - log Q), a second pass over the same vocabulary chunks.
-        kld = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
-        for col in range(0, base_flat.shape[1], self.vocab_chunk):
-            log_p = base_flat[rows, col : col + self.vocab_chunk].float() - base_lse[:, None]
-            log_q = quant_flat[rows, col : col + self.vocab_chunk].float() - quant_lse[:, None]
+        kld = torch.zeros(base_rows.shape[0], dtype=torch.float64, device=base_rows.device)
+        for col in range(0, base_rows.shape[1], self.vocab_chunk):
+            log_p = base_rows[:, col : col + self.vocab_chunk].float() - base_lse[:, None]
+            log_q = quant_rows[:, col : col + self.vocab_chunk].float() - quant_lse[:, None]
             p = log_p.exp()
             # p == 0 contributes 0 even where log Q is -inf (0 * inf would be NaN).
             term = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
             kld += term.sum(dim=1, dtype=torch.float64)
-        nll_base = base_lse - base_flat[rows, targets].float()
-        nll_quant = quant_lse - quant_flat[rows, targets].float()
+        picked = torch.arange(base_rows.shape[0], device=base_rows.device)
+        nll_base = base_lse - base_rows[picked, targets].float()
+        nll_quant = quant_lse - quant_rows[picked, targets].float()
         for name, values in (("base", nll_base), ("quantized", nll_quant), ("KLD of quantized", kld)):
             if torch.isnan(values).any():
                 raise NonFiniteLogits(
-                    f"{name} logits give NaN at {int(torch.isnan(values).sum())} of {rows.numel()} positions "
+                    f"{name} logits give NaN at {int(torch.isnan(values).sum())} of {values.numel()} positions "
                     "(NaN or +inf logits); the model's output is broken, fidelity cannot be measured."
                 )
         self._kld.append(kld.float().cpu())
-        self._tokens += rows.numel()
+        self._tokens += int(kld.numel())
         self._same_top += int((base_top == quant_top).sum())
         self._sum_kld += float(kld.sum())
         self._sum_nll_base += float(nll_base.double().sum())
         self._sum_nll_quant += float(nll_quant.double().sum())
         self._sum_delta_p += float(((-nll_quant.double()).exp() - (-nll_base.double()).exp()).sum())
 
-    def _logsumexp_and_argmax(self, flat: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Online logsumexp and first-index argmax over vocabulary chunks, in float32."""
-        n = rows.numel()
-        running_max = torch.full((n,), -math.inf, dtype=torch.float32, device=rows.device)
-        running_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)
-        top = torch.zeros(n, dtype=torch.long, device=rows.device)
-        for col in range(0, flat.shape[1], self.vocab_chunk):
-            chunk = flat[rows, col : col + self.vocab_chunk].float()
+    def _logsumexp_and_argmax(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Online logsumexp and first-index argmax of ``[n, V]`` logits over vocabulary chunks, in float32."""
+        n = logits.shape[0]
+        running_max = torch.full((n,), -math.inf, dtype=torch.float32, device=logits.device)
+        running_sum = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        top = torch.zeros(n, dtype=torch.long, device=logits.device)
+        for col in range(0, logits.shape[1], self.vocab_chunk):
+            chunk = logits[:, col : col + self.vocab_chunk].float()
             chunk_top = chunk.argmax(dim=1)
             chunk_max = chunk.gather(1, chunk_top[:, None]).squeeze(1)
             better = chunk_max > running_max  # strict: an earlier chunk keeps ties (first index wins)
@@ -314,7 +384,9 @@ class FidelityAccumulator:
         )
 
 
-def _as_logits(output: Any) -> torch.Tensor:
+def _as_logits(output: Any) -> "torch.Tensor | LazyLogits":
+    if isinstance(output, LazyLogits):
+        return output
     logits = getattr(output, "logits", output)  # a Hugging Face ModelOutput or a plain tensor
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"a forward passed to measure_fidelity must return logits (a tensor), got {type(output).__name__}.")
@@ -377,6 +449,22 @@ def logits_forward(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     return forward
 
 
+def hidden_logits_forward(model: torch.nn.Module) -> Callable[[dict], "LazyLogits | torch.Tensor"]:
+    """:func:`logits_forward` for a model with a base ``model`` and an ``lm_head`` (a Hugging Face
+    ``...ForConditionalGeneration``): returns :class:`LazyLogits`, its final hidden states and lm_head,
+    whose logits the measurement makes a chunk of positions at a time.  Other models: their logits."""
+    base, lm_head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if not isinstance(base, torch.nn.Module) or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+        return logits_forward(model)
+    device = next(model.parameters()).device
+
+    def forward(batch: dict) -> LazyLogits:
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
+        return LazyLogits(base(**inputs, use_cache=False).last_hidden_state, lm_head)
+
+    return forward
+
+
 # ------------------------------------------------------------------------------------------------
 # A BF16 reference captured once, measured against many times
 # ------------------------------------------------------------------------------------------------
@@ -393,14 +481,15 @@ class FidelityReference:
     """
 
     batches: tuple[dict, ...]
-    logits: tuple[torch.Tensor, ...]  # one [B, T, V] tensor per batch, CPU
+    # one [B, T, V] per batch: a CPU tensor, or LazyLogits (hidden states on the model's device)
+    logits: tuple["torch.Tensor | LazyLogits", ...]
     data_source: str
     data_kind: str
     capture_s: float = 0.0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.logits)
+        return sum(t.nbytes if isinstance(t, LazyLogits) else t.numel() * t.element_size() for t in self.logits)
 
     @property
     def rows(self) -> int:
@@ -477,7 +566,8 @@ def capture_reference(forward: Callable[[dict], Any], batches: Iterable[dict], *
     with torch.no_grad():
         for batch in batches:
             kept_batches.append(batch)
-            kept_logits.append(_to_host(_as_logits(forward(batch)).detach()))
+            logits = _as_logits(forward(batch))
+            kept_logits.append(logits if isinstance(logits, LazyLogits) else _to_host(logits.detach()))
     if not kept_batches:
         raise CalibrationDataError(f"{data_source} holds no batch; fidelity needs held-out data.")
     return FidelityReference(tuple(kept_batches), tuple(kept_logits), data_source, data_kind, time.perf_counter() - start)

@@ -41,7 +41,8 @@ from .errors import (
     stage_boundary,
 )
 from .export import ExportResult, add_fp8_kv_cache, export_checkpoint, unify_fused_scales
-from .fidelity import FidelityMetrics, FidelityReference, NonFiniteLogits, capture_reference, logits_forward, measure_against
+from .fidelity import (FidelityMetrics, FidelityReference, NonFiniteLogits, capture_reference, hidden_logits_forward,
+                       logits_forward, measure_against)
 from .heldout import HELDOUT_PREFIX, HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
 from .inputs import POINT_NAMES, DataRequest, ModelRequest, RunFolder
 from .manifest import Manifest
@@ -187,9 +188,11 @@ def _calibration_batches(loaded: LoadedVLM, scheme: Scheme, data: DataRequest) -
 #: Held-out rows measured for fidelity: a few for the tiny model, 32 (x the scheme's seq_len) for full-size ones.
 FIDELITY_ROWS_TINY = 8
 FIDELITY_ROWS_FULL_SIZE = 32
-#: Rows share a forward while their bf16 logits stay within this (3B at 512 tokens: 6 rows of 155 MB); the
-#: measurement then holds about twice this (reference and quantized logits) plus float32 chunks on the device.
-FIDELITY_LOGITS_PER_FORWARD = 2**30
+#: Rows share a forward up to this many tokens (3B at 512 tokens: 16 rows).  Both sides of a measurement keep
+#: final hidden states (vlq.fidelity.LazyLogits: 2 MB per 3B row) and make logits 1024 positions at a time,
+#: so a forward's memory is its activations; fewer, bigger forwards share the fake-quantized model's
+#: per-module overhead (H200: ~0.14 s per forward).
+FIDELITY_TOKENS_PER_FORWARD = 8192
 
 
 def fidelity_references(
@@ -211,7 +214,7 @@ def fidelity_references(
     """
     if rows is None:
         rows = FIDELITY_ROWS_TINY if loaded.vocab_size <= 4096 else FIDELITY_ROWS_FULL_SIZE  # tiny models: 1024
-    forward = logits_forward(loaded.vlm)
+    forward = hidden_logits_forward(loaded.vlm)
     references = []
     with progress.bar("fidelity reference (BF16)", total=len(kinds)) as bar:
         for kind in kinds:
@@ -228,7 +231,7 @@ def fidelity_references(
                 heldout = heldout_image_text_batches(loaded, num_batches=rows, seed=data.seed, calibration=image_calibration)
             else:
                 raise SchemeError(f"Unknown fidelity data kind {kind!r}; use text or image_text.")
-            per_forward = max(1, FIDELITY_LOGITS_PER_FORWARD // (2 * scheme.seq_len * loaded.vocab_size))
+            per_forward = max(1, FIDELITY_TOKENS_PER_FORWARD // scheme.seq_len)
             references.append(capture_reference(forward, heldout.to(loaded.device), rows_per_forward=per_forward))
             bar.update()
     return tuple(references)
@@ -236,7 +239,7 @@ def fidelity_references(
 
 def measure_fake_quant(loaded: LoadedVLM, references: Sequence[FidelityReference], *, progress: Progress = SILENT) -> tuple[FidelityMetrics, ...]:
     """Measurement point a: the fake-quantized model right after the search, against the BF16 reference."""
-    forward = logits_forward(loaded.vlm)
+    forward = hidden_logits_forward(loaded.vlm)
     with progress.bar("fidelity (fake-quantized)", total=len(references)) as bar, weights_quantized_once(loaded.vlm):
         metrics = []
         for reference in references:
@@ -256,7 +259,7 @@ def measure_checkpoint(checkpoint: str | Path, references: Sequence[FidelityRefe
     with progress.bar("fidelity (checkpoint from disk)", total=len(references)) as bar, \
             stage_boundary("fidelity of the checkpoint read back from disk", CheckpointError):
         built = dequantize_checkpoint(checkpoint).build_model(device=device)
-        forward = logits_forward(built.model)
+        forward = hidden_logits_forward(built.model)
         metrics = []
         for reference in references:
             metrics.append(measure_against(reference, forward, measurement_point="checkpoint"))
