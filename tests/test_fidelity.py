@@ -208,8 +208,10 @@ def test_refusals_name_the_problem():
         FidelityAccumulator().add(base, quant[..., :-1], labels)
     broken = quant.clone()
     broken[0, 2, 5] = float("nan")
+    accumulator = FidelityAccumulator()
+    accumulator.add(base, broken, labels)  # counted on the device; reported when the statistics are read
     with pytest.raises(ValueError, match="quantized logits give NaN at 1 of"):
-        FidelityAccumulator().add(base, broken, labels)
+        _finish(accumulator)
     with pytest.raises(CalibrationDataError, match="No position of unit was scored"):
         _metrics(base, quant, torch.full_like(labels, IGNORE_INDEX))
     with pytest.raises(ValueError, match="Unknown measurement_point 'fakequant'"):

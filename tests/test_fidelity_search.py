@@ -28,7 +28,7 @@ from vlq import pipeline
 from vlq.fidelity import capture_reference, logits_forward
 from vlq.inputs import RunFolder
 from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import apply_decisions, enabled_quantizers, lm_achieved_bits, weights_quantized_once
+from vlq.search import HostOriginals, apply_decisions, enabled_quantizers, lm_achieved_bits, weights_quantized_once
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
 SWEEP_TARGETS = (16.0, 14.0, 12.0, 10.0, 8.0)
@@ -166,6 +166,28 @@ def test_weights_quantized_once_give_the_live_fake_quant_logits(searched, refere
         for quantizer in weight_quantizers:
             quantizer.enable()
     assert torch.equal(_held_out_logits(searched.loaded, references), live)
+
+
+def test_host_originals_are_reused_across_measurements(searched, references):
+    """A sweep keeps the host copies of the original weights between targets: the second fold copies
+    nothing out, still serves exactly the live fake-quant logits, and restores the same weights.
+    Control: a copy kept for one weight object is never served for another (identity, not ``id`` reuse)."""
+    loaded = searched.loaded
+    live = _held_out_logits(loaded, references)
+    weights_before = {n: p.detach().clone() for n, p in loaded.language_model.named_parameters()}
+    originals = HostOriginals()
+    with weights_quantized_once(loaded.vlm, originals=originals) as folded:
+        pass
+    params = list(loaded.language_model.parameters())
+    kept = {id(p): originals.get(p) for p in params if originals.get(p) is not None}
+    assert len(originals) == len(kept) == folded > 0
+    with weights_quantized_once(loaded.vlm, originals=originals) as folded_again:
+        assert folded_again == folded
+        assert torch.equal(_held_out_logits(loaded, references), live)
+    assert len(originals) == len(kept) and all(originals.get(p) is kept[id(p)] for p in params if id(p) in kept)
+    assert all(torch.equal(p, weights_before[n]) for n, p in loaded.language_model.named_parameters())
+    weight = next(p for p in params if id(p) in kept)
+    assert originals.get(torch.nn.Parameter(weight.detach().clone())) is None
 
 
 # ------------------------------------------------------------------------------------------------

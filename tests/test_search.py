@@ -490,3 +490,101 @@ def test_only_extract_can_hand_hidden_states_to_the_chunked_loss(trained_vlm):
     batch = _trained_text_batch(trained_vlm, batch_size=1, seq_len=8)
     hidden, _ = _hidden_and_lm_head(trained_vlm, batch)
     assert hidden.shape[-1] == trained_vlm.config.text_config.hidden_size != trained_vlm.vocab_size
+
+
+def _amax_by_quantizer(model) -> dict:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {name: m.amax.float().clone() for name, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and m.is_enabled and getattr(m, "amax", None) is not None}
+
+
+@pytest.fixture(scope="module")
+def calibration_batching(trained_vlm):
+    """fp8+int8_sq (max and SmoothQuant calibration) searched on the trained tiny model with its 4
+    calibration batches merged into one forward per format (the default) and one forward per batch."""
+    from vlq import search as search_module
+    from vlq.calibration import text_batches
+
+    scheme = Scheme(formats=("fp8", "int8_sq"), target_bits=10.0, num_calib_steps=4, num_score_steps=2, seq_len=32)
+    cal = text_batches(trained_vlm.tokenizer, vocab_size=trained_vlm.vocab_size, num_batches=4, batch_size=2, seq_len=32)
+    merged = search_lm_only(fresh_copy(trained_vlm), scheme, cal)
+    saved = search_module.CALIBRATION_TOKENS_PER_FORWARD
+    search_module.CALIBRATION_TOKENS_PER_FORWARD = 1  # one batch per forward, as ModelOpt's examples calibrate
+    try:
+        per_batch = search_module.search_lm_only(fresh_copy(trained_vlm), scheme, cal)
+    finally:
+        search_module.CALIBRATION_TOKENS_PER_FORWARD = saved
+    fewer_rows = search_lm_only(fresh_copy(trained_vlm), scheme.with_(num_calib_steps=1), cal)
+    return scheme, cal, merged, per_batch, fewer_rows
+
+
+def test_calibration_merges_batches_into_fewer_forwards_with_the_same_amax(calibration_batching):
+    """The same 8 calibration rows in one forward per format instead of four: every enabled quantizer's
+    amax and every decision as with one forward per batch.  Control: calibrating on the first batch
+    only moves some amax, so the comparison can fail."""
+    import torch
+
+    scheme, _, merged, per_batch, fewer_rows = calibration_batching
+    assert merged.calibration_calls == len(scheme.formats) == per_batch.calibration_calls // 4
+    assert [(g.name, g.chosen) for g in merged.groups] == [(g.name, g.chosen) for g in per_batch.groups]
+    merged_amax, per_batch_amax = _amax_by_quantizer(merged.searched_model), _amax_by_quantizer(per_batch.searched_model)
+    assert merged_amax and merged_amax.keys() == per_batch_amax.keys()
+    for name, amax in merged_amax.items():
+        torch.testing.assert_close(amax, per_batch_amax[name], rtol=1e-2, atol=0, msg=name)
+    fewer = _amax_by_quantizer(fewer_rows.searched_model)
+    assert any(not torch.allclose(fewer[n], a, rtol=1e-2, atol=0) for n, a in merged_amax.items() if n in fewer)
+
+
+def test_awq_keeps_one_calibration_forward_per_batch(calibration_batching):
+    """AWQ searches its scales per batch (and ModelOpt feeds it a quarter of the steps), so a scheme with
+    an AWQ format is calibrated batch by batch.  Control: the same batches without AWQ are merged."""
+    from vlq.search import calibration_forwards
+
+    scheme, cal, *_ = calibration_batching
+    batches = list(cal.batches)
+    assert calibration_forwards(scheme.with_(formats=("fp8", "int4_awq")), batches) == batches[: scheme.num_calib_steps]
+    merged = calibration_forwards(scheme, batches)
+    assert len(merged) == 1 and merged[0]["input_ids"].shape[0] == sum(b["input_ids"].shape[0] for b in batches)
+
+
+def test_search_leaves_the_garbage_collector_unfrozen(trained_vlm, calibration_batching, monkeypatch):
+    """The search freezes older objects out of ModelOpt's gc.collect() and unfreezes them afterwards,
+    also when a scoring step fails.  Control: a frozen collector reports frozen objects."""
+    import gc
+
+    from vlq.files import KILL_ENV, KILL_SIGNAL_ENV
+
+    scheme, cal, *_ = calibration_batching
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setenv(KILL_ENV, "score-step")
+    monkeypatch.setenv(KILL_SIGNAL_ENV, "RAISE")
+    with pytest.raises(RuntimeError, match="fault injected at kill point 'score-step'"):
+        search_lm_only(fresh_copy(trained_vlm), scheme, cal)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_calibration_skips_the_lm_head_under_extract(trained_vlm):
+    """Calibration discards its forwards' output and the lm_head is never searched under ``extract``, so
+    calibration forwards stop at the hidden states.  Control: scoring does run the lm_head."""
+    from vlq.calibration import text_batches
+    from vlq.search import _calibrating
+
+    calls = {"calibration": 0, "scoring": 0}
+
+    def count(module, args, output):
+        calls["calibration" if _calibrating() else "scoring"] += 1
+
+    loaded = fresh_copy(trained_vlm)
+    handle = loaded.lm_head.register_forward_hook(count)
+    try:
+        cal = text_batches(trained_vlm.tokenizer, vocab_size=trained_vlm.vocab_size, num_batches=2, batch_size=2, seq_len=32)
+        search_lm_only(loaded, Scheme(formats=("fp8",), target_bits=10.0, num_calib_steps=2, num_score_steps=2, seq_len=32), cal)
+    finally:
+        handle.remove()
+    assert calls["calibration"] == 0 and calls["scoring"] > 0

@@ -12,9 +12,12 @@ For every scored position (logits at ``t`` predicting the label at ``t + 1``, as
 
 Median and p99 interpolate linearly between sorted per-token values, as llama.cpp does.
 
-Memory stays bounded: batches are streamed, positions are processed ``position_chunk`` at a time and the
-vocabulary ``vocab_chunk`` columns at a time (online logsumexp), so no full-vocabulary float32 copy of a
-batch is made; only one float32 KLD per scored token is kept (for the median and p99).  A forward may
+Memory stays bounded: batches are streamed and positions are processed a chunk at a time, so no
+full-vocabulary float32 copy of a batch is made; only one float32 KLD per scored token is kept (for the
+median and p99).  A vocabulary of at most ``vocab_chunk`` entries is scored in one fused pass per chunk
+of positions (``log_softmax``; positions cut so a chunk holds :data:`CHUNK_ELEMENTS` float32 values);
+a larger one ``vocab_chunk`` columns at a time (online logsumexp).  Running sums stay on the device
+until :meth:`FidelityAccumulator.finish`, so a GPU measurement does not wait on the host per chunk.  A forward may
 return :class:`LazyLogits` (final hidden states + lm_head): each chunk's logits are then made when it is
 scored, and a stored reference keeps hidden states, not logits.
 
@@ -57,8 +60,13 @@ DATA_KINDS = ("text", "image_text")
 # Where the quantized logits came from (issue 11): the fake-quantized model after the search, the
 # exported checkpoint re-read from disk, or vLLM serving that checkpoint.
 MEASUREMENT_POINTS = ("fake_quant", "checkpoint", "vllm")
-DEFAULT_VOCAB_CHUNK = 32768
+# Qwen2.5-VL's 151936/152064-entry vocabularies are scored whole (one fused pass instead of three
+# chunked ones: the 3B's 64-row measurement spent more time in kernel launches and host syncs than in math).
+DEFAULT_VOCAB_CHUNK = 2**18
 DEFAULT_POSITION_CHUNK = 1024
+#: float32 values per chunk of positions x vocabulary (128 MiB; 220 positions of a Qwen vocabulary).  A
+#: chunk's scoring holds three such tensors at once.
+CHUNK_ELEMENTS = 2**25
 
 SUMMARY_HEADERS = (
     "measured at", "data", "tokens", "mean KLD", "median KLD", "p99 KLD", "max KLD",
@@ -209,11 +217,17 @@ class LazyLogits:
         """Rows (sequences) of the batch, e.g. ``[:2]``: the same lm_head."""
         return LazyLogits(self.hidden[rows], self.lm_head, checksum=self.checksum)
 
-    def rows(self, flat: torch.Tensor) -> torch.Tensor:
-        """``[len(flat), V]`` logits of the flat ``[B * T]`` positions ``flat``."""
+    def verify(self) -> None:
+        """Raises if the lm_head changed since these hidden states were captured."""
         if _weight_checksum(self.lm_head) != self.checksum:
             raise ValueError("The lm_head behind stored hidden states changed after they were captured; "
                              "capture the reference again.")
+
+    def rows(self, flat: torch.Tensor, *, verify: bool = True) -> torch.Tensor:
+        """``[len(flat), V]`` logits of the flat ``[B * T]`` positions ``flat`` (``verify=False``: the
+        caller has just run :meth:`verify`, e.g. once per batch instead of once per chunk)."""
+        if verify:
+            self.verify()
         states = self.hidden.reshape(-1, self.hidden.shape[-1])[flat.to(self.hidden.device)]
         return self.lm_head(states.to(self.lm_head.weight.device))
 
@@ -233,7 +247,7 @@ def _weight_checksum(module: torch.nn.Module) -> tuple[int, float]:
 def _take(logits: "torch.Tensor | LazyLogits", flat_rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``[n, V]`` logits of flat positions ``flat_rows``, on ``device``."""
     if isinstance(logits, LazyLogits):
-        return logits.rows(flat_rows).to(device)
+        return logits.rows(flat_rows, verify=False).to(device)
     flat = logits.reshape(-1, logits.shape[-1])
     return flat[flat_rows.to(flat.device)].to(device)
 
@@ -250,14 +264,14 @@ class FidelityAccumulator:
             raise ValueError(f"vocab_chunk and position_chunk must be >= 1, got {vocab_chunk} and {position_chunk}.")
         self.vocab_chunk = int(vocab_chunk)
         self.position_chunk = int(position_chunk)
-        self._kld: list[torch.Tensor] = []  # per-token KLD, float32, CPU
+        self._kld: list[torch.Tensor] = []  # per-token KLD, float32, where it was computed
         self._tokens = 0
-        self._same_top = 0
-        self._sum_kld = 0.0
-        self._sum_nll_base = 0.0
-        self._sum_nll_quant = 0.0
-        self._sum_delta_p = 0.0
+        # running sums as device tensors (float64; counts int64), read once in finish()
+        self._sums: dict[str, torch.Tensor] = {}
         self._vocab: int | None = None
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        self._sums[name] = value if name not in self._sums else self._sums[name] + value
 
     @property
     def tokens(self) -> int:
@@ -296,42 +310,54 @@ class FidelityAccumulator:
         positions, targets = _scored_positions(labels, attention_mask)
         if positions.numel() and int(targets.max()) >= vocab:
             raise ValueError(f"a label id ({int(targets.max())}) is outside the {vocab}-entry vocabulary of the logits.")
-        for start in range(0, positions.numel(), self.position_chunk):
-            rows = positions[start : start + self.position_chunk]
+        for side in (base_logits, quant_logits):
+            if isinstance(side, LazyLogits):
+                side.verify()  # once per batch: the chunks below share this check
+        step = max(1, min(self.position_chunk, CHUNK_ELEMENTS // min(vocab, self.vocab_chunk)))
+        for start in range(0, positions.numel(), step):
+            rows = positions[start : start + step]
             # one chunk of positions' logits at a time (made here when the logits are lazy)
-            self._add_rows(_take(base_logits, rows, device), _take(quant_logits, rows, device),
-                           targets[start : start + self.position_chunk])
+            self._add_rows(_take(base_logits, rows, device), _take(quant_logits, rows, device), targets[start : start + step])
         return int(positions.numel())
 
     def _add_rows(self, base_rows: torch.Tensor, quant_rows: torch.Tensor, targets: torch.Tensor) -> None:
         """Statistics of ``[n, V]`` base and quantized logits whose labels are ``targets``."""
-        base_lse, base_top = self._logsumexp_and_argmax(base_rows)
-        quant_lse, quant_top = self._logsumexp_and_argmax(quant_rows)
-        # KLD = sum_v P (log P - log Q), a second pass over the same vocabulary chunks.
-        kld = torch.zeros(base_rows.shape[0], dtype=torch.float64, device=base_rows.device)
-        for col in range(0, base_rows.shape[1], self.vocab_chunk):
-            log_p = base_rows[:, col : col + self.vocab_chunk].float() - base_lse[:, None]
-            log_q = quant_rows[:, col : col + self.vocab_chunk].float() - quant_lse[:, None]
-            p = log_p.exp()
+        picked = targets[:, None]
+        if base_rows.shape[1] <= self.vocab_chunk:
+            # the whole vocabulary at once: fused float32 log-softmax, three [n, V] tensors at most
+            log_p = torch.log_softmax(base_rows, dim=1, dtype=torch.float32)
+            log_q = torch.log_softmax(quant_rows, dim=1, dtype=torch.float32)
+            nll_base = -log_p.gather(1, picked).squeeze(1)
+            nll_quant = -log_q.gather(1, picked).squeeze(1)
+            term = log_p - log_q
+            del log_q
+            p = log_p.exp_()
             # p == 0 contributes 0 even where log Q is -inf (0 * inf would be NaN).
-            term = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-            kld += term.sum(dim=1, dtype=torch.float64)
-        picked = torch.arange(base_rows.shape[0], device=base_rows.device)
-        nll_base = base_lse - base_rows[picked, targets].float()
-        nll_quant = quant_lse - quant_rows[picked, targets].float()
+            kld = term.mul_(p).masked_fill_(p == 0, 0.0).sum(dim=1, dtype=torch.float64)
+            del term, p, log_p
+            base_top, quant_top = base_rows.argmax(dim=1), quant_rows.argmax(dim=1)  # first index on ties
+        else:
+            base_lse, base_top = self._logsumexp_and_argmax(base_rows)
+            quant_lse, quant_top = self._logsumexp_and_argmax(quant_rows)
+            # KLD = sum_v P (log P - log Q), a second pass over the same vocabulary chunks.
+            kld = torch.zeros(base_rows.shape[0], dtype=torch.float64, device=base_rows.device)
+            for col in range(0, base_rows.shape[1], self.vocab_chunk):
+                log_p = base_rows[:, col : col + self.vocab_chunk].float() - base_lse[:, None]
+                log_q = quant_rows[:, col : col + self.vocab_chunk].float() - quant_lse[:, None]
+                p = log_p.exp()
+                term = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+                kld += term.sum(dim=1, dtype=torch.float64)
+            nll_base = base_lse - base_rows.gather(1, picked).squeeze(1).float()
+            nll_quant = quant_lse - quant_rows.gather(1, picked).squeeze(1).float()
         for name, values in (("base", nll_base), ("quantized", nll_quant), ("KLD of quantized", kld)):
-            if torch.isnan(values).any():
-                raise NonFiniteLogits(
-                    f"{name} logits give NaN at {int(torch.isnan(values).sum())} of {values.numel()} positions "
-                    "(NaN or +inf logits); the model's output is broken, fidelity cannot be measured."
-                )
-        self._kld.append(kld.float().cpu())
+            self._accumulate(f"nan:{name}", torch.isnan(values).sum())
+        self._kld.append(kld.float())
         self._tokens += int(kld.numel())
-        self._same_top += int((base_top == quant_top).sum())
-        self._sum_kld += float(kld.sum())
-        self._sum_nll_base += float(nll_base.double().sum())
-        self._sum_nll_quant += float(nll_quant.double().sum())
-        self._sum_delta_p += float(((-nll_quant.double()).exp() - (-nll_base.double()).exp()).sum())
+        self._accumulate("same_top", (base_top == quant_top).sum())
+        self._accumulate("kld", kld.sum())
+        self._accumulate("nll_base", nll_base.double().sum())
+        self._accumulate("nll_quant", nll_quant.double().sum())
+        self._accumulate("delta_p", ((-nll_quant.double()).exp() - (-nll_base.double()).exp()).sum())
 
     def _logsumexp_and_argmax(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Online logsumexp and first-index argmax of ``[n, V]`` logits over vocabulary chunks, in float32."""
@@ -359,15 +385,22 @@ class FidelityAccumulator:
                 f"No position of {data_source} was scored: every label is -100 or masked. "
                 "Fidelity needs held-out batches with at least one predicted token."
             )
-        values = torch.sort(torch.cat(self._kld)).values
+        sums = {name: value.item() for name, value in self._sums.items()}  # one wait for the device, here
+        for name in ("base", "quantized", "KLD of quantized"):
+            if sums[f"nan:{name}"]:
+                raise NonFiniteLogits(
+                    f"{name} logits give NaN at {int(sums[f'nan:{name}'])} of {self._tokens} positions "
+                    "(NaN or +inf logits); the model's output is broken, fidelity cannot be measured."
+                )
+        values = torch.sort(torch.cat(self._kld).cpu()).values
         n = self._tokens
-        same = self._same_top / n
-        nll_base = self._sum_nll_base / n
-        nll_quant = self._sum_nll_quant / n
+        same = sums["same_top"] / n
+        nll_base = sums["nll_base"] / n
+        nll_quant = sums["nll_quant"] / n
         ln_ratio = nll_quant - nll_base
         return FidelityMetrics(
             tokens=n,
-            kld_mean=self._sum_kld / n,
+            kld_mean=sums["kld"] / n,
             kld_median=percentile(values, 0.5),
             kld_p99=percentile(values, 0.99),
             kld_max=float(values[-1]),
@@ -377,7 +410,7 @@ class FidelityAccumulator:
             nll_quant=nll_quant,
             ppl_ratio=math.exp(ln_ratio),
             mean_ln_ppl_ratio=ln_ratio,
-            mean_delta_p=self._sum_delta_p / n,
+            mean_delta_p=sums["delta_p"] / n,
             data_source=data_source,
             data_kind=data_kind,
             measurement_point=measurement_point,

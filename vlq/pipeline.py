@@ -50,7 +50,7 @@ from .models import LoadedVLM, load_vlm
 from .progress import SILENT, Progress
 from .schemes import Scheme
 from .search import (SearchResult, apply_decisions, check_guards, make_forward_step, plan_lm_formats, search_lm_only,
-                     weights_quantized_once)
+                     HostOriginals, weights_quantized_once)
 from .sweep import SweepPoint, SweepResult, manifest_for_target
 from .vllm_runner import QuantResolution, ServedLayer, ServingReport
 
@@ -237,10 +237,13 @@ def fidelity_references(
     return tuple(references)
 
 
-def measure_fake_quant(loaded: LoadedVLM, references: Sequence[FidelityReference], *, progress: Progress = SILENT) -> tuple[FidelityMetrics, ...]:
-    """Measurement point a: the fake-quantized model right after the search, against the BF16 reference."""
+def measure_fake_quant(loaded: LoadedVLM, references: Sequence[FidelityReference], *, progress: Progress = SILENT,
+                       originals: HostOriginals | None = None) -> tuple[FidelityMetrics, ...]:
+    """Measurement point a: the fake-quantized model right after the search, against the BF16 reference.
+    A sweep passes one ``originals`` for all its in-place targets (:class:`vlq.search.HostOriginals`)."""
     forward = hidden_logits_forward(loaded.vlm)
-    with progress.bar("fidelity (fake-quantized)", total=len(references)) as bar, weights_quantized_once(loaded.vlm):
+    with progress.bar("fidelity (fake-quantized)", total=len(references)) as bar, \
+            weights_quantized_once(loaded.vlm, originals=originals):
         metrics = []
         for reference in references:
             metrics.append(measure_against(reference, forward, measurement_point="fake_quant"))
@@ -616,6 +619,7 @@ def sweep(
     manifest_at: dict[float, Manifest] = {}
     resolve_s: dict[float, float] = {}
     measure_s: dict[float, float] = {}
+    originals = HostOriginals() if in_place else None  # the searched model's weights, copied out once
     for index, target in enumerate(targets):
         t0 = time.perf_counter()
         manifest = base.manifest if index == 0 else manifest_for_target(base.manifest, base.result, target)
@@ -626,7 +630,7 @@ def sweep(
             if index == 0 or in_place:
                 if index:
                     apply_decisions(base.result, manifest.groups)
-                metrics = measure_fake_quant(base.loaded, references)
+                metrics = measure_fake_quant(base.loaded, references, originals=originals)
             else:
                 copy_ = restored(target)
                 metrics = measure_fake_quant(copy_.loaded, references)
@@ -638,6 +642,7 @@ def sweep(
                        + (f", mean KLD {text.kld_mean:.4g} on held-out text" if text else ""))
     if references and in_place and len(targets) > 1:
         apply_decisions(base.result, base.result.groups)  # back to the searched target before exporting it
+    del originals  # page-locked host memory the size of the language model's linears
 
     # 2) export what was asked
     points: list[SweepPoint] = []

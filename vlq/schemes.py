@@ -70,6 +70,12 @@ class QuantFormat:
     out_multiple: int = 1
 
     @property
+    def calibration_by_batch(self) -> bool:
+        """AWQ searches its scales batch by batch, so other batching calibrates differently; max and
+        SmoothQuant calibration reduce every forward by a running max (vlq.search.calibration_forwards)."""
+        return "awq" in str(self.config.get("algorithm", "")).lower()
+
+    @property
     def config(self) -> dict[str, Any]:
         from modelopt.torch.quantization import config as mtq_config
 

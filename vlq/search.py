@@ -110,6 +110,8 @@ class SearchResult:
     name_prefix: str = ""  # maps the searched module's names to full-VLM names (see searched_module)
     calibration_source: str = ""
     score_calls: int = 0  # scoring steps run in this call (0 when scores were restored from a saved state)
+    #: forwards ModelOpt calibrated with, over every format (0 when restored; see calibration_forwards())
+    calibration_calls: int = 0
     # peak GPU memory as if the searched model were the only thing on the GPU (other resident
     # tensors, e.g. a test session's read-only copy of the model, subtracted)
     peak_gpu_own_bytes: int | None = None
@@ -241,8 +243,28 @@ def _weight_quantizer_leaves(module: nn.Module) -> list | None:
     return leaves
 
 
+class HostOriginals:
+    """Host copies of weights that :func:`weights_quantized_once` made, kept for its next call on the same
+    model: a sweep measures every target on one model whose original weights never change, so each
+    target then copies the originals back (host to device) but not out again.  Use one per sweep of
+    in-place re-decisions only (formats that fold smoothing into weights change them between targets)."""
+
+    def __init__(self):
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, host copy)
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        entry = self._copies.get(id(weight))
+        return entry[1] if entry is not None and entry[0] is weight else None
+
+    def keep(self, weight: torch.Tensor, copy: torch.Tensor) -> None:
+        self._copies[id(weight)] = (weight, copy)
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+
 @contextlib.contextmanager
-def weights_quantized_once(model: nn.Module, *, spare_bytes: int = 4 * 2**30):
+def weights_quantized_once(model: nn.Module, *, spare_bytes: int = 4 * 2**30, originals: HostOriginals | None = None):
     """Within: each linear's fake-quantized weight is computed once and served, not recomputed per forward.
 
     ModelOpt fake-quantizes every weight in every forward; during a fidelity measurement neither weights
@@ -251,7 +273,8 @@ def weights_quantized_once(model: nn.Module, *, spare_bytes: int = 4 * 2**30):
     (tested bit for bit on CPU and on the 3B shape on GPU) and spares the per-forward weight quantization.
     The originals wait in host memory (page-locked for GPU weights), so the device holds no second copy;
     where the host lacks that room plus ``spare_bytes`` nothing is folded and forwards quantize live.
-    On exit every original weight and quantizer is back.  Yields how many linears were folded.
+    On exit every original weight and quantizer is back.  Yields how many linears were folded.  With
+    ``originals`` the host copies are taken from (and left in) it instead of made afresh.
     """
     from modelopt.torch.quantization.nn.modules.quant_module import QuantLinearConvBase
 
@@ -265,16 +288,21 @@ def weights_quantized_once(model: nn.Module, *, spare_bytes: int = 4 * 2**30):
         leaves = _weight_quantizer_leaves(module)
         if weight is not None and leaves is not None:
             candidates.append((module, weight, leaves))
-    need = sum(weight.numel() * weight.element_size() for _, weight, _ in candidates)
-    if candidates and host_memory()[1] < need + spare_bytes:
+    need = sum(weight.numel() * weight.element_size() for _, weight, _ in candidates
+               if originals is None or originals.get(weight) is None)
+    if need and host_memory()[1] < need + spare_bytes:
         candidates = []  # no room for the originals: measure with live fake quant
     folded = []
     try:
         with torch.no_grad():
             for module, weight, leaves in candidates:
                 on_gpu = weight.device.type == "cuda"
-                original = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=on_gpu)
-                original.copy_(weight.data, non_blocking=on_gpu)  # stream-ordered before the overwrite below
+                original = originals.get(weight) if originals is not None else None
+                if original is None:
+                    original = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=on_gpu)
+                    original.copy_(weight.data, non_blocking=on_gpu)  # stream-ordered before the overwrite below
+                    if originals is not None:
+                        originals.keep(weight, original)
                 quantized = module.weight_quantizer(weight)
                 if quantized.shape != weight.shape or quantized.dtype != weight.dtype:
                     continue
@@ -508,8 +536,9 @@ class _PhaseBars:
     """One progress bar for calibration, then one for scoring, driven by ModelOpt's calls of our
     forward and loss functions (ModelOpt itself reports nothing we can hook)."""
 
-    def __init__(self, progress: Progress, scheme: Scheme):
+    def __init__(self, progress: Progress, scheme: Scheme, calibration_forwards: int | None = None):
         self.progress, self.scheme = progress, scheme
+        self.calibration_forwards = scheme.num_calib_steps if calibration_forwards is None else calibration_forwards
         self.phase: str | None = None
         self._cm = self._bar = None
 
@@ -521,7 +550,7 @@ class _PhaseBars:
 
     def forward(self) -> None:
         if self.phase is None:
-            self._open("calibrate", "calibration", self.scheme.num_calib_steps)
+            self._open("calibrate", "calibration", self.calibration_forwards)
         if self.phase == "calibrate":
             self._bar.update()
 
@@ -541,6 +570,44 @@ class _PhaseBars:
 # ------------------------------------------------------------------------------------------------
 # The search
 # ------------------------------------------------------------------------------------------------
+
+#: Calibration forwards merge consecutive batches up to this many tokens (3B at 512 tokens: 16 rows in one
+#: forward).  Calibration keeps no activations for a backward pass, and on an H200 a 3B forward costs about
+#: the same (~0.25 s, mostly ModelOpt's per-quantizer work) at 1 row as at 4, so fewer, bigger forwards cut
+#: that phase by the batch factor.
+CALIBRATION_TOKENS_PER_FORWARD = 8192
+
+
+def _calibrating() -> bool:
+    """ModelOpt calibrates under ``torch.no_grad`` and scores with gradients (``gradient``) or under
+    inference mode (``kl_div``)."""
+    return not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+class CalibrationThenScoring:
+    """The ``data_loader`` ModelOpt's AutoQuant iterates afresh for every format's calibration and for
+    scoring: while calibrating it yields ``calibration`` (the same rows merged into bigger forwards),
+    otherwise the scoring batches.  Only for formats calibrated by a running max (max, SmoothQuant): the
+    same rows in other forwards give the same amax.  AWQ's search is per batch, and ModelOpt feeds it a
+    quarter of the steps, so a scheme with AWQ keeps one batch per step."""
+
+    def __init__(self, calibration: list[dict], scoring: list[dict]):
+        self.calibration, self.scoring = calibration, scoring
+
+    def __iter__(self):
+        return iter(self.calibration if _calibrating() else self.scoring)
+
+
+def calibration_forwards(scheme: Scheme, batches: list[dict]) -> list[dict]:
+    """The first ``num_calib_steps`` batches as calibration forwards: merged up to
+    :data:`CALIBRATION_TOKENS_PER_FORWARD` tokens unless a format's calibration depends on the batching."""
+    from .fidelity import group_rows
+
+    first = batches[: scheme.num_calib_steps]
+    if any(f.calibration_by_batch for f in scheme.format_objects):
+        return first
+    return group_rows(first, max(1, CALIBRATION_TOKENS_PER_FORWARD // scheme.seq_len))
+
 
 
 def searched_module(loaded: LoadedVLM, strategy: str) -> tuple[nn.Module, str]:
@@ -666,17 +733,27 @@ def search_lm_only(
     clock = _PhaseClock()
     chunked_loss = loss_chunk_tokens is not None and scheme.loss_in_chunks
     forward = make_forward_step(loaded, scheme.strategy, logits=not chunked_loss)
-    bars = _PhaseBars(progress, scheme)
+    # calibration discards the output: under extract the lm_head (never searched) need not run
+    calibration_forward = make_forward_step(loaded, "extract", logits=False) if scheme.strategy == "extract" else forward
+    scoring_batches = list(calibration.to(loaded.device).batches)
+    calibration_batches = calibration_forwards(scheme, scoring_batches)
+    bars = _PhaseBars(progress, scheme, len(calibration_batches))
 
     gpu_peak_seen = [0]
+    calibration_calls = [0]
 
     def forward_step(m, batch):
         if torch.is_inference_mode_enabled():  # kl_div scoring runs under inference mode
             kill_point("score-step")
             clock.mark_score()
             bars.scored()
-        else:
+        elif _calibrating():
+            calibration_calls[0] += 1
             bars.forward()
+            out = calibration_forward(m, batch)
+            if out.is_cuda:
+                gpu_peak_seen[0] = max(gpu_peak_seen[0], torch.cuda.max_memory_allocated())
+            return out
         out = forward(m, batch)
         if out.is_cuda:
             # ModelOpt's gradient searcher resets CUDA's peak counter when scoring starts, so the
@@ -709,8 +786,9 @@ def search_lm_only(
         else:
             write_sidecar(checkpoint, settings)
 
-    data = list(calibration.to(loaded.device).batches)
-    progress.stage(f"search {scheme.id}: {len(data)} batches of {calibration.batch_size}x{calibration.seq_len} tokens")
+    data = CalibrationThenScoring(calibration_batches, scoring_batches)
+    progress.stage(f"search {scheme.id}: {len(scoring_batches)} batches of {calibration.batch_size}x{calibration.seq_len} tokens"
+                   + (f", calibrated in {len(calibration_batches)} forwards" if len(calibration_batches) != scheme.num_calib_steps else ""))
     cuda = loaded.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -731,6 +809,10 @@ def search_lm_only(
     from .state import modelopt_state_io
 
     oom_message = None
+    # ModelOpt runs gc.collect() before scoring: over every object this process holds (~0.35 s with
+    # transformers and ModelOpt loaded).  Objects from before the search are frozen out of that scan;
+    # garbage the search itself makes is still collected.
+    gc.freeze()
     try:
         with PeakRss() as rss, modelopt_state_io(), _gradient_checkpointing(model, scheme.gradient_checkpointing):
             clock.start = time.perf_counter()
@@ -765,6 +847,7 @@ def search_lm_only(
         # Keep only the text: the exception's traceback pins every frame's activations on the GPU.
         oom_message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
     finally:
+        gc.unfreeze()
         bars.close()
         model.train(was_training)
         for p in frozen:
@@ -808,6 +891,7 @@ def search_lm_only(
         name_prefix=prefix,
         calibration_source=calibration.source,
         score_calls=clock.score_calls,
+        calibration_calls=calibration_calls[0],
         peak_gpu_own_bytes=None if peak_gpu is None else peak_gpu - other_gpu_bytes,
         format_exclusions=plan.exclusions,
     )
