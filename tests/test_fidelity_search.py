@@ -270,3 +270,24 @@ def test_vllm_prompt_logprobs_agree_with_fake_quant_and_catch_a_doubled_scale(ex
     broken = pipeline.measure_served(tampered, [fake_quant])[0]
     assert broken.kld_mean > 3 * SERVED_AGREEMENT_FACTOR * to_bf16.kld_mean, (key, broken.kld_mean)
     assert torch.isfinite(torch.tensor(broken.kld_mean))
+
+
+@pytest.mark.vllm
+def test_vllm_top_k_prompt_logprobs_bound_the_whole_vocabulary_kld(exported):
+    """Qwen-sized vocabularies are measured from each position's top k (the rest in the reference tail's
+    shape): a lower bound on the whole-vocabulary KLD, close to it at k=256 here; k=4 is looser (the control:
+    the comparison sees a truncation that leaves mass out)."""
+    from vlq.vllm_runner import VllmRunner
+
+    manifest, fake_quant, to_bf16, path = exported
+    first, logits = fake_quant.batches[0], fake_quant.logits[0]
+    reference = dataclasses.replace(fake_quant, batches=({k: v[:2] for k, v in first.items()},), logits=(logits[:2],))
+    with VllmRunner(path, **pipeline.served_engine_args([reference])) as runner:
+        (whole,) = pipeline.served_fidelity(runner, [reference], top_k=None)
+        (top,) = pipeline.served_fidelity(runner, [reference], top_k=256)
+        (few,) = pipeline.served_fidelity(runner, [reference], top_k=4)
+    assert (whole.vocabulary, top.vocabulary, few.vocabulary) == ("full", "top-256", "top-4")
+    assert top.tokens == whole.tokens and top.same_top_rate == whole.same_top_rate
+    assert 0.9 * whole.kld_mean <= top.kld_mean <= whole.kld_mean * (1 + 1e-5), (top.kld_mean, whole.kld_mean)
+    assert few.kld_mean < top.kld_mean, (few.kld_mean, top.kld_mean)
+

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import CalibrationDataError
-from .models import CALIBRATION_CORPUS
+from .models import CALIBRATION_CORPUS, DATA_DIR, LONG_TEXT_CORPUS
 
 IGNORE_INDEX = -100
 
@@ -148,8 +148,30 @@ def load_text_samples(path: str | os.PathLike | None = None, *, text_field: str 
 
 
 def text_source(path: str | os.PathLike | None) -> str:
-    """How calibration and held-out data name a text file (the shipped corpus when ``path`` is None)."""
-    return str(path) if path is not None else f"vlq/data/{CALIBRATION_CORPUS.name}"
+    """How calibration and held-out data name a text file (the shipped corpus when ``path`` is None); shipped
+    files are named ``vlq/data/NAME`` wherever vlq is installed."""
+    if path is None:
+        path = CALIBRATION_CORPUS
+    if Path(path).expanduser().resolve().parent == DATA_DIR.resolve():
+        return f"vlq/data/{Path(path).name}"
+    return str(path)
+
+
+def shipped_text(source: str) -> Path | None:
+    """The shipped file a :func:`text_source` name ``vlq/data/NAME`` stands for (None for a user's file)."""
+    prefix = "vlq/data/"
+    if source.startswith(prefix) and (DATA_DIR / source[len(prefix):]).is_file():
+        return DATA_DIR / source[len(prefix):]
+    return None
+
+
+def default_text_path(model_source: str) -> Path:
+    """The shipped text a model is calibrated and measured on without ``--data``: the tiny models' own corpus
+    (their tokenizer was trained on it, and ``tiny-trained`` never saw its last lines), else the long
+    generated corpus, which holds a full-size model's 512-token calibration and held-out rows."""
+    from .inputs import TINY, TINY_TRAINED
+
+    return CALIBRATION_CORPUS if str(model_source) in (TINY, TINY_TRAINED) else LONG_TEXT_CORPUS
 
 
 def sample_token_ids(tokenizer, sample: str) -> list[int]:

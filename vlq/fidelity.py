@@ -39,6 +39,7 @@ from .errors import CalibrationDataError
 __all__ = [
     "DATA_KINDS",
     "FIDELITY_VERSION",
+    "complete_with_reference_tail",
     "MEASUREMENT_POINTS",
     "SUMMARY_HEADERS",
     "FidelityAccumulator",
@@ -94,6 +95,9 @@ class FidelityMetrics:
     data_kind: str
     measurement_point: str
     version: int = FIDELITY_VERSION
+    #: The quantized distributions' coverage: "full", or "top-K" when vLLM returned each position's K most
+    #: likely tokens (the rest completed in the BF16 tail's shape: see complete_with_reference_tail).
+    vocabulary: str = "full"
 
     def __post_init__(self):
         if self.version != FIDELITY_VERSION:
@@ -119,7 +123,7 @@ class FidelityMetrics:
             raise ValueError(f"Fidelity metrics must be a mapping, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted(known - set(data) - {"version"})
+        missing = sorted(known - set(data) - {"version", "vocabulary"})
         if unknown or missing:
             raise ValueError(f"Fidelity metrics keys do not match: unknown {unknown}, missing {missing}.")
         return cls(**data)
@@ -128,7 +132,7 @@ class FidelityMetrics:
     def summary_row(self) -> list[str]:
         """One row under ``SUMMARY_HEADERS``, formatted as llama.cpp prints these statistics."""
         return [
-            self.measurement_point,
+            self.measurement_point + ("" if self.vocabulary == "full" else f" ({self.vocabulary})"),
             self.data_kind,
             str(self.tokens),
             f"{self.kld_mean:.6f}",
@@ -139,6 +143,24 @@ class FidelityMetrics:
             f"{self.ppl_ratio:.6f}",
             self.data_source,
         ]
+
+
+def complete_with_reference_tail(logprobs: torch.Tensor, returned: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the whole vocabulary from the entries a server returned (``returned``), the rest of
+    each position's mass spread over the other tokens in the proportions of the reference (BF16) distribution.
+
+    Measured against that reference, the completed distribution's KLD is the KLD of the coarse distributions
+    {each returned token, all others as one outcome}: a lower bound on the full KLD (log-sum inequality), equal
+    to it when the quantized tail has the reference's shape, and exact where nothing was left out.
+    ``logprobs``/``returned``: ``[T, V]``; ``reference_logits``: ``[T, V]`` logits or log-probabilities.
+    """
+    reference = torch.log_softmax(reference_logits.float(), dim=-1)
+    known = logprobs.float().masked_fill(~returned, float("-inf"))
+    returned_mass = torch.logsumexp(known, dim=-1, keepdim=True).clamp(max=0.0)
+    rest_quant = torch.log1p(-returned_mass.exp().clamp(max=1.0 - 1e-7))  # log(1 - Q_returned)
+    rest_reference = torch.logsumexp(reference.masked_fill(returned, float("-inf")), dim=-1, keepdim=True)
+    tail = reference + rest_quant - rest_reference
+    return torch.where(returned, known, tail)
 
 
 def percentile(sorted_values: torch.Tensor, fraction: float) -> float:

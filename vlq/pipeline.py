@@ -22,11 +22,12 @@ from typing import Sequence
 
 from .calibration import (
     CalibrationSet,
+    default_text_path,
     image_text_calibration,
     images_option_from_source,
+    shipped_text,
     synthetic_text_calibration,
     text_batches,
-    text_source,
 )
 from .checks import Check
 from .compare import CalibrationComparison, MethodComparison, compare_calibrations, compare_methods as compare_method_manifests
@@ -175,7 +176,7 @@ def _calibration_batches(loaded: LoadedVLM, scheme: Scheme, data: DataRequest) -
                                              seq_len=scheme.seq_len, seed=data.seed)
     elif loaded.tokenizer is not None:
         calibration = text_batches(loaded.tokenizer, vocab_size=loaded.vocab_size, num_batches=batches,
-                                   batch_size=scheme.batch_size, seq_len=scheme.seq_len, path=data.text)
+                                   batch_size=scheme.batch_size, seq_len=scheme.seq_len, path=_text_path(loaded, data))
     else:
         if data.text is not None:
             raise CalibrationDataError(f"{loaded.source} has no tokenizer, so the text in {data.text} cannot be tokenized; "
@@ -183,6 +184,11 @@ def _calibration_batches(loaded: LoadedVLM, scheme: Scheme, data: DataRequest) -
         calibration = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=batches,
                                                  batch_size=scheme.batch_size, seq_len=scheme.seq_len, seed=data.seed)
     return calibration
+
+
+def _text_path(loaded: LoadedVLM, data: DataRequest) -> str | Path:
+    """The text file calibration and held-out rows are read from: ``--data``, else the model's shipped default."""
+    return data.text if data.text is not None else default_text_path(loaded.source)
 
 
 #: Held-out rows measured for fidelity: a few for the tiny model, 32 (x the scheme's seq_len) for full-size ones.
@@ -222,7 +228,7 @@ def fidelity_references(
                 if loaded.tokenizer is not None:
                     heldout = heldout_text_batches(
                         loaded.tokenizer, vocab_size=loaded.vocab_size, num_batches=rows, seq_len=scheme.seq_len,
-                        path=data.text, calibration=calibration if calibration is not None and calibration.kind == "text" else None)
+                        path=_text_path(loaded, data), calibration=calibration if calibration is not None and calibration.kind == "text" else None)
                 else:
                     heldout = synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=rows,
                                                          seq_len=scheme.seq_len, seed=HELDOUT_SEED_BASE + data.seed)
@@ -280,26 +286,51 @@ def measure_served(checkpoint: str | Path, references: Sequence[FidelityReferenc
     for the checkpoint's formats on this machine."""
     from .vllm_runner import VllmRunner
 
-    with progress.bar("fidelity (vLLM)"), VllmRunner(checkpoint, **_served_fidelity_engine_args(references)) as runner:
-        return _served_fidelity(runner, references)
+    with progress.bar("fidelity (vLLM)"), VllmRunner(checkpoint, **served_engine_args(references)) as runner:
+        return served_fidelity(runner, references)
 
 
-def _served_fidelity_engine_args(references: Sequence[FidelityReference]) -> dict:
-    longest = max((r.batches[0]["input_ids"].shape[1] for r in references if r.data_kind == "text"), default=0)
-    return {"max_logprobs": -1, "max_model_len": max(512, longest)}
+def served_engine_args(references: Sequence[FidelityReference]) -> dict:
+    """Full-vocabulary prompt logprobs, and a context that holds the longest held-out row plus the token vLLM
+    generates after it (a real checkpoint's 512-token rows need 513)."""
+    from .vllm_runner import context_length_for
+
+    longest = max((b["input_ids"].shape[1] for r in references if r.data_kind == "text" for b in r.batches), default=0)
+    return {"max_logprobs": -1, "max_model_len": context_length_for(longest)}
 
 
-def _served_fidelity(runner, references: Sequence[FidelityReference]) -> tuple[FidelityMetrics, ...]:
+def served_fidelity(runner, references: Sequence[FidelityReference], *, top_k: int | None | str = "auto"
+                     ) -> tuple[FidelityMetrics, ...]:
+    """Point c on each text reference: vLLM's whole-vocabulary prompt logprobs for small vocabularies, each
+    position's top :data:`vlq.vllm_runner.PROMPT_LOGPROBS_TOP_K` for Qwen-sized ones (completed in the BF16
+    tail's shape, a lower bound on the KLD; the metrics say which).  ``top_k``: "auto", None (whole
+    vocabulary) or a number."""
     import torch
+
+    from .fidelity import LazyLogits, complete_with_reference_tail
+    from .vllm_runner import FULL_PROMPT_LOGPROBS_VOCAB, PROMPT_LOGPROBS_TOP_K
 
     metrics = []
     for reference in (r for r in references if r.data_kind == "text"):
         vocab = reference.logits[0].shape[-1]
+        k = (None if vocab <= FULL_PROMPT_LOGPROBS_VOCAB else PROMPT_LOGPROBS_TOP_K) if top_k == "auto" else top_k
+        stored = dict(zip(map(id, reference.batches), reference.logits))
 
-        def forward(batch, vocab=vocab):
-            return torch.stack(runner.prompt_logprobs(batch["input_ids"].tolist(), vocab))
+        def forward(batch, vocab=vocab, k=k, stored=stored):
+            tables = runner.prompt_logprobs(batch["input_ids"].tolist(), vocab, top_k=k)
+            if k is None:
+                return torch.stack([t.logprobs for t in tables])
+            base = stored[id(batch)]
+            rows = []
+            for i, table in enumerate(tables):
+                logits = base[i : i + 1].materialize()[0] if isinstance(base, LazyLogits) else base[i]
+                rows.append(complete_with_reference_tail(table.logprobs, table.returned, logits.to(table.logprobs.device)))
+            return torch.stack(rows)
 
-        metrics.append(measure_against(reference, forward, measurement_point="vllm"))
+        measured = measure_against(reference, forward, measurement_point="vllm")
+        if k is not None:
+            measured = dataclasses.replace(measured, vocabulary=f"top-{k}")
+        metrics.append(measured)
     return tuple(metrics)
 
 
@@ -435,9 +466,9 @@ def serve_check(
     fidelity: tuple[FidelityMetrics, ...] = ()
     with progress.bar(f"vLLM engine ({device})"), stage_boundary(f"serving {path.name} in vLLM", ServingError):
         reference_report = serve_checkpoint(reference, device=device) if reference is not None else None
-        with VllmRunner(path, device=device, **_served_fidelity_engine_args(references)) as runner:
+        with VllmRunner(path, device=device, **served_engine_args(references)) as runner:
             report = runner.report()
-            fidelity = _served_fidelity(runner, references)
+            fidelity = served_fidelity(runner, references)
     checks = on_disk + run_checks(report, manifest=manifest, reference=reference_report)
     note = (f"engine start {report.engine_start_s:.1f}s, generation {report.generate_s:.1f}s; text tokens "
             f"{list(report.text.token_ids)}, image tokens {list(report.image.token_ids)}")
@@ -529,8 +560,12 @@ def saved_data_request(manifest: Manifest) -> DataRequest:
     and seed) and the held-out data its fidelity block was measured on (the held-out image seed)."""
     images, seed = images_option_from_source(manifest.calibration_source)
     text = None
-    if images is None and manifest.calibration_source != text_source(None) and Path(manifest.calibration_source).is_file():
-        text = manifest.calibration_source
+    if images is None:
+        shipped = shipped_text(manifest.calibration_source)
+        if shipped is not None:
+            text = str(shipped)
+        elif Path(manifest.calibration_source).is_file():
+            text = manifest.calibration_source
     for metrics in manifest.fidelity:  # held-out images come from seed HELDOUT_SEED_BASE + the run's seed
         if metrics.data_kind == "image_text" and metrics.data_source.startswith(HELDOUT_PREFIX):
             _, heldout_seed = images_option_from_source(metrics.data_source[len(HELDOUT_PREFIX):])
@@ -829,5 +864,6 @@ __all__ = [
     "ComparisonRun", "Exported", "MeasuredRun", "MethodComparisonRun", "RunOutcome", "Searched", "Served",
     "calibrate", "compare_calibration", "compare_methods", "export", "fidelity_references", "fresh_copy", "load_model",
     "export_agreement", "measure_checkpoint", "measure_fake_quant", "measure_run", "measure_served", "record_fidelity",
-    "restore", "run", "saved_data_request", "search", "serve_check", "serving_skip_reason", "sweep",
+    "restore", "run", "saved_data_request", "search", "serve_check", "served_engine_args", "served_fidelity",
+    "serving_skip_reason", "sweep",
 ]

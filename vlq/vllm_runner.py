@@ -149,6 +149,46 @@ class QuantResolution:
         return _layer_named(self.layers, name)
 
 
+@dataclass(frozen=True)
+class PromptLogprobTable:
+    """vLLM's log-probabilities of one prompt, aligned like logits: row ``t`` is the distribution of token ``t + 1``.
+
+    ``returned`` is None when vLLM returned the whole vocabulary; else it marks the entries vLLM returned (each
+    position's top k and the prompt's own next token), and the others hold -inf in ``logprobs``.
+    """
+
+    logprobs: "Any"  # torch.Tensor [T, V] float32
+    returned: "Any" = None  # torch.Tensor [T, V] bool, or None (every entry returned)
+
+    @property
+    def full(self) -> bool:
+        return self.returned is None
+
+
+def _flat_prompt_logprobs(prompt_logprobs):
+    """(position, token id, logprob) tensors of vLLM's prompt logprobs: its flat layout read as arrays, or
+    the per-position dicts of older releases."""
+    import torch
+
+    if prompt_logprobs is None:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros(0, dtype=torch.float32)
+    if hasattr(prompt_logprobs, "start_indices"):  # vllm.logprobs.FlatLogprobs
+        starts = torch.tensor(prompt_logprobs.start_indices, dtype=torch.long)
+        ends = torch.tensor(prompt_logprobs.end_indices, dtype=torch.long)
+        positions = torch.repeat_interleave(torch.arange(len(starts)), ends - starts)
+        return (positions, torch.tensor(prompt_logprobs.token_ids, dtype=torch.long),
+                torch.tensor(prompt_logprobs.logprobs, dtype=torch.float32))
+    positions, ids, values = [], [], []
+    for t, step in enumerate(prompt_logprobs):
+        for token, logprob in (step or {}).items():
+            positions.append(t)
+            ids.append(int(token))
+            values.append(float(logprob.logprob))
+    return (torch.tensor(positions, dtype=torch.long), torch.tensor(ids, dtype=torch.long),
+            torch.tensor(values, dtype=torch.float32))
+
+
 # ------------------------------------------------------------------------------------------------
 # Preflight: refuse what cannot be served before an engine starts
 # ------------------------------------------------------------------------------------------------
@@ -255,6 +295,21 @@ def probe_vision(model, raw_pixels, grid_thw) -> dict[str, Any]:
 
 TEXT_QUESTION = "Tell me about the sun and the river."
 IMAGE_QUESTION = "Describe it."
+#: vLLM scores a prompt only while generating after it, so prompt log-probabilities cost one generated token.
+PROMPT_LOGPROBS_GENERATED = 1
+#: Prompt log-probabilities over the whole vocabulary up to this size; beyond it (Qwen2.5-VL: 151936) each
+#: position's top PROMPT_LOGPROBS_TOP_K, since the full set is ~1 GB of numbers per 512-token row.
+FULL_PROMPT_LOGPROBS_VOCAB = 8192
+PROMPT_LOGPROBS_TOP_K = 256
+#: The context every engine gets at least: the report's chat prompts (a question, one small image) and their
+#: few generated tokens fit with room to spare.
+DEFAULT_MAX_MODEL_LEN = 512
+
+
+def context_length_for(longest_prompt: int, generated: int = PROMPT_LOGPROBS_GENERATED) -> int:
+    """The ``max_model_len`` an engine needs for prompts of up to ``longest_prompt`` tokens plus ``generated``
+    tokens after each (vLLM refuses a request whose prompt plus output exceeds it)."""
+    return max(DEFAULT_MAX_MODEL_LEN, int(longest_prompt) + int(generated))
 
 
 def make_image(seed: int = 0, size: int = 56):
@@ -313,7 +368,7 @@ class VllmRunner:
         *,
         device: str | None = None,
         dtype: str = "bfloat16",
-        max_model_len: int = 512,
+        max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         max_num_seqs: int = 4,
         enforce_eager: bool = True,
         seed: int = 0,
@@ -416,35 +471,50 @@ class VllmRunner:
                                             tokens, tuple(chosen), tuple(tops)))
         return results
 
-    def prompt_logprobs(self, rows: Sequence[Sequence[int]], vocab_size: int):
-        """vLLM's log-probabilities over the whole vocabulary at every position of token-id prompts.
+    def prompt_logprobs(self, rows: Sequence[Sequence[int]], vocab_size: int, *,
+                        top_k: int | None = None) -> list["PromptLogprobTable"]:
+        """vLLM's log-probabilities at every position of token-id prompts, one :class:`PromptLogprobTable` per row.
 
-        One ``[T, vocab_size]`` float32 tensor per row, aligned like logits: row ``t`` is the
-        distribution of token ``t + 1``.  vLLM scores no token after the prompt, so the last row is
-        uniform (it predicts nothing a label can check).  Needs the engine started with
-        ``max_logprobs=-1`` (full vocabulary).
+        ``top_k=None``: the whole vocabulary (needs the engine started with ``max_logprobs=-1``); else each
+        position's ``top_k`` most likely tokens and the prompt's own next token.  vLLM scores no token after
+        the prompt, so the last row is uniform (it predicts nothing a label can check).  Requests go without
+        detokenization and in vLLM's flat layout: a position's ``vocab_size`` candidates are numbers, not
+        Python objects (a 151936-token vocabulary is 78 M entries per 512-token row).
         """
         import torch
         from vllm import SamplingParams
 
         llm = self._require_llm()
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1)
+        limit = int(self.llm_kwargs["max_model_len"])
+        longest = max((len(row) for row in rows), default=0)
+        if longest + PROMPT_LOGPROBS_GENERATED > limit:
+            raise ServingError(f"A {longest}-token prompt plus {PROMPT_LOGPROBS_GENERATED} generated token does not fit the "
+                               f"engine's max_model_len={limit}; start it with max_model_len=context_length_for({longest}).")
+        asked = -1 if top_k is None else int(top_k)
+        params = SamplingParams(temperature=0.0, max_tokens=PROMPT_LOGPROBS_GENERATED, prompt_logprobs=asked,
+                                detokenize=False, flat_logprobs=True)
         outputs = llm.generate([{"prompt_token_ids": [int(t) for t in row]} for row in rows], params, use_tqdm=False)
         tables = []
         for row, out in zip(rows, outputs):
-            table = torch.zeros(len(row), vocab_size, dtype=torch.float32)
-            for t, step in enumerate(out.prompt_logprobs or []):
-                if t == 0 or step is None:  # no distribution for the first prompt token
-                    continue
-                ids = torch.tensor(list(step.keys()), dtype=torch.long)
-                values = torch.tensor([v.logprob for v in step.values()], dtype=torch.float32)
-                keep = ids < vocab_size
-                if int(keep.sum()) < vocab_size:
-                    raise ServingError(f"vLLM returned {int(keep.sum())} of {vocab_size} prompt logprobs at position {t}; "
+            positions, ids, values = _flat_prompt_logprobs(out.prompt_logprobs)
+            keep = (ids < vocab_size) & (positions >= 1)  # position 0: no distribution for the first prompt token
+            positions, ids, values = positions[keep] - 1, ids[keep], values[keep]
+            table = torch.full((len(row), vocab_size), float("-inf"), dtype=torch.float32)
+            table[positions, ids] = values
+            table[len(row) - 1] = 0.0
+            returned = None
+            if top_k is None:
+                counts = torch.bincount(positions, minlength=len(row))[: len(row) - 1]
+                short = (counts < vocab_size).nonzero()
+                if short.numel():
+                    t = int(short[0])
+                    raise ServingError(f"vLLM returned {int(counts[t])} of {vocab_size} prompt logprobs at position {t + 1}; "
                                        "start the engine with max_logprobs=-1.")
-                table[t - 1].fill_(float("-inf"))
-                table[t - 1, ids[keep]] = values[keep]
-            tables.append(table)
+            else:
+                returned = torch.zeros((len(row), vocab_size), dtype=torch.bool)
+                returned[positions, ids] = True
+                returned[len(row) - 1] = True
+            tables.append(PromptLogprobTable(table, returned))
         return tables
 
     # -- inspection ----------------------------------------------------------------------------
