@@ -64,11 +64,12 @@ def _positive_gib(text: str) -> float:
     return value
 
 
-def _model_args(p: argparse.ArgumentParser, *, default_model: str | None = "tiny") -> None:
+def _model_args(p: argparse.ArgumentParser, *, default_model: str | None = TINY) -> None:
+    default = f" (default {default_model})" if default_model else ""
     p.add_argument("--model", default=default_model,
-                   help="local Qwen2.5-VL checkpoint folder, 'tiny' (default, random weights), 'tiny-trained' (learned "
-                   "weights: fidelity means something) or a published shape with random weights: "
-                   "qwen2.5-vl-{3b,7b,32b,72b}-random")
+                   help=f"local Qwen2.5-VL checkpoint folder{default}, 'tiny' (random weights: seconds, but its fidelity "
+                   "numbers mean little), 'tiny-trained' (learned weights: fidelity means something) or a published shape "
+                   "with random weights: qwen2.5-vl-{3b,7b,32b,72b}-random")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, or cuda")
     p.add_argument("--data", help="calibration text: a local .txt (one sample per line) or .jsonl with a 'text' field")
     p.add_argument("--images", help="image+text calibration instead of text: 'generated' (seeded synthetic images) or a "
@@ -117,17 +118,24 @@ def _requests(args) -> tuple[ModelRequest, DataRequest]:
 
 def _prepare(args):
     """Validate everything light first (paths, formats, bits), then resolve the device and the scheme."""
+    from .hardware import visible_gpus
+
     model, data = _requests(args)
     full_size = model.source not in (TINY, TINY_TRAINED)  # tiny models keep their seconds-long defaults
-    _scheme(args, "cpu" if args.device == "auto" else args.device, full_size=full_size)  # formats/bits errors, fast
+    folder = full_size and Path(str(model.source)).is_dir()
+    likely = args.device if args.device != "auto" else ("cuda" if visible_gpus() else "cpu")  # no torch yet
+    light = _scheme(args, likely, full_size=full_size)  # formats/bits errors, fast
+    if folder:  # what the folder cannot give a later stage: refused before torch is imported
+        from .applicability import require_fits_config
+
+        require_fits_config(Path(model.source) / "config.json", light)
+        _check_prerequisites(args, model, data, light)
     device = _resolve_device(args.device)
     model = ModelRequest(model.source, device, model.trust_remote_code)
     scheme = _scheme(args, device, full_size=full_size)
     scheme.require_device(device)
-    if full_size and Path(str(model.source)).is_dir():
-        from .applicability import require_fits_config
-
-        require_fits_config(Path(model.source) / "config.json", scheme)  # layer sizes outside a format's blocks: refused now
+    if folder and scheme != light:
+        require_fits_config(Path(model.source) / "config.json", scheme)  # layer sizes outside a format's blocks
     plan = _plan(args, model, scheme)
     if plan is not None:
         scheme = plan.require().scheme  # refused here, before anything loads, when it cannot fit
@@ -135,6 +143,26 @@ def _prepare(args):
         if placement is not None:  # more than one GPU needed and visible: split the model (device_map)
             model = dataclasses.replace(model, device_map=dict(placement.device_map))
     return model, data, scheme
+
+
+def _will_serve(args, scheme) -> bool:
+    """Whether this command ends by loading its export in vLLM (``vlq run`` without --no-serve, a servable
+    scheme, a vLLM installed): its serve prerequisites are then checked before anything loads."""
+    from .prerequisites import installed_vllm_build
+
+    return (getattr(args, "command", None) == "run" and not getattr(args, "no_serve", False)
+            and scheme.vllm_servability().servable and installed_vllm_build() is not None)
+
+
+def _check_prerequisites(args, model: ModelRequest, data: DataRequest, scheme) -> None:
+    """Refuse what a later stage would fail on (tokenizer, image processor, vLLM's limits); print the fallbacks."""
+    from .inputs import model_config
+    from .prerequisites import check_prerequisites
+
+    found = check_prerequisites(model.source, model_config(model.source), seq_len=scheme.seq_len,
+                                serve=_will_serve(args, scheme), images=data.images)
+    for note in found.notes:
+        print(f"vlq: note: {note}", file=sys.stderr, flush=True)
 
 
 def _placement(plan):
@@ -188,6 +216,7 @@ def _print(*blocks: str) -> None:
 def cmd_run(args) -> int:
     from .files import check_export_dir
 
+    rows = _positive_int(args.fidelity_rows, "--fidelity-rows")
     model, data, scheme = _prepare(args)
     folder = RunFolder(args.out or f"runs/{scheme.id}").require_writable()
     check_export_dir(folder.checkpoint, args.overwrite)
@@ -198,7 +227,8 @@ def cmd_run(args) -> int:
         from . import pipeline
 
         loaded = pipeline.load_model(model, progress=progress)
-        outcome = pipeline.run(loaded, scheme, data, folder, overwrite=args.overwrite, serve=not args.no_serve, progress=progress)
+        outcome = pipeline.run(loaded, scheme, data, folder, overwrite=args.overwrite, serve=not args.no_serve, rows=rows,
+                               progress=progress)
     from .report import fidelity_table, layer_table, served_layer_table, summary_table
 
     manifest = outcome.searched.manifest
@@ -511,11 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="search -> manifest -> export -> on-disk checks -> vLLM (tiny model by default)")
-    _model_args(p)
+    _model_args(p, default_model=TINY_TRAINED)  # fidelity on learned weights
     _scheme_args(p)
     p.add_argument("--out", help="run folder (default runs/<scheme id>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in the run folder")
     p.add_argument("--no-serve", action="store_true", help="skip the vLLM check of the export")
+    p.add_argument("--fidelity-rows", help="held-out rows per data kind the fidelity points are measured on "
+                   "(default: 32 for full-size models, 8 for tiny ones; fewer is faster and noisier)")
     _common(p)
     p.set_defaults(func=cmd_run)
 
@@ -534,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="score once, solve many: decide several effective-bits targets (export some)")
-    _model_args(p)
+    _model_args(p, default_model=TINY_TRAINED)  # fidelity on learned weights
     _scheme_args(p)
     p.add_argument("--targets", required=True, help="comma-separated effective-bits targets, e.g. 8,7,6,5")
     p.add_argument("--export", help="targets to export and verify: comma-separated (e.g. 6,5) or 'all' (default: none)")
@@ -556,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare-calibration", help="search text-only and image+text on one model and budget; compare the decisions")
-    _model_args(p)
+    _model_args(p, default_model=TINY_TRAINED)  # fidelity on learned weights
     _scheme_args(p)
     p.add_argument("--text-manifest", help="compare two saved manifests instead of searching: the text-only one")
     p.add_argument("--image-manifest", help="... and the image+text one")
@@ -571,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare-methods", help="search with gradient and with kl_div sensitivity on one model, budget and "
                        "data; compare the decisions and each scheme's KLD to BF16")
-    _model_args(p)
+    _model_args(p, default_model=TINY_TRAINED)  # fidelity on learned weights
     _scheme_args(p)
     p.add_argument("--methods", default="gradient,kl_div", help="the two methods, comma-separated (default gradient,kl_div)")
     p.add_argument("--manifests", nargs=2, metavar="MANIFEST", help="compare two saved manifests instead of searching")

@@ -27,6 +27,18 @@ RANDOM_SHAPES = {
     "qwen2.5-vl-72b-random": "qwen2_5_vl_72b_config.json",
 }
 NAMED_SOURCES = (TINY, TINY_TRAINED, *RANDOM_SHAPES)
+#: What each named model is, said when it loads (a local folder is named by its path).
+NAMED_SOURCE_DESCRIPTIONS = {
+    TINY: "the tiny synthetic Qwen2.5-VL, random weights: near-flat distributions, fidelity numbers mean little",
+    TINY_TRAINED: "the tiny synthetic Qwen2.5-VL with learned weights (vlq/data/tiny_trained): fidelity means something",
+    **{name: "a published Qwen2.5-VL shape with random weights: for timing and memory, not fidelity" for name in RANDOM_SHAPES},
+}
+
+
+def describe_source(source: str) -> str:
+    """``source`` with what it is, for the loading line."""
+    description = NAMED_SOURCE_DESCRIPTIONS.get(str(source))
+    return f"{source} ({description})" if description else str(source)
 SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 GENERATED_IMAGES = "generated"
 DEVICES = ("cpu", "cuda")

@@ -558,10 +558,30 @@ def load_checkpoint(
             tokenizer = processor.tokenizer
         except (OSError, ValueError, TypeError, KeyError):
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    template = use_chat_template_fallback(processor, tokenizer)
     source = str(path)
     if (path / "vlq_tiny.json").exists():
         source = TINY
-    return _finish(vlm, source, path, tokenizer, processor)
+    loaded = _finish(vlm, source, path, tokenizer, processor)
+    loaded.info["chat_template"] = template
+    return loaded
+
+
+def use_chat_template_fallback(processor, tokenizer) -> str:
+    """Give a processor without a chat template of its own the tokenizer's (older checkpoints keep it only in
+    tokenizer_config.json), else vlq's Qwen2.5-VL template; returns where the template came from."""
+    from .prerequisites import TEMPLATE_BUILT_IN, TEMPLATE_PROCESSOR, TEMPLATE_TOKENIZER
+
+    if processor is None and tokenizer is None:
+        return TEMPLATE_BUILT_IN
+    if getattr(processor, "chat_template", None):
+        return TEMPLATE_PROCESSOR
+    own = getattr(tokenizer, "chat_template", None)
+    if processor is not None:
+        processor.chat_template = own or QWEN_CHAT_TEMPLATE
+    if tokenizer is not None and not own:
+        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return TEMPLATE_TOKENIZER if own else TEMPLATE_BUILT_IN
 
 
 def build_3b_random(

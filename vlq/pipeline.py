@@ -45,7 +45,7 @@ from .export import ExportResult, add_fp8_kv_cache, export_checkpoint, unify_fus
 from .fidelity import (FidelityMetrics, FidelityReference, NonFiniteLogits, capture_reference, hidden_logits_forward,
                        logits_forward, measure_against)
 from .heldout import HELDOUT_PREFIX, HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
-from .inputs import POINT_NAMES, DataRequest, ModelRequest, RunFolder
+from .inputs import POINT_NAMES, DataRequest, ModelRequest, RunFolder, describe_source
 from .manifest import Manifest
 from .models import LoadedVLM, load_vlm
 from .progress import SILENT, Progress
@@ -113,7 +113,13 @@ class RunOutcome:
 
     @property
     def checks(self) -> tuple[Check, ...]:
-        return self.searched.checks + self.exported.checks + (self.served.checks if self.served else ())
+        """Every check of the run, each once: serving re-reads the checkpoint from disk before vLLM starts, and
+        that verdict is listed again only when it failed there (the files changed after the export)."""
+        earlier = self.searched.checks + self.exported.checks
+        if self.served is None:
+            return earlier
+        names = {c.name for c in earlier}
+        return earlier + tuple(c for c in self.served.checks if c.name not in names or not c.ok)
 
     @property
     def ok(self) -> bool:
@@ -150,7 +156,7 @@ class MeasuredRun:
 def load_model(request: ModelRequest, *, progress: Progress = SILENT) -> LoadedVLM:
     """Stage 1: the BF16 model on ``request.device`` (``auto`` resolved by the caller)."""
     where = request.device if not request.device_map else "+".join(dict.fromkeys(request.device_map.values()))
-    progress.stage(f"loading {request.source} on {where}")
+    progress.stage(f"loading {describe_source(request.source)} on {where}")
     with stage_boundary(f"loading {request.source}", ModelSourceError):
         return load_vlm(request.source, device=request.device, trust_remote_code=request.trust_remote_code,
                         device_map=request.device_map, offload_folder=request.offload_folder)
@@ -500,13 +506,15 @@ def run(
     *,
     overwrite: bool = False,
     serve: bool = True,
+    rows: int | None = None,
     progress: Progress = SILENT,
 ) -> RunOutcome:
     """calibrate → BF16 reference → search → fidelity (a) → export → fidelity from disk (b) → vLLM checks
-    and fidelity (c) on ``loaded``, which is quantized in place."""
+    and fidelity (c) on ``loaded``, which is quantized in place.  ``rows``: held-out rows per data kind
+    (default :data:`FIDELITY_ROWS_FULL_SIZE` / ``_TINY``)."""
     plan_lm_formats(loaded, scheme)  # a format that fits no layer, or an unreachable target: refused before any work
     calibration = calibrate(loaded, scheme, data, progress=progress)
-    references = fidelity_references(loaded, scheme, data, calibration=calibration, progress=progress)
+    references = fidelity_references(loaded, scheme, data, calibration=calibration, rows=rows, progress=progress)
     searched = search(loaded, scheme, calibration, run=folder, progress=progress)
     # point a is measured as it will be exported: fused q/k/v and gate/up share one scale (vLLM needs it)
     unify_fused_scales(loaded.language_model)
