@@ -7,6 +7,7 @@ what the command does and prints, not about the search.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -25,6 +26,11 @@ def test_run_defaults_end_with_vllms_per_layer_table(tmp_path):
     assert run.returncode == 0, run.tail()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["scheme_id"] == "fp8-12b-gradient-extract", "the CPU default is FP8 vs BF16 per group at 12 bits"
+    # the default model has learned weights, and the run says so (random weights make every distribution flat)
+    assert manifest["model"]["source"] == "tiny-trained", manifest["model"]
+    assert any("] loading tiny-trained (" in line and "learned weights" in line for line in run.stdout.splitlines()), run.tail()
+    text = next(m for m in manifest["fidelity"] if m["measurement_point"] == "fake_quant" and m["data_kind"] == "text")
+    assert text["nll_base"] < 0.5 * math.log(1024), f"learned weights predict far better than chance: {text['nll_base']}"
 
     stdout = run.stdout
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in stdout.splitlines() if line.count("|") >= 4}
