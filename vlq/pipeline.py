@@ -54,7 +54,7 @@ from .inputs import POINT_NAMES, DataRequest, ModelRequest, RunFolder
 from .manifest import Manifest
 from .models import LoadedVLM, load_vlm
 from .progress import SILENT, Progress
-from .runlock import writing
+from .runlock import Staged, writing
 from .schemes import Scheme
 from .search import (SearchResult, apply_decisions, check_guards, make_forward_step, plan_lm_formats, search_lm_only,
                      HostOriginals, weights_quantized_once)
@@ -679,7 +679,7 @@ def sweep(
 
 
 def _sweep_staged(pristine: LoadedVLM, scheme: Scheme, calibration: CalibrationSet, targets: list[float], folder: RunFolder,
-                  staged, *, exported_set: set[float], measure: bool, rows: int | None, data: DataRequest, overwrite: bool,
+                  staged: Staged, *, exported_set: set[float], measure: bool, rows: int | None, data: DataRequest, overwrite: bool,
                   progress: Progress) -> SweepResult:
     from .state import sidecar_path
 
