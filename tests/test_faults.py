@@ -640,3 +640,20 @@ def test_a_commit_killed_between_its_renames_is_rolled_forward_by_the_next_write
                      "when it stopped", after.stderr), after.tail()
     assert _manifest_disagreements(run_copy) == [] and Manifest.load(run_copy / "manifest.json").scheme.target_bits == 10.0
     assert _checkpoint_bytes(run_copy) == _checkpoint_bytes(fp8_run_10_bits.root) and _vlq_entries(run_copy) == []
+
+
+def test_a_search_alone_does_not_commit_a_manifest_that_no_longer_describes_the_checkpoint(run_copy, pristine_vlm):
+    """`vlq search` into a finished run folder: a new decision would orphan its checkpoint, so nothing is
+    replaced (the search's scores stay pending for `vlq run --overwrite` to resume)."""
+    previous = _set_bytes(run_copy)
+    folder = RunFolder(run_copy)
+    ten = FP8.with_(target_bits=10.0)
+    loaded = fresh_copy(pristine_vlm)
+    with pytest.raises(CheckpointError, match=r"The search decided differently from the checkpoint already in .*; nothing was "
+                                              r"replaced\. Export the new decisions with `vlq run --out .* --overwrite`"):
+        pipeline.search(loaded, ten, pipeline.calibrate(loaded, ten), run=folder)
+    assert _set_bytes(run_copy) == previous and _vlq_entries(run_copy) == [".vlq.pending"]
+    # negative control: a search that decides what the checkpoint holds commits (its manifest still describes it)
+    loaded = fresh_copy(pristine_vlm)
+    pipeline.search(loaded, FP8, pipeline.calibrate(loaded, FP8), run=folder)
+    assert _manifest_disagreements(run_copy) == [] and _vlq_entries(run_copy) == []
