@@ -1,7 +1,7 @@
 """Plain helpers shared by the test modules (fixtures live in the root ``conftest.py``).
 
 * :func:`vlq_cli` — the command line as users run it, in a subprocess, timed, with the heavy
-  libraries it imported;
+  libraries it imported; :func:`start_vlq_cli` starts one in the background (two at once on one folder);
 * :func:`search_variants` / :func:`variant_params` — the variant matrix (``tests/matrix/search_variants.yaml``).
 
 The model copy and the calibration helpers are the product's own: ``vlq.pipeline.fresh_copy`` and
@@ -11,6 +11,7 @@ The model copy and the calibration helpers are the product's own: ``vlq.pipeline
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,71 @@ def vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = None, k
     as on a full disk).  The tiny model's build cache goes to ``cwd/.vlq-cache`` unless ``VLQ_CACHE_DIR``
     is already set, so nothing is written outside the test's folder.
     """
+    with start_vlq_cli(*args, cwd=cwd, kill_after=kill_after, kill_signal=kill_signal, env=env,
+                       file_size_limit=file_size_limit) as started:
+        return started.finish(timeout=timeout)
+
+
+class StartedCli:
+    """A ``vlq`` process running in the background (:func:`start_vlq_cli`); use it as a context manager
+    so a process a test left stopped or running is killed when the test ends."""
+
+    def __init__(self, args: tuple[str, ...], argv: list[str], cwd, env: dict[str, str], preexec_fn):
+        self.args = args
+        self._tmp = tempfile.TemporaryDirectory(prefix="vlq-cli-")
+        tmp = Path(self._tmp.name)
+        self._marker, self._out, self._err = tmp / "heavy_imports", tmp / "stdout", tmp / "stderr"
+        self.start = time.perf_counter()
+        # output to files, not pipes: a long run would block on a full pipe nobody reads while it runs
+        with open(self._out, "w") as out, open(self._err, "w") as err:
+            self.proc = subprocess.Popen([*argv[:3], str(self._marker), *argv[3:]], cwd=cwd, env=env, stdout=out,
+                                         stderr=err, text=True, preexec_fn=preexec_fn)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_until_stopped(self, timeout: float = 600) -> None:
+        """Block until the process stopped itself (``kill_signal="STOP"`` at its kill point)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the process ended before its kill point\n{self.finish().tail()}")
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            if stat[stat.rindex(")") + 2] == "T":
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the process did not reach its kill point within {timeout:.0f}s")
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def finish(self, timeout: float = 600) -> CliRun:
+        """Wait for the process to end; what it did."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        seconds = time.perf_counter() - self.start
+        heavy = tuple(self._marker.read_text().split()) if self._marker.exists() else None
+        return CliRun(self.args, self.proc.returncode, self._out.read_text(), self._err.read_text(), seconds, heavy)
+
+    def __enter__(self) -> "StartedCli":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._tmp.cleanup()
+
+
+def start_vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = None, kill_signal: str = "KILL",
+                  env: dict[str, str] | None = None, file_size_limit: int | None = None) -> StartedCli:
+    """Start ``vlq ARGS`` like :func:`vlq_cli` without waiting for it; ``kill_signal="STOP"`` pauses it at
+    ``kill_after`` (:meth:`StartedCli.wait_until_stopped`, then :meth:`StartedCli.resume`)."""
     from vlq.files import KILL_ENV, KILL_SIGNAL_ENV
 
     args = tuple(str(a) for a in args)
@@ -89,20 +155,12 @@ def vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = None, k
 
     def limit_file_size():
         import resource
-        import signal
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited through exec: a too-large write fails, no core dump
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    with tempfile.TemporaryDirectory(prefix="vlq-cli-") as tmp:
-        marker = Path(tmp) / "heavy_imports"
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _ENTRY, str(marker), *args], cwd=cwd, env=full_env,
-                              capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=limit_file_size if file_size_limit is not None else None)
-        seconds = time.perf_counter() - start
-        heavy = tuple(marker.read_text().split()) if marker.exists() else None
-    return CliRun(args, proc.returncode, proc.stdout, proc.stderr, seconds, heavy)
+    return StartedCli(args, [sys.executable, "-c", _ENTRY, *args], cwd, full_env,
+                      limit_file_size if file_size_limit is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ or a failed verdict, the documented exit code, no traceback on the terminal, and
   disk with the layers named, before vLLM starts (the CLI imports neither torch nor vLLM to do it).
 * Stage boundaries, signals, a full disk: real subprocesses, a real SIGTERM at a kill point, a real
   file-size limit (``RLIMIT_FSIZE``), a real ModelOpt exception.
+* Two writers on one run folder (issue 22): two real ``vlq run`` processes at once — the second is
+  refused, the first's manifest describes its checkpoint — with the unlocked race as negative control;
+  a run SIGKILLed between its writes, and a commit SIGKILLed between its renames.
 
 The README's "What can go wrong" table counts the cases tried here.
 """
@@ -15,20 +18,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from helpers import vlq_cli
+from helpers import start_vlq_cli, vlq_cli
 from vlq import pipeline
 from vlq.applicability import LayerShape, fused_group_key, lm_layer_shapes, lm_shapes_from_config, plan_formats
 from vlq.checkpoint import SHARD_INDEX, checkpoint_verdict, expected_scale_shapes, inspect_checkpoint
 from vlq.errors import CheckpointError, SchemeError, stage_boundary
+from vlq.files import KILL_ENV
 from vlq.inputs import ModelRequest, RunFolder
 from vlq.manifest import Manifest
 from vlq.models import build_tiny_checkpoint, odd_text_shape
@@ -483,3 +491,169 @@ def test_unexpected_exception_in_export_is_an_internal_error_with_the_run_log(ru
     log = Path(line.rsplit("(details: ", 1)[1].rstrip(")"))
     assert log == run_copy / "log.txt" and "Traceback" in log.read_text() and "fault injected" in log.read_text()
     assert _checkpoint_bytes(run_copy) == previous and _leftovers(run_copy) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Two writers on one run folder, and runs stopped between the files that describe each other
+# ------------------------------------------------------------------------------------------------
+
+# the second writer's scheme: FP8 at 10 bits (some layers stay BF16), so its manifest cannot describe an 8-bit checkpoint
+TEN_BITS = ("--formats", "fp8", "--bits", "10", "--calib-steps", "1", "--score-steps", "1", "--seq-len", "32")
+
+
+def _manifest_disagreements(folder: Path, manifest: Path | None = None) -> list[str]:
+    """What the pre-flight of `vlq check CKPT --manifest M` (torch-free, before vLLM) finds wrong between
+    ``folder``'s checkpoint and its manifest (or ``manifest``); [] when the manifest describes it."""
+    verdict = checkpoint_verdict(folder / "checkpoint", Manifest.load(manifest or folder / "manifest.json"))
+    return [c.verdict() for c in verdict if not c.ok]
+
+
+def _set_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of the set: manifest, search state and settings, checkpoint."""
+    names = ("manifest.json", "search_state.pth", "search_state.pth.vlq.json")
+    return {**{n: (folder / n).read_bytes() for n in names}, **{f"checkpoint/{k}": v for k, v in _checkpoint_bytes(folder).items()}}
+
+
+def _vlq_entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".vlq."))
+
+
+@pytest.fixture
+def searched_only(fp8_run, tmp_path) -> Path:
+    """A run folder holding only a saved FP8 search state: a `vlq run` there re-solves its scores (no scoring)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("search_state.pth", "search_state.pth.vlq.json"):
+        shutil.copy2(fp8_run.root / name, run / name)
+    return run
+
+
+def _first_and_second(run: Path, tiny_checkpoint, tmp_path, env: dict[str, str] | None = None):
+    """The issue's race: `vlq run` at 8 bits, paused right after writing its manifest (it holds the folder),
+    and `vlq run` at 10 bits on the same folder meanwhile; then the first goes on.  Both finished runs."""
+    with start_vlq_cli("run", "--no-serve", "--model", tiny_checkpoint, "--out", run, *FP8_CLI, cwd=tmp_path, env=env,
+                       kill_after="manifest", kill_signal="STOP") as first:
+        first.wait_until_stopped()
+        # the second as the issue ran it: --device auto, which imports torch only after the lock
+        second = vlq_cli("run", "--no-serve", "--model", tiny_checkpoint, *TEN_BITS, "--out", run, cwd=tmp_path, env=env)
+        first.resume()
+        return first.pid, first.finish(), second
+
+
+def test_a_second_writer_is_refused_at_once_and_the_first_finishes_consistent(searched_only, tiny_checkpoint, tmp_path,
+                                                                                record_property):
+    run = searched_only
+    pid, first, second = _first_and_second(run, tiny_checkpoint, tmp_path)
+    record_property("second_writer_refused_s", round(second.seconds, 2))  # measured, never asserted
+    assert second.returncode == 2, second.tail()
+    _one_error_line(second, rf"^vlq: error: Run folder {re.escape(str(run))} is in use by pid {pid} \(vlq run --no-serve "
+                            rf".*--out {re.escape(str(run))} .*, started [-0-9]+ [0-9:]+\); one writer per run folder")
+    assert second.heavy_imports == (), f"refused before importing {second.heavy_imports}"
+    assert first.returncode == 0, first.tail()
+    assert _manifest_disagreements(run) == [] and Manifest.load(run / "manifest.json").scheme.target_bits == 8.0
+    assert _vlq_entries(run) == [], "no lock, staging or pending state left"
+
+
+@pytest.mark.slow  # ~2 min: the second run goes all the way; the locked case above runs by default
+def test_without_the_lock_the_same_race_leaves_a_manifest_that_does_not_describe_the_checkpoint(searched_only, tiny_checkpoint,
+                                                                                                tmp_path):
+    """Negative control: ``VLQ_TEST_UNLOCKED=1`` (no lock, every file written in place, as before issue 22).
+    The second run writes its manifest and exports; the first then writes its manifest over it and stops
+    at its export: an 8-bit manifest beside a 10-bit checkpoint, which `vlq check --manifest` refuses."""
+    run = searched_only
+    _, first, second = _first_and_second(run, tiny_checkpoint, tmp_path, env={"VLQ_TEST_UNLOCKED": "1"})
+    assert second.returncode == 0, second.tail()
+    assert first.returncode == 2 and "already holds a checkpoint" in first.stderr, first.tail()
+    assert Manifest.load(run / "manifest.json").scheme.target_bits == 8.0
+    assert any("manifest == exported checkpoint" in p for p in _manifest_disagreements(run)), _manifest_disagreements(run)
+    check = vlq_cli("check", run / "checkpoint", "--manifest", run / "manifest.json", cwd=tmp_path)
+    assert check.returncode == 1 and "vLLM was not started: the checkpoint on disk is inconsistent" in check.stdout, check.tail()
+
+
+@pytest.mark.slow  # ~2 min: starts vLLM on CPU; the torch-free pre-flight of the same check runs by default above
+@pytest.mark.vllm
+def test_vlq_check_serves_the_first_writers_folder(searched_only, tiny_checkpoint, tmp_path):
+    run = searched_only
+    _, first, second = _first_and_second(run, tiny_checkpoint, tmp_path)
+    assert second.returncode == 2 and first.returncode == 0, first.tail() + second.tail()
+    check = vlq_cli("check", run / "checkpoint", "--manifest", run / "manifest.json", cwd=tmp_path)
+    assert check.returncode == 0 and "manifest == exported checkpoint" in check.stdout, check.tail()
+
+
+def test_a_run_killed_between_its_writes_leaves_the_previous_set(run_copy, tiny_checkpoint, tmp_path):
+    """`vlq run --overwrite` at 10 bits over a finished 8-bit run, SIGKILLed right after writing its new
+    manifest: the folder still holds the 8-bit set, byte for byte; the next command cleans up."""
+    previous = _set_bytes(run_copy)
+    killed = vlq_cli("run", "--no-serve", "--overwrite", "--model", tiny_checkpoint, *TEN_BITS, "--device", "cpu",
+                     "--out", run_copy, cwd=tmp_path, kill_after="manifest")
+    assert killed.returncode == -signal.SIGKILL, killed.tail()
+    assert _set_bytes(run_copy) == previous and _manifest_disagreements(run_copy) == []
+    staged = list(run_copy.glob(".vlq.staging-*/manifest.json"))
+    assert len(staged) == 1 and Manifest.load(staged[0]).scheme.target_bits == 10.0
+    # negative control: the new manifest, had it been written in place, would not describe the checkpoint
+    assert any("manifest == exported checkpoint" in p for p in _manifest_disagreements(run_copy, staged[0]))
+
+    pid = json.loads((run_copy / ".vlq.lock").read_text())["pid"]
+    after = vlq_cli("export", run_copy, "--model", tiny_checkpoint, cwd=tmp_path)  # any writer; this one stops at its first check
+    assert after.returncode == 2 and "already holds a checkpoint" in after.error_lines[0], after.tail()
+    notes = [line for line in after.stderr.splitlines() if line.startswith("vlq: note:")]
+    assert len(notes) == 2, after.tail()
+    assert re.search(rf"took over the lock of .*: pid {pid} \(vlq run --no-serve --overwrite .*\) left it and is no longer running", notes[0])
+    assert f"removed the unfinished files of pid {pid}" in notes[1]
+    assert _set_bytes(run_copy) == previous and _vlq_entries(run_copy) == [".vlq.pending"], \
+        "only the killed search's state is kept (the same command resumes from it)"
+
+
+@pytest.fixture(scope="module")
+def fp8_run_10_bits(pristine_vlm, tmp_path_factory) -> RunFolder:
+    """A second real FP8 run folder, at 10 bits: the set a commit moves in."""
+    run = RunFolder(tmp_path_factory.mktemp("fp8-10") / "run")
+    scheme = FP8.with_(target_bits=10.0)
+    loaded = fresh_copy(pristine_vlm)
+    pipeline.export(pipeline.search(loaded, scheme, pipeline.calibrate(loaded, scheme), run=run), run)
+    return run
+
+
+# a writer committing another run's manifest and checkpoint into argv[2] (torch-free: the commit alone)
+_COMMIT_OTHER_SET = (
+    "import shutil, sys\n"
+    "from pathlib import Path\n"
+    "from vlq.inputs import RunFolder\n"
+    "from vlq.runlock import writing\n"
+    "new = Path(sys.argv[1])\n"
+    "with writing(RunFolder(sys.argv[2])) as staged:\n"
+    "    shutil.copytree(new / 'checkpoint', staged.checkpoint)\n"
+    "    shutil.copy2(new / 'manifest.json', staged.manifest)\n"
+)
+
+
+def test_a_commit_killed_between_its_renames_is_rolled_forward_by_the_next_writer(run_copy, fp8_run_10_bits, tiny_checkpoint,
+                                                                                    tmp_path):
+    env = {**os.environ, KILL_ENV: "commit:checkpoint"}  # SIGKILL right after the new checkpoint moved in
+    proc = subprocess.run([sys.executable, "-c", _COMMIT_OTHER_SET, str(fp8_run_10_bits.root), str(run_copy)], env=env)
+    assert proc.returncode == -signal.SIGKILL and (run_copy / ".vlq.commit").exists()
+    # negative control: as the kill left it (new checkpoint, old manifest) the folder is inconsistent, and the check says so
+    assert any("manifest == exported checkpoint" in p for p in _manifest_disagreements(run_copy))
+    after = vlq_cli("export", run_copy, "--model", tiny_checkpoint, cwd=tmp_path)
+    assert after.returncode == 2, after.tail()
+    assert re.search(r"vlq: note: .*: finished moving in checkpoint, manifest\.json, which pid \d+ was committing together "
+                     "when it stopped", after.stderr), after.tail()
+    assert _manifest_disagreements(run_copy) == [] and Manifest.load(run_copy / "manifest.json").scheme.target_bits == 10.0
+    assert _checkpoint_bytes(run_copy) == _checkpoint_bytes(fp8_run_10_bits.root) and _vlq_entries(run_copy) == []
+
+
+def test_a_search_alone_does_not_commit_a_manifest_that_no_longer_describes_the_checkpoint(run_copy, pristine_vlm):
+    """`vlq search` into a finished run folder: a new decision would orphan its checkpoint, so nothing is
+    replaced (the search's scores stay pending for `vlq run --overwrite` to resume)."""
+    previous = _set_bytes(run_copy)
+    folder = RunFolder(run_copy)
+    ten = FP8.with_(target_bits=10.0)
+    loaded = fresh_copy(pristine_vlm)
+    with pytest.raises(CheckpointError, match=r"The search decided differently from the checkpoint already in .*; nothing was "
+                                              r"replaced\. Export the new decisions with `vlq run --out .* --overwrite`"):
+        pipeline.search(loaded, ten, pipeline.calibrate(loaded, ten), run=folder)
+    assert _set_bytes(run_copy) == previous and _vlq_entries(run_copy) == [".vlq.pending"]
+    # negative control: a search that decides what the checkpoint holds commits (its manifest still describes it)
+    loaded = fresh_copy(pristine_vlm)
+    pipeline.search(loaded, FP8, pipeline.calibrate(loaded, FP8), run=folder)
+    assert _manifest_disagreements(run_copy) == [] and _vlq_entries(run_copy) == []

@@ -27,6 +27,7 @@ from vlq.errors import ModelSourceError, SearchStateError
 from vlq.inputs import DataRequest, RunFolder
 from vlq.manifest import Manifest
 from vlq.pipeline import fresh_copy
+from vlq.runlock import RunLock
 from vlq.schemes import default_scheme
 from vlq.state import load_search_state, modelopt_state_io, sidecar_path
 
@@ -62,9 +63,11 @@ def uninterrupted(pristine_vlm, cli_calibration):
 
 
 def _copy_state(run: Path, dest: Path) -> Path:
-    """The saved state (and its settings sidecar) copied into ``dest``, a fresh run folder."""
+    """The saved state (and its settings sidecar) copied into ``dest``, a fresh run folder: the state of an
+    interrupted search (``.vlq.pending/``) where there is one, else the committed one."""
     dest.mkdir(parents=True, exist_ok=True)
-    state = RunFolder(run).search_state
+    folder = RunFolder(run)
+    state = folder.pending_search_state if folder.pending_search_state.exists() else folder.search_state
     for src in (state, sidecar_path(state)):
         if src.exists():
             shutil.copy2(src, dest / src.name)
@@ -75,11 +78,13 @@ def _copy_state(run: Path, dest: Path) -> Path:
 
 
 def test_killed_search_left_a_scored_state_and_no_manifest(killed_search):
-    state = load_search_state(RunFolder(killed_search).search_state)  # weights-only, as vlq reads it on resume
+    folder = RunFolder(killed_search)
+    state = load_search_state(folder.pending_search_state)  # weights-only, as vlq reads it on resume
     assert state["candidate_stats"], "the kill came after scoring: the scores are saved"
-    assert sidecar_path(killed_search / "search_state.pth").exists()
-    assert not (killed_search / "manifest.json").exists()
-    assert [p.name for p in killed_search.iterdir() if p.name.endswith(".tmp")] == []
+    assert sidecar_path(folder.pending_search_state).exists()
+    assert not folder.manifest.exists() and not folder.search_state.exists(), \
+        "kept pending: the state becomes search_state.pth only with the manifest it produces"
+    assert [p.name for p in killed_search.rglob("*") if p.name.endswith(".tmp")] == []
 
 
 def test_resume_skips_scoring_and_reaches_the_same_manifest(killed_search, pristine_vlm, cli_calibration, uninterrupted, tmp_path):
@@ -109,6 +114,9 @@ def test_cli_resume_after_kill(resumed_cli_run, uninterrupted):
     manifest = Manifest.load(run / "manifest.json")
     expected = Manifest.from_search(uninterrupted)
     assert [(g.name, g.chosen) for g in manifest.groups] == [(g.name, g.chosen) for g in expected.groups]
+    folder = RunFolder(run)
+    assert load_search_state(folder.search_state)["candidate_stats"] and not folder.pending_search_state.exists(), \
+        "the resumed state was committed with its manifest"
 
 
 @pytest.mark.parametrize(
@@ -212,13 +220,15 @@ def test_export_killed_midway_leaves_the_previous_checkpoint(resumed_cli_run, ti
     (dest / "model.safetensors").write_bytes(b"previous weights")
     proc = vlq_cli("export", run, "--model", tiny_checkpoint, "--device", "cpu", "--overwrite", cwd=tmp_path, kill_after="export")
     assert proc.returncode == -signal.SIGKILL, proc.tail()
-    partial = [p for p in run.iterdir() if p.name.startswith(".checkpoint.partial-")]
+    partial = list(run.glob(".vlq.staging-*/.checkpoint.partial-*"))  # exported into the command's staging folder
     assert partial and (partial[0] / "config.json").exists(), "the kill landed after the new files were written"
     assert (dest / "config.json").read_text() == '{"previous": true}'
     assert (dest / "model.safetensors").read_bytes() == b"previous weights"
-    # the next export (here: its first check) clears what the killed one left
-    check_export_dir(dest, overwrite=True)
-    assert not [p for p in run.iterdir() if p.name.startswith(".checkpoint.")]
+    # the next command on the folder (here: its lock, then its first check) clears what the killed one left
+    with RunLock(run) as lock:
+        check_export_dir(dest, overwrite=True)
+    assert any("removed the unfinished files of pid" in note for note in lock.notes), lock.notes
+    assert not [p for p in run.iterdir() if p.name.startswith((".checkpoint.", ".vlq."))]
     assert (dest / "config.json").read_text() == '{"previous": true}'
 
 

@@ -1,7 +1,9 @@
 """``vlq`` command line: parse, validate (before any heavy import), call :mod:`vlq.pipeline`, print.
 
 Every bad input is refused with one ``vlq: error:`` line on stderr and exit code 2, before torch,
-ModelOpt or vLLM are imported.  While a command runs, third-party output goes to the run folder's
+ModelOpt or vLLM are imported.  A command that writes into a run folder locks it (:mod:`vlq.runlock`)
+right after that validation, before anything loads: a second writer is refused at once, naming the
+first.  While a command runs, third-party output goes to the run folder's
 ``log.txt`` (``--verbose`` shows it); the terminal shows vlq's stages, one progress bar per long
 phase, then the tables.
 """
@@ -10,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import contextlib
+import shlex
 import sys
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from .errors import SchemeError, VlqError
 from .inputs import POINT_NAMES, TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
@@ -116,8 +120,21 @@ def _requests(args) -> tuple[ModelRequest, DataRequest]:
     return model, data
 
 
-def _prepare(args):
-    """Validate everything light first (paths, formats, bits), then resolve the device and the scheme."""
+@dataclass(frozen=True)
+class _LightChecks:
+    """What the torch-free checks found: the requests, whether the model is full-size, and the scheme as the
+    likely device defaults it (the device is resolved, importing torch, only after them)."""
+
+    model: ModelRequest
+    data: DataRequest
+    full_size: bool
+    scheme: object
+    folder: bool  # the model is a checkpoint folder (its files were checked)
+
+
+def _light_checks(args) -> _LightChecks:
+    """Paths, formats and bits, and what a checkpoint folder cannot give a later stage, refused without
+    importing torch; the fallbacks a run will take are printed as notes."""
     from .hardware import visible_gpus
 
     model, data = _requests(args)
@@ -125,16 +142,25 @@ def _prepare(args):
     folder = full_size and Path(str(model.source)).is_dir()
     likely = args.device if args.device != "auto" else ("cuda" if visible_gpus() else "cpu")  # no torch yet
     light = _scheme(args, likely, full_size=full_size)  # formats/bits errors, fast
-    if folder:  # what the folder cannot give a later stage: refused before torch is imported
+    if folder:
         from .applicability import require_fits_config
 
         require_fits_config(Path(model.source) / "config.json", light)
         _check_prerequisites(args, model, data, light)
+    return _LightChecks(model, data, full_size, light, folder)
+
+
+def _prepare(args, checked: _LightChecks | None = None):
+    """Validate everything light first (paths, formats, bits), then resolve the device and the scheme."""
+    checked = checked or _light_checks(args)
+    model, data, full_size, folder, light = checked.model, checked.data, checked.full_size, checked.folder, checked.scheme
     device = _resolve_device(args.device)
     model = ModelRequest(model.source, device, model.trust_remote_code)
     scheme = _scheme(args, device, full_size=full_size)
     scheme.require_device(device)
     if folder and scheme != light:
+        from .applicability import require_fits_config
+
         require_fits_config(Path(model.source) / "config.json", scheme)  # layer sizes outside a format's blocks
     plan = _plan(args, model, scheme)
     if plan is not None:
@@ -194,6 +220,36 @@ def _plan(args, model: ModelRequest, scheme):
 
 
 @contextlib.contextmanager
+def _locked(folder: RunFolder, args) -> Iterator[RunFolder]:
+    """One writer per run folder, for the rest of the command: refused at once (one line naming the
+    holder) when another process writes there; what a writer that is gone left is finished or removed."""
+    from .runlock import RunLock
+
+    with RunLock(folder, command=getattr(args, "command_line", None)) as lock:
+        for note in lock.notes:
+            print(f"vlq: note: {note}", file=sys.stderr, flush=True)
+        yield folder
+
+
+@contextlib.contextmanager
+def _prepared(args, default_out: Callable[[object], str]) -> Iterator[tuple[ModelRequest, DataRequest, object, RunFolder]]:
+    """Validate, lock the run folder, then resolve the device and the scheme.
+
+    With ``--out`` the lock comes before ``--device auto`` imports torch (a second writer is refused
+    in a fraction of a second); without it the default folder is named after the device's scheme.
+    """
+    if args.device == "auto" and args.out:
+        checked = _light_checks(args)
+        with _locked(RunFolder(args.out).require_writable(), args) as folder:
+            model, data, scheme = _prepare(args, checked)
+            yield model, data, scheme, folder
+        return
+    model, data, scheme = _prepare(args)  # a named device: torch-free
+    with _locked(RunFolder(args.out or default_out(scheme)).require_writable(), args) as folder:
+        yield model, data, scheme, folder
+
+
+@contextlib.contextmanager
 def _session(folder: RunFolder | None, verbose: bool) -> Iterator[tuple[IO[str], object]]:
     """Third-party output to ``folder``'s log; yields the terminal and a progress reporter on it."""
     from .console import third_party_to_log
@@ -217,18 +273,17 @@ def cmd_run(args) -> int:
     from .files import check_export_dir
 
     rows = _positive_int(args.fidelity_rows, "--fidelity-rows")
-    model, data, scheme = _prepare(args)
-    folder = RunFolder(args.out or f"runs/{scheme.id}").require_writable()
-    check_export_dir(folder.checkpoint, args.overwrite)
-    verdict = scheme.vllm_servability()
-    with _session(folder, args.verbose) as (terminal, progress):
-        if not verdict.servable:
-            progress.stage(f"note: {verdict.reason} The export is checked on disk only.")
-        from . import pipeline
+    with _prepared(args, lambda scheme: f"runs/{scheme.id}") as (model, data, scheme, folder):
+        check_export_dir(folder.checkpoint, args.overwrite)
+        verdict = scheme.vllm_servability()
+        with _session(folder, args.verbose) as (terminal, progress):
+            if not verdict.servable:
+                progress.stage(f"note: {verdict.reason} The export is checked on disk only.")
+            from . import pipeline
 
-        loaded = pipeline.load_model(model, progress=progress)
-        outcome = pipeline.run(loaded, scheme, data, folder, overwrite=args.overwrite, serve=not args.no_serve, rows=rows,
-                               progress=progress)
+            loaded = pipeline.load_model(model, progress=progress)
+            outcome = pipeline.run(loaded, scheme, data, folder, overwrite=args.overwrite, serve=not args.no_serve,
+                                   rows=rows, progress=progress)
     from .report import fidelity_table, layer_table, served_layer_table, summary_table
 
     manifest = outcome.searched.manifest
@@ -244,9 +299,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_search(args) -> int:
-    model, data, scheme = _prepare(args)
-    folder = RunFolder(args.out or f"runs/{scheme.id}").require_writable()
-    with _session(folder, args.verbose) as (terminal, progress):
+    with _prepared(args, lambda scheme: f"runs/{scheme.id}") as (model, data, scheme, folder), \
+            _session(folder, args.verbose) as (terminal, progress):
         from . import pipeline
 
         loaded = pipeline.load_model(model, progress=progress)
@@ -266,21 +320,22 @@ def cmd_export(args) -> int:
     for needed in (folder.manifest, folder.search_state):
         if not needed.exists():
             raise VlqError(f"{folder.root} has no {needed.name}; pass a folder written by `vlq search --out FOLDER`.")
-    check_export_dir(folder.checkpoint, args.overwrite)
-    from .manifest import Manifest
+    with _locked(folder, args):
+        check_export_dir(folder.checkpoint, args.overwrite)
+        from .manifest import Manifest
 
-    saved = Manifest.load(folder.manifest)
-    args.model = args.model or saved.model_source
-    model, data = _requests(args)
-    model = ModelRequest(model.source, _resolve_device(args.device), model.trust_remote_code)
-    saved.scheme.require_device(model.device)
-    given = args.data is not None or args.images is not None
-    with _session(folder, args.verbose) as (terminal, progress):
-        from . import pipeline
+        saved = Manifest.load(folder.manifest)
+        args.model = args.model or saved.model_source
+        model, data = _requests(args)
+        model = ModelRequest(model.source, _resolve_device(args.device), model.trust_remote_code)
+        saved.scheme.require_device(model.device)
+        given = args.data is not None or args.images is not None
+        with _session(folder, args.verbose) as (terminal, progress):
+            from . import pipeline
 
-        loaded = pipeline.load_model(model, progress=progress)
-        searched = pipeline.restore(folder, loaded, data if given else None, progress=progress)
-        exported = pipeline.export(searched, folder, overwrite=args.overwrite, progress=progress)
+            loaded = pipeline.load_model(model, progress=progress)
+            searched = pipeline.restore(folder, loaded, data if given else None, progress=progress)
+            exported = pipeline.export(searched, folder, overwrite=args.overwrite, progress=progress)
     from .report import layer_table, summary_table
 
     checks = searched.checks + exported.checks
@@ -298,21 +353,21 @@ def cmd_sweep(args) -> int:
     unknown = sorted(set(exports) - set(targets)) if exports is not True else []
     if unknown:
         raise SchemeError(f"--export {','.join(f'{t:g}' for t in unknown)} is not among --targets {args.targets}; export a subset of the targets.")
-    model, data, scheme = _prepare(args)
-    for target in targets:
-        scheme.with_(target_bits=target)  # refuse an infeasible target before loading anything
-        if Path(model.source, "config.json").exists():
-            from .applicability import require_fits_config
+    default_out = (lambda scheme: f"runs/sweep-{'+'.join(scheme.formats)}-{scheme.method}-{scheme.strategy}")
+    with _prepared(args, default_out) as (model, data, scheme, folder):
+        for target in targets:
+            scheme.with_(target_bits=target)  # refuse an infeasible target before loading anything
+            if Path(model.source, "config.json").exists():
+                from .applicability import require_fits_config
 
-            require_fits_config(Path(model.source) / "config.json", scheme.with_(target_bits=target))
-    folder = RunFolder(args.out or f"runs/sweep-{'+'.join(scheme.formats)}-{scheme.method}-{scheme.strategy}").require_writable()
-    with _session(folder, args.verbose) as (terminal, progress):
-        from . import pipeline
+                require_fits_config(Path(model.source) / "config.json", scheme.with_(target_bits=target))
+        with _session(folder, args.verbose) as (terminal, progress):
+            from . import pipeline
 
-        loaded = pipeline.load_model(model, progress=progress)
-        calibration = pipeline.calibrate(loaded, scheme, data, progress=progress)
-        result = pipeline.sweep(loaded, scheme, calibration, targets, folder, export_targets=exports,
-                                rows=rows, overwrite=args.overwrite, progress=progress)
+            loaded = pipeline.load_model(model, progress=progress)
+            calibration = pipeline.calibrate(loaded, scheme, data, progress=progress)
+            result = pipeline.sweep(loaded, scheme, calibration, targets, folder, export_targets=exports,
+                                    rows=rows, overwrite=args.overwrite, progress=progress)
     from .report import sweep_table
 
     _print(sweep_table(result.points),
@@ -353,25 +408,26 @@ def cmd_report(args) -> int:
 
 def cmd_compare_calibration(args) -> int:
     """Text-only vs image+text search on one model and budget: agreement, rank correlation, plot."""
-    from .manifest import Manifest
-
     if bool(args.text_manifest) != bool(args.image_manifest):
         raise VlqError("--text-manifest and --image-manifest go together (compare two saved searches).")
     if args.text_manifest:
-        from .compare import compare_calibrations
-
-        comparison = compare_calibrations(Manifest.load(args.text_manifest), Manifest.load(args.image_manifest))
         out = Path(args.out or "runs/compare-calibration")
-        comparison.write(out)
+        with _locked(RunFolder(out).require_writable(), args):
+            from . import pipeline
+            from .compare import compare_calibrations
+            from .manifest import Manifest
+
+            comparison = compare_calibrations(Manifest.load(args.text_manifest), Manifest.load(args.image_manifest))
+            pipeline.write_comparison(comparison, out)
     else:
         images = args.images or "generated"
         args.images = None  # the text side is calibrated from --data / the corpus
-        model, text_data, scheme = _prepare(args)
-        image_data = DataRequest(images=images, seed=args.seed)
-        out = Path(args.out or f"runs/compare-calibration-{scheme.id}")
-        with _session(RunFolder(out).require_writable(), args.verbose) as (terminal, progress):
+        with _prepared(args, lambda scheme: f"runs/compare-calibration-{scheme.id}") as (model, text_data, scheme, folder), \
+                _session(folder, args.verbose) as (terminal, progress):
             from . import pipeline
 
+            out = folder.root
+            image_data = DataRequest(images=images, seed=args.seed)
             loaded = pipeline.load_model(model, progress=progress)
             text = pipeline.calibrate(loaded, scheme, text_data, progress=progress)
             if text.kind != "text":
@@ -419,20 +475,22 @@ def cmd_compare_methods(args) -> int:
         missing = [m for m in args.manifests if not Path(m).is_file()]
         if missing:
             raise VlqError(f"Manifest {missing[0]} does not exist; pass two manifest.json files written by vlq.")
-        from .compare import compare_methods
-        from .manifest import Manifest
-
-        comparison = compare_methods(Manifest.load(args.manifests[0]), Manifest.load(args.manifests[1]))
         out = Path(args.out or "runs/compare-methods")
-        comparison.write(out)
+        with _locked(RunFolder(out).require_writable(), args):
+            from . import pipeline
+            from .compare import compare_methods
+            from .manifest import Manifest
+
+            comparison = compare_methods(Manifest.load(args.manifests[0]), Manifest.load(args.manifests[1]))
+            pipeline.write_comparison(comparison, out)
     else:
         if args.method is not None:
             raise SchemeError("compare-methods searches with both --methods; drop --method.")
-        model, data, scheme = _prepare(args)
-        out = Path(args.out or f"runs/compare-methods-{'+'.join(scheme.formats)}-{scheme.target_bits:g}b")
-        with _session(RunFolder(out).require_writable(), args.verbose) as (terminal, progress):
+        default_out = (lambda scheme: f"runs/compare-methods-{'+'.join(scheme.formats)}-{scheme.target_bits:g}b")
+        with _prepared(args, default_out) as (model, data, scheme, folder), _session(folder, args.verbose) as (terminal, progress):
             from . import pipeline
 
+            out = folder.root
             loaded = pipeline.load_model(model, progress=progress)
             calibration = pipeline.calibrate(loaded, scheme, data, progress=progress)
             comparison = pipeline.compare_methods(loaded, scheme, calibration, methods=methods, data=data, out_dir=out,
@@ -461,21 +519,22 @@ def cmd_fidelity(args) -> int:
 
         if importlib.util.find_spec("vllm") is None:
             raise VlqError("--point served needs vLLM, found no vllm package; install it (scripts/install.sh installs the CPU build).")
-    from .manifest import Manifest
+    with _locked(folder, args):
+        from .manifest import Manifest
 
-    saved = Manifest.load(folder.manifest)
-    args.model = args.model or saved.model_source
-    given = args.data is not None or args.images is not None or args.seed is not None  # else: the run's own data
-    args.seed = 0 if args.seed is None else args.seed
-    model, data = _requests(args)
-    model = ModelRequest(model.source, _resolve_device(args.device), model.trust_remote_code)
-    with _session(folder, args.verbose) as (terminal, progress):
-        from . import pipeline
+        saved = Manifest.load(folder.manifest)
+        args.model = args.model or saved.model_source
+        given = args.data is not None or args.images is not None or args.seed is not None  # else: the run's own data
+        args.seed = 0 if args.seed is None else args.seed
+        model, data = _requests(args)
+        model = ModelRequest(model.source, _resolve_device(args.device), model.trust_remote_code)
+        with _session(folder, args.verbose) as (terminal, progress):
+            from . import pipeline
 
-        if not given:
-            data = pipeline.saved_data_request(saved)
-        loaded = pipeline.load_model(model, progress=progress)
-        measured = pipeline.measure_run(folder, loaded, points, data, progress=progress)
+            if not given:
+                data = pipeline.saved_data_request(saved)
+            loaded = pipeline.load_model(model, progress=progress)
+            measured = pipeline.measure_run(folder, loaded, points, data, progress=progress)
     from .report import fidelity_table
 
     _print(f"Fidelity to the BF16 model (KLD in nats per token, held-out data) of {folder.root}:\n" + fidelity_table(measured.measured),
@@ -659,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import Terminated
 
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["vlq", *map(str, sys.argv[1:] if argv is None else argv)])  # names this command in run-folder locks
     signal.signal(signal.SIGTERM, _raise_on_signal)  # cleanup runs in `finally` blocks, as for Ctrl-C
     try:
         return args.func(args)

@@ -50,6 +50,10 @@ class ResourceError(VlqError):
     """The device ran out of memory; the message names the setting to lower."""
 
 
+class LockHeld(VlqError):
+    """Another process writes into the run folder (or into the folder around it); the message names it."""
+
+
 class Terminated(BaseException):
     """SIGTERM (or SIGINT) arrived: raised in the main thread so every ``finally`` cleans up what it
     was writing.  A BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows it."""

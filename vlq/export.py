@@ -129,8 +129,11 @@ def export_checkpoint(
     overwrite: bool = False,
     verify: bool = True,
     exclude_unsearched: bool = True,
+    shown_as: str | os.PathLike | None = None,
 ) -> ExportResult:
-    """Export ``loaded.vlm`` (quantized LM, BF16 vision) through ModelOpt, atomically, and inspect it."""
+    """Export ``loaded.vlm`` (quantized LM, BF16 vision) through ModelOpt, atomically, and inspect it.
+
+    ``shown_as``: the folder messages name (where a staged export will be committed), if not ``export_dir``."""
     from modelopt.torch.export import export_hf_checkpoint
 
     export_dir = Path(export_dir).expanduser().resolve()
@@ -148,7 +151,7 @@ def export_checkpoint(
         _copy_processor_files(loaded, tmp)
         kill_point("export")
         # name the destination, not the temporary folder, in every message
-        report = inspect_checkpoint(tmp).at(export_dir)
+        report = inspect_checkpoint(tmp).at(Path(shown_as) if shown_as is not None else export_dir)
         if verify:
             report.check.require()
         replace_dir(tmp, export_dir)

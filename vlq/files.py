@@ -4,10 +4,12 @@
   never half of it (a temporary file in the same folder, fsynced, renamed into place).
 * :func:`replace_dir` / :func:`recover_interrupted_export` / :func:`check_export_dir` — a checkpoint
   folder is swapped in whole; what a killed export left behind is cleaned up on the next one.
+* :func:`link_or_copy` — a second name for a file vlq only ever replaces by rename.
 * :func:`kill_point` — test hook: ``VLQ_TEST_KILL_AFTER=<name>`` SIGKILLs the process at that point
-  (``calibration``, ``scoring``, ``score-step``, ``export``, ``export-swap``, ``serve``), so tests interrupt real runs
-  exactly; ``VLQ_TEST_KILL_SIGNAL=TERM`` sends SIGTERM instead, ``RAISE`` raises an unexpected exception
-  there (the CLI's internal-error path).
+  (``calibration``, ``scoring``, ``score-step``, ``manifest``, ``export``, ``export-swap``, ``commit:<entry>``,
+  ``serve``), so tests interrupt real runs exactly; ``VLQ_TEST_KILL_SIGNAL=TERM`` sends SIGTERM instead,
+  ``STOP`` pauses the process there (a test resumes it with SIGCONT), ``RAISE`` raises an unexpected
+  exception there (the CLI's internal-error path).
 
 Nothing here imports torch: the CLI validates paths with it before any heavy import.
 """
@@ -30,8 +32,8 @@ KILL_SIGNAL_ENV = "VLQ_TEST_KILL_SIGNAL"  # KILL (default), TERM, or RAISE
 
 def kill_point(name: str) -> None:
     """Interrupt this process when ``VLQ_TEST_KILL_AFTER`` names ``name``: SIGKILL (no cleanup can run),
-    SIGTERM (``VLQ_TEST_KILL_SIGNAL=TERM``: the CLI cleans up and exits 143) or an unexpected exception
-    (``RAISE``: the CLI's internal-error line, exit 3)."""
+    SIGTERM (``VLQ_TEST_KILL_SIGNAL=TERM``: the CLI cleans up and exits 143), SIGSTOP (``STOP``: paused
+    until a SIGCONT) or an unexpected exception (``RAISE``: the CLI's internal-error line, exit 3)."""
     if os.environ.get(KILL_ENV) != name:
         return
     how = os.environ.get(KILL_SIGNAL_ENV, "KILL").upper()
@@ -61,6 +63,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text))
 
 
+def link_or_copy(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Make ``dest`` the same file as ``src``: a hard link where the file system allows one, else an
+    atomic copy.  For files vlq only ever replaces by rename (:func:`atomic_write`): a later write to
+    either name gives that name a new file and leaves the other's untouched."""
+    src, dest = Path(src), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        with open(src, "rb") as source:
+            atomic_write(dest, lambda fh: shutil.copyfileobj(source, fh), binary=True)
+    return dest
+
+
 def _is_checkpoint_dir(path: Path) -> bool:
     return (path / "config.json").exists()
 
@@ -86,7 +103,8 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -111,7 +129,7 @@ def recover_interrupted_export(export_dir: Path) -> list[str]:
     pattern = re.compile(rf"^\.{re.escape(export_dir.name)}\.(partial|old)-(\d+)(-.*)?$")
     for entry in sorted(parent.iterdir()):
         match = pattern.match(entry.name)
-        if not match or not entry.is_dir() or _pid_alive(int(match.group(2))):
+        if not match or not entry.is_dir() or pid_alive(int(match.group(2))):
             continue
         if match.group(1) == "old" and not export_dir.exists():
             os.replace(entry, export_dir)

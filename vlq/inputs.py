@@ -55,7 +55,12 @@ POINT_NAMES = {"fake": "fake_quant", "fake_quant": "fake_quant", "checkpoint": "
 @dataclass(frozen=True)
 class RunFolder:
     """One run's files: ``manifest.json``, ``search_state.pth`` (+ its settings sidecar),
-    ``checkpoint/``, ``log.txt`` (third-party output), and ``sweep.json`` for sweeps."""
+    ``checkpoint/``, ``log.txt`` (third-party output), and ``sweep.json`` for sweeps.
+
+    While a command writes (:mod:`vlq.runlock`): ``.vlq.lock`` names the one process writing;
+    ``.vlq.staging-PID/`` holds the files it is making until they are committed together
+    (``.vlq.commit`` lists them while they are moved in); ``.vlq.pending/`` holds the search state
+    of a search not yet committed, kept across interruptions so the same command resumes."""
 
     root: Path
 
@@ -64,6 +69,10 @@ class RunFolder:
     CHECKPOINT = "checkpoint"
     LOG = "log.txt"
     SWEEP = "sweep.json"
+    LOCK = ".vlq.lock"
+    COMMIT = ".vlq.commit"
+    STAGING_PREFIX = ".vlq.staging-"
+    PENDING = ".vlq.pending"
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root).expanduser())
@@ -87,6 +96,15 @@ class RunFolder:
     @property
     def sweep(self) -> Path:
         return self.root / self.SWEEP
+
+    @property
+    def lock(self) -> Path:
+        return self.root / self.LOCK
+
+    @property
+    def pending_search_state(self) -> Path:
+        """Where a search not yet committed keeps its state (it becomes ``search_state.pth`` when committed)."""
+        return self.root / self.PENDING / self.SEARCH_STATE
 
     def target(self, bits: float) -> "RunFolder":
         """The sub-folder of one effective-bits target of a sweep (``6b/``, ``5.5b/``)."""

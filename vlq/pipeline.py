@@ -8,10 +8,15 @@ Each stage takes typed inputs and returns a frozen result carrying the :class:`v
 objects it made.  A stage that cannot keep its guarantees raises that stage's
 :class:`vlq.errors.VlqError`; a check that only reports (serving) is returned failed.  The run
 folder's file names live in :class:`vlq.inputs.RunFolder`.
+
+Every stage that writes into a run folder writes through :func:`vlq.runlock.writing`: under the
+folder's lock, into a staging folder, committed together when the stage ends — or, for a stage
+inside a larger one (the search and export of :func:`run`, a sweep's targets), when that one ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -42,6 +47,7 @@ from .errors import (
     stage_boundary,
 )
 from .export import ExportResult, add_fp8_kv_cache, export_checkpoint, unify_fused_scales
+from .files import check_export_dir, kill_point
 from .fidelity import (FidelityMetrics, FidelityReference, NonFiniteLogits, capture_reference, hidden_logits_forward,
                        logits_forward, measure_against)
 from .heldout import HELDOUT_PREFIX, HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
@@ -49,6 +55,7 @@ from .inputs import POINT_NAMES, DataRequest, ModelRequest, RunFolder, describe_
 from .manifest import Manifest
 from .models import LoadedVLM, load_vlm
 from .progress import SILENT, Progress
+from .runlock import Staged, writing
 from .schemes import Scheme
 from .search import (SearchResult, apply_decisions, check_guards, make_forward_step, plan_lm_formats, search_lm_only,
                      HostOriginals, weights_quantized_once)
@@ -381,7 +388,8 @@ def record_fidelity(searched: Searched, metrics: Sequence[FidelityMetrics], run:
     """``searched`` with ``metrics`` in its manifest (rewritten in ``run`` when given)."""
     manifest = searched.manifest.with_fidelity(*metrics)
     if run is not None:
-        manifest.save(run.manifest)
+        with writing(run) as staged:
+            manifest.save(staged.manifest)
     return dataclasses.replace(searched, manifest=manifest)
 
 
@@ -396,18 +404,48 @@ def search(
 ) -> Searched:
     """Stages 3–5: the LM-only search on ``loaded`` (quantized in place), its guards, its manifest.
 
-    With ``run`` the search state is saved to (and resumed from) ``run.search_state`` and, unless
-    ``save_manifest`` is False, the manifest written to ``run.manifest`` — only after every check holds.
+    With ``run`` the search state is saved in the run folder — a search not yet committed resumes from
+    its own pending state, else from the committed ``run.search_state`` (a new target re-solves its
+    scores) — and, unless ``save_manifest`` is False, the manifest is written after every check holds;
+    state and manifest are committed together (inside :func:`run`, with the checkpoint).  On its own
+    it refuses to commit a manifest that would no longer describe the checkpoint already in ``run``.
     """
+    if run is None:
+        return _search(loaded, scheme, calibration, progress=progress)
+    with writing(run) as staged:
+        searched = _search(loaded, scheme, calibration, state=staged.search_state, resume_from=run.search_state,
+                           progress=progress)
+        staged.search_state_written()
+        if save_manifest:
+            if staged.commits:
+                _refuse_orphaning(run, searched.manifest)
+            searched.manifest.save(staged.manifest)
+            kill_point("manifest")  # tests interrupt here: a new manifest written, nothing it describes yet
+    if save_manifest:
+        progress.stage(f"manifest written to {run.manifest}")
+    return searched
+
+
+def _search(loaded: LoadedVLM, scheme: Scheme, calibration: CalibrationSet, *, state: Path | None = None,
+            resume_from: Path | None = None, progress: Progress = SILENT) -> Searched:
+    """The guarded search, saving its state at ``state`` (resumed from ``resume_from`` while there is none)."""
     with stage_boundary(f"search {scheme.id}", SchemeError):
-        result = search_lm_only(loaded, scheme, calibration, checkpoint=run.search_state if run else None, progress=progress)
+        result = search_lm_only(loaded, scheme, calibration, checkpoint=state, resume_from=resume_from, progress=progress)
     guards = tuple(g.require() for g in check_guards(result))
     manifest = Manifest.from_search(result)
     verified = manifest.verify(state=result.modelopt_state, model=loaded.vlm).require()
-    if run is not None and save_manifest:
-        manifest.save(run.manifest)
-        progress.stage(f"manifest written to {run.manifest}")
     return Searched(loaded, calibration, result, manifest, guards + (verified,))
+
+
+def _refuse_orphaning(run: RunFolder, manifest: Manifest) -> None:
+    """A search's manifest replaces the run's only if it still describes the run's checkpoint."""
+    if not (run.checkpoint / "config.json").exists():
+        return
+    if not manifest.verify(checkpoint=run.checkpoint).ok:
+        raise CheckpointError(
+            f"The search decided differently from the checkpoint already in {run.root}, so its manifest would no "
+            f"longer describe that checkpoint; nothing was replaced. Export the new decisions with `vlq run --out "
+            f"{run.root} --overwrite` (it resumes from this search's saved scores), or search into another --out.")
 
 
 def export(
@@ -417,19 +455,43 @@ def export(
     overwrite: bool = False,
     progress: Progress = SILENT,
 ) -> Exported:
-    """Stage 6: write the checkpoint (atomically), then prove it on disk and against the manifest."""
-    path = destination.checkpoint if isinstance(destination, RunFolder) else Path(destination)
+    """Stage 6: write the checkpoint, then prove it on disk and against the manifest.
+
+    Into a run folder the checkpoint is staged and committed with the folder's other files (inside
+    :func:`run` or a sweep, when that ends: the returned path is then the staged one, which the caller
+    measures and serves first); to a plain path it is swapped in whole.
+    """
+    if not isinstance(destination, RunFolder):
+        exported = _export(searched, Path(destination), overwrite=overwrite, progress=progress)
+        progress.stage(f"checkpoint written to {exported.path}")
+        return exported
+    with writing(destination) as staged:
+        check_export_dir(destination.checkpoint, overwrite)  # what --overwrite is about: the committed checkpoint
+        exported = _export(searched, staged.checkpoint, shown_as=destination.checkpoint, overwrite=overwrite,
+                           progress=progress)
+    if staged.joined:
+        return exported
+    exported = _exported_at(exported, destination.checkpoint)
+    progress.stage(f"checkpoint written to {exported.path}")
+    return exported
+
+
+def _export(searched: Searched, path: Path, *, shown_as: Path | None = None, overwrite: bool, progress: Progress) -> Exported:
     loaded = searched.loaded
-    with progress.bar("export", total=3) as bar, stage_boundary("export", CheckpointError, where=str(path)):
+    with progress.bar("export", total=3) as bar, stage_boundary("export", CheckpointError, where=str(shown_as or path)):
         if searched.manifest.scheme.kv_cache_fp8:
             add_fp8_kv_cache(loaded, searched.calibration, make_forward_step(loaded, "extract"))
         bar.update()
-        exported = export_checkpoint(loaded, path, overwrite=overwrite)  # inspects before moving into place
+        exported = export_checkpoint(loaded, path, overwrite=overwrite, shown_as=shown_as)  # inspects before moving into place
         bar.update()
         verified = searched.manifest.verify(checkpoint=exported.path).require()
         bar.update()
-    progress.stage(f"checkpoint written to {exported.path}")
     return Exported(exported, (verified, exported.report.check))
+
+
+def _exported_at(exported: Exported, path: Path) -> Exported:
+    """``exported`` naming where its checkpoint lives once committed."""
+    return dataclasses.replace(exported, export=dataclasses.replace(exported.export, path=path, report=exported.export.report.at(path)))
 
 
 def serve_check(
@@ -511,8 +573,24 @@ def run(
 ) -> RunOutcome:
     """calibrate → BF16 reference → search → fidelity (a) → export → fidelity from disk (b) → vLLM checks
     and fidelity (c) on ``loaded``, which is quantized in place.  ``rows``: held-out rows per data kind
-    (default :data:`FIDELITY_ROWS_FULL_SIZE` / ``_TINY``)."""
+    (default :data:`FIDELITY_ROWS_FULL_SIZE` / ``_TINY``).
+
+    Search state, manifest (with its fidelity block) and checkpoint are committed together when the run
+    ends: a run that stops before leaves the folder's previous files as they were (with --overwrite,
+    the previous run stays whole until the new one is complete).
+    """
     plan_lm_formats(loaded, scheme)  # a format that fits no layer, or an unreachable target: refused before any work
+    with writing(folder) as staged:
+        outcome = _run_staged(loaded, scheme, data, folder, overwrite=overwrite, serve=serve, rows=rows, progress=progress)
+    if staged.joined:
+        return outcome
+    served = outcome.served and dataclasses.replace(outcome.served, checkpoint=folder.checkpoint)
+    progress.stage(f"run folder {folder.root}: search state, manifest and checkpoint committed together")
+    return dataclasses.replace(outcome, exported=_exported_at(outcome.exported, folder.checkpoint), served=served)
+
+
+def _run_staged(loaded: LoadedVLM, scheme: Scheme, data: DataRequest, folder: RunFolder, *, overwrite: bool, serve: bool,
+                rows: int | None, progress: Progress) -> RunOutcome:
     calibration = calibrate(loaded, scheme, data, progress=progress)
     references = fidelity_references(loaded, scheme, data, calibration=calibration, rows=rows, progress=progress)
     searched = search(loaded, scheme, calibration, run=folder, progress=progress)
@@ -556,11 +634,14 @@ def restore(
         raise SearchStateError(f"{folder.root} has no {RunFolder.SEARCH_STATE}; run `vlq search --out {folder.root}` first.")
     if calibration is None:
         calibration = calibrate(loaded, saved.scheme, data if data is not None else saved_data_request(saved), progress=progress)
-    searched = search(loaded, saved.scheme, calibration, run=folder, save_manifest=False, progress=progress)
-    if searched.manifest.groups != saved.groups:
-        raise ManifestMismatch("The restored search decided differently from the saved manifest; the search state does not match it.")
-    # the same decisions: the fidelity the saved manifest recorded still describes them
-    return record_fidelity(searched, saved.fidelity, folder)
+    with writing(folder) as staged:
+        # the committed state, under a private name: ModelOpt may save it again, the run's own is never written
+        searched = _search(loaded, saved.scheme, calibration, state=staged.scratch(folder.search_state),
+                           resume_from=folder.search_state, progress=progress)
+        if searched.manifest.groups != saved.groups:
+            raise ManifestMismatch("The restored search decided differently from the saved manifest; the search state does not match it.")
+        # the same decisions: the fidelity the saved manifest recorded still describes them
+        return record_fidelity(searched, saved.fidelity, folder)
 
 
 def saved_data_request(manifest: Manifest) -> DataRequest:
@@ -631,13 +712,25 @@ def sweep(
     unknown = sorted(exported_set - set(targets))
     if unknown:
         raise SchemeError(f"Export targets {unknown} are not among the sweep targets {targets}.")
-    folder.root.mkdir(parents=True, exist_ok=True)
-    if folder.search_state.exists() and not overwrite:
-        raise SearchStateError(f"{folder.search_state} exists; pass --overwrite to start a new sweep there.")
-    folder.search_state.unlink(missing_ok=True)
-
     for t in targets:
         plan_lm_formats(pristine, scheme.with_(target_bits=t))  # shape limits: refused before any work
+    with writing(folder) as staged:
+        result = _sweep_staged(pristine, scheme, calibration, targets, folder, staged, exported_set=exported_set,
+                               measure=measure, rows=rows, data=data, overwrite=overwrite, progress=progress)
+    progress.stage(f"sweep written to {folder.sweep}")
+    return result
+
+
+def _sweep_staged(pristine: LoadedVLM, scheme: Scheme, calibration: CalibrationSet, targets: list[float], folder: RunFolder,
+                  staged: Staged, *, exported_set: set[float], measure: bool, rows: int | None, data: DataRequest, overwrite: bool,
+                  progress: Progress) -> SweepResult:
+    from .state import sidecar_path
+
+    for state in (folder.search_state, staged.search_state):
+        if state.exists() and not overwrite:
+            raise SearchStateError(f"{state} exists; pass --overwrite to start a new sweep there.")
+    for state in (staged.search_state, sidecar_path(staged.search_state)):
+        state.unlink(missing_ok=True)  # a new sweep scores afresh (the committed state stays until it commits)
     first = scheme.with_(target_bits=targets[0])
     t0 = time.perf_counter()
     references = (fidelity_references(pristine, first, data, calibration=calibration, rows=rows, progress=progress)
@@ -645,14 +738,15 @@ def sweep(
     reference_s = time.perf_counter() - t0
     loaded = fresh_copy(pristine)
     start = time.perf_counter()
-    base = search(loaded, first, calibration, run=folder, save_manifest=False, progress=progress)
+    base = _search(loaded, first, calibration, state=staged.search_state, progress=progress)
+    staged.search_state_written()
     search_s = time.perf_counter() - start
     in_place = not any(f.folds_weights for f in first.format_objects)
 
     def restored(target: float) -> Searched:
         # restores the saved calibration and scores from folder.search_state: nothing is re-scored
-        searched = search(fresh_copy(pristine), first.with_(target_bits=target), calibration, run=folder,
-                          save_manifest=False, progress=progress)
+        searched = _search(fresh_copy(pristine), first.with_(target_bits=target), calibration, state=staged.search_state,
+                           progress=progress)
         if searched.manifest.groups != manifest_at[target].groups:
             raise ManifestMismatch(f"Restoring the saved search for {target:g} bits decided differently from the re-solve; "
                                    "the search state and the solver disagree.")
@@ -696,17 +790,16 @@ def sweep(
             t1 = time.perf_counter()
             searched = base if index == 0 else restored(target)
             exported = export(searched, sub, overwrite=overwrite, progress=progress)
-            path, verified = exported.path, all(c.ok for c in exported.checks)
+            path, verified = sub.checkpoint, all(c.ok for c in exported.checks)  # where it is once committed
             export_s = time.perf_counter() - t1
             if searched is not base:
                 _release(searched.loaded)
-        manifest_at[target].save(sub.manifest)
+        manifest_at[target].save(staged.target(target).manifest)
         points.append(SweepPoint(target, manifest_at[target], resolve_s[target], path, export_s, verified,
                                  measure_s.get(target, 0.0)))
     result = SweepResult(first, tuple(points), search_s, pristine.source, reference_s,
                          references[0].rows if references else 0)
-    result.save(folder.sweep)
-    progress.stage(f"sweep written to {folder.sweep}")
+    result.save(staged.sweep)
     return result
 
 
@@ -754,15 +847,28 @@ def compare_calibration(
                       + fidelity_references(loaded, scheme, data, calibration=image_text_calibration, kinds=("image_text",),
                                             progress=progress))
     manifests = {}
-    for label, calibration in (("text", text_calibration), ("image_text", image_text_calibration)):
-        progress.stage(f"{label} search on {calibration.source}")
-        manifests[label] = _search_and_measure(loaded, scheme, calibration, references, progress=progress)
-        if out_dir is not None:
-            manifests[label].save(RunFolder(Path(out_dir) / label).manifest)
-    comparison = compare_calibrations(manifests["text"], manifests["image_text"])
-    if out_dir is not None:
-        comparison.write(out_dir)
+    with _writing_to(out_dir) as staged:
+        for label, calibration in (("text", text_calibration), ("image_text", image_text_calibration)):
+            progress.stage(f"{label} search on {calibration.source}")
+            manifests[label] = _search_and_measure(loaded, scheme, calibration, references, progress=progress)
+            if staged is not None:
+                manifests[label].save(RunFolder(staged.root / label).manifest)
+        comparison = compare_calibrations(manifests["text"], manifests["image_text"])
+        if staged is not None:
+            comparison.write(staged.root)
     return ComparisonRun(comparison, manifests["text"], manifests["image_text"])
+
+
+def _writing_to(out_dir: str | Path | None):
+    """A comparison's folder, written together (nothing to write without one)."""
+    return writing(RunFolder(Path(out_dir))) if out_dir is not None else contextlib.nullcontext(None)
+
+
+def write_comparison(comparison: CalibrationComparison | MethodComparison, out_dir: str | Path) -> Path:
+    """A comparison of saved manifests, written into ``out_dir`` together; the folder."""
+    with writing(RunFolder(Path(out_dir))) as staged:
+        comparison.write(staged.root)
+    return Path(out_dir)
 
 
 def compare_methods(
@@ -791,14 +897,15 @@ def compare_methods(
         references = fidelity_references(loaded, scheme, data, calibration=calibration, progress=progress)
     folders = list(methods) if methods[0] != methods[1] else [methods[0], f"{methods[1]}-2"]
     manifests = []
-    for folder, method_scheme in zip(folders, schemes):
-        progress.stage(f"{method_scheme.method} search on {calibration.source}")
-        manifests.append(_search_and_measure(loaded, method_scheme, calibration, references, progress=progress))
-        if out_dir is not None:
-            manifests[-1].save(RunFolder(Path(out_dir) / folder).manifest)
-    comparison = compare_method_manifests(manifests[0], manifests[1])
-    if out_dir is not None:
-        comparison.write(out_dir)
+    with _writing_to(out_dir) as staged:
+        for folder, method_scheme in zip(folders, schemes):
+            progress.stage(f"{method_scheme.method} search on {calibration.source}")
+            manifests.append(_search_and_measure(loaded, method_scheme, calibration, references, progress=progress))
+            if staged is not None:
+                manifests[-1].save(RunFolder(staged.root / folder).manifest)
+        comparison = compare_method_manifests(manifests[0], manifests[1])
+        if staged is not None:
+            comparison.write(staged.root)
     return MethodComparisonRun(comparison, (manifests[0], manifests[1]))
 
 
@@ -853,17 +960,19 @@ def measure_run(
     kinds = ("text",) if asked == ["vllm"] else ("text", "image_text")  # vLLM measures held-out text only
     references = fidelity_references(loaded, saved.scheme, data, calibration=calibration, kinds=kinds, rows=rows, progress=progress)
     measured: list[FidelityMetrics] = []
-    for point in asked:
-        if point == "fake_quant":
-            restore(folder, loaded, calibration=calibration, progress=progress)
-            unify_fused_scales(loaded.language_model)  # as `vlq run` measures point a: fused scales as exported
-            measured += measure_fake_quant(loaded, references, progress=progress)
-        elif point == "checkpoint":
-            measured += measure_checkpoint(folder.checkpoint, references, progress=progress)
-        else:
-            measured += measure_served(folder.checkpoint, references, progress=progress)
-    manifest = Manifest.load(folder.manifest).with_fidelity(*measured)  # restore may have rewritten it
-    manifest.save(folder.manifest)
+    with writing(folder) as staged:
+        for point in asked:
+            if point == "fake_quant":
+                restore(folder, loaded, calibration=calibration, progress=progress)
+                unify_fused_scales(loaded.language_model)  # as `vlq run` measures point a: fused scales as exported
+                measured += measure_fake_quant(loaded, references, progress=progress)
+            elif point == "checkpoint":
+                measured += measure_checkpoint(folder.checkpoint, references, progress=progress)
+            else:
+                measured += measure_served(folder.checkpoint, references, progress=progress)
+        current = staged.manifest if staged.manifest.exists() else folder.manifest  # restore may have rewritten it
+        manifest = Manifest.load(current).with_fidelity(*measured)
+        manifest.save(staged.manifest)
     progress.stage(f"fidelity recorded in {folder.manifest}")
     return MeasuredRun(folder, manifest, tuple(measured))
 
@@ -873,5 +982,5 @@ __all__ = [
     "calibrate", "compare_calibration", "compare_methods", "export", "fidelity_references", "fresh_copy", "load_model",
     "export_agreement", "measure_checkpoint", "measure_fake_quant", "measure_run", "measure_served", "record_fidelity",
     "restore", "run", "saved_data_request", "search", "serve_check", "served_engine_args", "served_fidelity",
-    "serving_skip_reason", "sweep",
+    "serving_skip_reason", "sweep", "write_comparison",
 ]

@@ -691,6 +691,7 @@ def search_lm_only(
     calibration: CalibrationSet,
     *,
     checkpoint: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
     disable_vision: bool = True,
     exclude_cost: bool = True,
     verbose: bool = False,
@@ -704,6 +705,9 @@ def search_lm_only(
     and tests must catch.  Gradient scoring under ``extract`` takes its loss chunk by chunk
     (:func:`chunked_causal_lm_loss`); ``loss_chunk_tokens=None`` holds the whole batch's logits, as
     ModelOpt's examples do.  The model in ``loaded`` is quantized in place.
+
+    ``checkpoint`` is where ModelOpt saves (and resumes) the search state; while it does not exist, a
+    state at ``resume_from`` (a committed run's) is checked, and resumed under ``checkpoint``'s name.
     """
     import modelopt.torch.quantization as mtq
 
@@ -774,15 +778,19 @@ def search_lm_only(
         constraints["cost"] = {"excluded_module_name_patterns": list(excluded)}
 
     restored = False
+    source = None  # the saved state the search resumes from
     if checkpoint is not None:
-        from .state import check_resume, search_settings, write_sidecar
+        from .state import check_resume, link_state, search_settings, write_sidecar
 
         checkpoint = Path(checkpoint)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        restored = checkpoint.exists()
+        source = checkpoint if checkpoint.exists() or resume_from is None or not Path(resume_from).exists() else Path(resume_from)
+        restored = source.exists()
         settings = search_settings(loaded, scheme, calibration)
         if restored:
-            check_resume(checkpoint, settings)  # names any differing setting; weights-only read
+            check_resume(source, settings)  # names any differing setting; weights-only read
+            if source != checkpoint:
+                link_state(source, checkpoint)  # ModelOpt saves over checkpoint only: source stays as it was
         else:
             write_sidecar(checkpoint, settings)
 
@@ -900,7 +908,7 @@ def search_lm_only(
         f"search {scheme.id}: {result.achieved_bits:.3f} effective bits over the LM, "
         f"{result.times.total_s:.1f}s (calibrate {result.times.calibrate_s:.1f}s, "
         f"score {result.times.score_s:.1f}s, solve {result.times.solve_s:.1f}s)"
-        + (f"; calibration and scores restored from {checkpoint}, no scoring step ran" if restored and not result.score_calls else "")
+        + (f"; calibration and scores restored from {source}, no scoring step ran" if restored and not result.score_calls else "")
     )
     return result
 

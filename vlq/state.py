@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .files import atomic_write, atomic_write_text, kill_point
+from .files import atomic_write, atomic_write_text, kill_point, link_or_copy
 from .errors import SearchStateError
 
 SIDECAR_SUFFIX = ".vlq.json"
@@ -107,6 +107,18 @@ def sidecar_path(state_path: str | os.PathLike) -> Path:
 
 def write_sidecar(state_path: str | os.PathLike, settings: dict[str, Any]) -> Path:
     return atomic_write_text(sidecar_path(state_path), json.dumps(settings, indent=1) + "\n")
+
+
+def link_state(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """``dest`` (and its settings sidecar) the same saved state as ``source``; every later save replaces
+    ``dest`` by a rename, so ``source`` is never written through it."""
+    source, dest = Path(source), Path(dest)
+    for src, to in ((source, dest), (sidecar_path(source), sidecar_path(dest))):
+        if src.exists():
+            link_or_copy(src, to)
+        else:
+            Path(to).unlink(missing_ok=True)
+    return dest
 
 
 def _weights_differ(saved: list, now: list) -> str | None:
