@@ -334,7 +334,7 @@ def plot_phases(rows: Sequence[BenchRow], path: _Path, title: str) -> _Path | No
     if not searches:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 1.3 + 0.4 * len(searches)))
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.4 * len(searches)))
     y = list(range(len(searches)))
     left = [0.0] * len(searches)
     for attr, label, color in PHASES:
@@ -354,8 +354,9 @@ def plot_phases(rows: Sequence[BenchRow], path: _Path, title: str) -> _Path | No
     ax.invert_yaxis()
     ax.set_xlabel("wall time (s)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.45 / (1.6 + 0.4 * len(searches)), 1, 1))
     _save_png(fig, path)
     plt.close(fig)
     return path
