@@ -370,11 +370,15 @@ def plot_memory(rows: Sequence[BenchRow], path: _Path, title: str) -> _Path | No
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 1.3 + 0.45 * len(shown)))
     y = list(range(len(shown)))
-    for offset, attr, label, color in ((-0.2, "peak_rss_gib", "peak RSS (host)", "#76b7b2"),
-                                       (0.2, "peak_gpu_gib", "peak GPU (max allocated)", "#e15759")):
+    series = [(attr, label, color) for attr, label, color in (("peak_rss_gib", "peak RSS (host)", "#76b7b2"),
+                                                              ("peak_gpu_gib", "peak GPU (max allocated)", "#e15759"))
+              if any(getattr(r, attr) is not None for r in shown)]
+    height = 0.8 / len(series)
+    for k, (attr, label, color) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * height
         values = [getattr(r, attr) for r in shown]
-        if any(v is not None for v in values):
-            ax.barh([i + offset for i in y], [v or 0.0 for v in values], height=0.4, color=color, label=label)
+        if values:
+            ax.barh([i + offset for i in y], [v or 0.0 for v in values], height=height, color=color, label=label)
             for i, v in enumerate(values):
                 if v is not None:
                     ax.annotate(f"{v:.2f}", (v, i + offset), xytext=(3, 0), textcoords="offset points", va="center", fontsize=6)
