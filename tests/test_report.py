@@ -95,14 +95,16 @@ PLAIN_BENCHMARK = "test_search_tiny_cpu and fp8+int8_sq-8b-gradient-extract"
 def plain_run(tmp_path_factory) -> Path:
     """A real ``pytest benchmarks/... --benchmark-save`` on CPU (one tiny search), saved under tmp_path."""
     storage = tmp_path_factory.mktemp("benchmarks")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    # a plain run, also when this test runs in an xdist worker (pytest-benchmark saves nothing under xdist)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/test_search_benchmarks.py", "-k", PLAIN_BENCHMARK, "-q", "-n", "0",
+        [sys.executable, "-m", "pytest", "benchmarks/test_search_benchmarks.py", "-k", PLAIN_BENCHMARK, "-q", "-p", "no:xdist",
          "-p", "no:cacheprovider", f"--benchmark-storage=file://{storage}", "--benchmark-save=plain"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     saved = sorted(storage.rglob("*_plain.json"))
-    assert len(saved) == 1, saved
+    assert len(saved) == 1, (saved, done.stdout[-2000:])
     return saved[0]
 
 
