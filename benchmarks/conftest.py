@@ -2,8 +2,9 @@
 
 pytest-benchmark's machine id ignores the GPU, so the hook below adds it and the versions.  Every
 benchmark records its ``extra_info`` through the :func:`record_benchmark` fixture, so saved runs
-share one set of keys (``vlq report`` reads them): the variant id, phase times, peak RSS / GPU
-memory, achieved bits and the scheme's settings.
+share one set of keys (``vlq report`` reads them): what the measured action is (``measures``, one of
+``vlq.report.MEASURED_ACTIONS``), the variant id, phase times (the CUDA-extension phase apart from
+calibration), peak RSS / GPU memory, achieved bits and the scheme's settings.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def search_info(result) -> dict[str, Any]:
     """The ``extra_info`` of one search (a :class:`vlq.search.SearchResult`)."""
     scheme, times = result.scheme, result.times
     return dict(
+        measures="search",
         variant=scheme.id,
         device=device_name(result.loaded.device),
+        extension_build_s=round(times.extension_build_s, 3),  # ModelOpt's CUDA extensions, one-off per process/cache
+        extension_phase=result.extensions.phase,
         calibrate_s=round(times.calibrate_s, 3),
         score_s=round(times.score_s, 3),
         solve_s=round(times.solve_s, 3),
@@ -88,15 +92,22 @@ def search_info(result) -> dict[str, Any]:
 
 @pytest.fixture
 def record_benchmark(benchmark):
-    """``record_benchmark(result=None, *, device=None, **extra)``: fill ``benchmark.extra_info``, return it.
+    """``record_benchmark(result=None, *, measures=None, device=None, **extra)``: fill ``benchmark.extra_info``, return it.
 
-    With a ``SearchResult`` it records :func:`search_info` (its device is the model's); without one,
-    name the ``device`` the measurement ran on (a ``torch.device`` or ``cpu``/``cuda``).  ``extra``
-    adds keys (a sweep's ratios, a table of settings).
+    With a ``SearchResult`` it records :func:`search_info` (its device is the model's; it measures a
+    search); without one, say what the measured action is (``measures``, a key of
+    ``vlq.report.MEASURED_ACTIONS``: the report names its time column by it) and the ``device`` it ran on
+    (a ``torch.device`` or ``cpu``/``cuda``).  ``extra`` adds keys (a sweep's ratios, a table of settings).
     """
+    from vlq.report import MEASURED_ACTIONS
 
-    def record(result=None, *, device: Any = None, **extra: Any) -> dict[str, Any]:
+    def record(result=None, *, measures: str | None = None, device: Any = None, **extra: Any) -> dict[str, Any]:
         info = search_info(result) if result is not None else {}
+        if measures is not None or result is None:
+            if measures not in MEASURED_ACTIONS:  # UNKNOWN_ACTION is for old saved runs only
+                raise ValueError(f"record_benchmark(measures=...) takes one of {', '.join(map(repr, MEASURED_ACTIONS))}; "
+                                 f"got {measures!r}")
+            info["measures"] = measures
         if device is not None or result is None:
             info["device"] = device_name(device)
         info.update(extra)

@@ -62,16 +62,19 @@ def _calibration(loaded, rows: RowPool, scheme):
     return rows.take(vocab_size=loaded.vocab_size, **scheme.to_dict())
 
 
-def _vlq_search(pristine, scheme, rows, *, copy: bool = True, references=()):
+def _vlq_search(pristine, scheme, rows, *, copy: bool = True, references=(), phases: list | None = None):
     """A search on a private copy (``copy=False``: on ``pristine`` itself, which it quantizes — the big
     shapes, whose second copy would not fit: 32B is 62 GiB); plain results only, so the copy is freed — also
     when it fails: the error is re-raised as its text alone, since a traceback's frames would keep the copy
-    on the GPU for the rest of the session (the 2026-12-01 run lost three benchmarks to one 32B OOM that way)."""
+    on the GPU for the rest of the session (the 2026-12-01 run lost three benchmarks to one 32B OOM that way).
+    ``phases``, when given, gets the search's :class:`vlq.search.PhaseTimes` appended."""
     loaded, searched, error = (pipeline.fresh_copy(pristine) if copy else pristine), None, None
     try:
         searched = pipeline.search(loaded, scheme, _calibration(pristine, rows, scheme))
         r = searched.result
         manifest = searched.manifest
+        if phases is not None:
+            phases.append(r.times)
         if references:  # point a against BF16 logits captured before: the scheme's cost, not only its decisions
             manifest = manifest.with_fidelity(*pipeline.measure_fake_quant(loaded, references))
         return manifest, r.times.total_s, r.peak_gpu_own_bytes / GIB  # the pristine copy excluded
@@ -140,7 +143,7 @@ def test_search_memory_grid_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm
             print("[grid]", table[-1], flush=True)
 
     benchmark.pedantic(grid, rounds=1, iterations=1)
-    record_benchmark(device="cuda", variant="memory-grid-3b", grid=table)
+    record_benchmark(measures="search grid", device="cuda", variant="memory-grid-3b", grid=table)
     _save("memory_grid_3b", table)
     assert len(table) == len(GRID) and all(r["peak_gib"] > r["weights_gib"] for r in table)
 
@@ -162,16 +165,20 @@ def test_family_default_search_gpu(benchmark, record_benchmark, shape):
     build_s = time.perf_counter() - start
     rows = _rows(pristine, 16)
     try:
-        result = benchmark.pedantic(_vlq_search, args=(pristine, planned.scheme, rows), kwargs=dict(copy=False),
+        phases: list = []
+        result = benchmark.pedantic(_vlq_search, args=(pristine, planned.scheme, rows), kwargs=dict(copy=False, phases=phases),
                                     rounds=1, iterations=1)
         manifest, seconds, peak = result
+        times = phases[0]  # the first search in this process: ModelOpt's CUDA extensions are its own phase
         row = dict(shape=shape, build_s=round(build_s, 1), search_s=round(seconds, 2), peak_gib=round(peak, 3),
+                   extension_build_s=round(times.extension_build_s, 2), calibrate_s=round(times.calibrate_s, 2),
+                   score_s=round(times.score_s, 2), solve_s=round(times.solve_s, 2),
                    planned_gib=round(planned.memory.peak / GIB, 3), batch=planned.scheme.batch_size,
                    gradient_checkpointing=planned.scheme.gradient_checkpointing,
                    steps=[planned.scheme.num_calib_steps, planned.scheme.num_score_steps],
                    formats=manifest.format_counts(), gpu=torch.cuda.get_device_name(0))
         print("[family]", row, flush=True)
-        record_benchmark(device="cuda", variant=f"default-search-{shape}", **row)
+        record_benchmark(measures="search", device="cuda", variant=f"default-search-{shape}", **row)
         _save(f"default_{shape}", row)
     finally:
         del pristine
@@ -227,7 +234,7 @@ def test_faster_default_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm):
                  groups_compared=f"{shared}/{total}"))
     _, old_s, old_gib = _vlq_search(pristine, DEFAULT_ROWS, rows)
     add(dict(run="vlq previous default 16+16 x batch 1 (checkpointing on)", search_s=round(old_s, 1), peak_gib=round(old_gib, 2)))
-    record_benchmark(device="cuda", variant="faster-default-3b", table=table, goal=goal, goal_met=met)
+    record_benchmark(measures="search and fidelity", device="cuda", variant="faster-default-3b", table=table, goal=goal, goal_met=met)
     _save("faster_default_3b", dict(table=table, goal=goal, goal_met=met, complete=True))
     print("[faster default]", json.dumps(table, indent=1), "goal met:", met, flush=True)
     assert 0.0 <= default_row["agreement"] <= 1.0

@@ -17,6 +17,7 @@ from vlq import pipeline
 from vlq.inputs import TINY_TRAINED
 from vlq.models import load_vlm
 from vlq.pipeline import fresh_copy
+from vlq.search import PeakRss
 from vlq.schemes import Scheme
 
 TINY_SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
@@ -40,10 +41,14 @@ def _measure(benchmark, record_benchmark, loaded, scheme, rows, device):
         before = torch.cuda.memory_allocated()
 
     def measure():
-        metrics = pipeline.measure_fake_quant(loaded, references)
-        if cuda:
-            torch.cuda.synchronize()
+        with PeakRss() as rss:
+            metrics = pipeline.measure_fake_quant(loaded, references)
+            if cuda:
+                torch.cuda.synchronize()
+        peak_rss.append(rss.peak)
         return metrics
+
+    peak_rss: list[int] = []
 
     metrics = benchmark.pedantic(measure, rounds=1, warmup_rounds=0, iterations=1)[0]
     assert metrics.tokens == rows * (scheme.seq_len - 1) and 0 < metrics.kld_mean < float("inf")
@@ -52,12 +57,13 @@ def _measure(benchmark, record_benchmark, loaded, scheme, rows, device):
         kld_mean=metrics.kld_mean, same_top_rate=metrics.same_top_rate, ppl_ratio=metrics.ppl_ratio,
         reference_capture_s=round(capture_s, 3), reference_gib=round(references[0].nbytes / 2**30, 3),
         model_gib=round(model_bytes / 2**30, 3), achieved_bits=searched.result.achieved_bits,
+        peak_rss_gib=round(peak_rss[0] / 2**30, 3),
     )
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         extra.update(peak_gpu_gib=round(peak / 2**30, 3), peak_over_resident_gib=round((peak - before) / 2**30, 3),
                      goal_seconds=15.0, goal_peak_over_model_gib=4.0)
-    record_benchmark(device=device, **extra)
+    record_benchmark(measures="fidelity", device=device, **extra)
     return metrics
 
 

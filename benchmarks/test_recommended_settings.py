@@ -149,7 +149,7 @@ def test_recommended_settings_tiny_trained_cpu(benchmark, record_benchmark):
 
     table = _settings_table(search, TINY_REFERENCE, TINY_CANDIDATES, benchmark)
     recommended, goal_met = _recommend(table)
-    record_benchmark(device="cpu", variant="recommended-settings-tiny-trained", scheme=Scheme(**TINY_BASE, **TINY_REFERENCE).id,
+    record_benchmark(measures="search and fidelity", device="cpu", variant="recommended-settings-tiny-trained", scheme=Scheme(**TINY_BASE, **TINY_REFERENCE).id,
                      settings=table, recommended=recommended, goal_met=goal_met, kl_ratio_goal=KL_RATIO_GOAL,
                      agreement_goal=AGREEMENT_GOAL, reference_capture_s=round(capture_s, 2),
                      heldout={m.data_kind: m.data_source for m in references})
@@ -191,7 +191,7 @@ def test_recommended_settings_3b_gpu(benchmark, record_benchmark, gpu_pristine_v
     search(CANDIDATES[-1])  # build ModelOpt's CUDA extensions once, outside every measurement
     table = _settings_table(search, REFERENCE, CANDIDATES, benchmark)
     recommended, goal_met = _recommend(table, max_seconds=60, max_gib=12)
-    record_benchmark(device=pristine.device, variant="recommended-settings", scheme=reference_scheme.id, settings=table,
+    record_benchmark(measures="search and fidelity", device=pristine.device, variant="recommended-settings", scheme=reference_scheme.id, settings=table,
                      recommended=recommended, goal_met=goal_met, kl_ratio_goal=KL_RATIO_GOAL, agreement_goal=AGREEMENT_GOAL,
                      reference_capture_s=round(capture_s, 2), fidelity_rows=GPU_FIDELITY_ROWS)
     _write_report("recommended_settings.json", {"device": torch.cuda.get_device_name(0), "reference": REFERENCE, "table": table,

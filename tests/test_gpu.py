@@ -135,3 +135,38 @@ def test_tied_lm_head_never_reaches_an_export_quantized(gpu_pristine_vlm, tmp_pa
         del loaded, result
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def test_cuda_extensions_load_before_calibration(gpu_pristine_vlm, record_property):
+    """On CUDA the scheme's extensions are loaded (built on a cold cache) in their own phase before the
+    search's clock starts: ModelOpt loads none during calibration or scoring, the phases add up, and a
+    second search in the process loads nothing again (its extension phase is "none")."""
+    import torch
+
+    from vlq.cuda_extensions import FP8_EXT, loaded_in_process
+    from vlq.search import timing_summary
+
+    scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=1, num_score_steps=1, seq_len=512)
+    results = []
+    for _ in range(2):
+        loaded = fresh_copy(gpu_pristine_vlm)
+        try:
+            result = search_lm_only(loaded, scheme, _calibration(loaded, scheme))
+            results.append((result.extensions, result.times, result.extensions_loaded_while_searching, timing_summary(result)))
+            del result
+        finally:
+            del loaded
+            gc.collect()
+            torch.cuda.empty_cache()
+    (first, first_times, first_late, first_line), (second, second_times, second_late, _) = results
+    record_property("extension_phase", first.phase)
+    record_property("extension_build_s", round(first_times.extension_build_s, 2))
+    print(f"\n[gpu] extensions: {first.summary()}; {first_line}")
+    assert first.applicable and FP8_EXT in first.needed and not first.failed, first.summary()
+    assert set(first.needed) == {n for n, _ in first.loaded} | set(first.already_loaded)
+    assert set(first.needed) <= loaded_in_process()
+    assert first_late == () and second_late == (), (first_late, second_late)  # nothing built inside calibrate/score
+    assert first_times.total_s == pytest.approx(first_times.extension_build_s + first_times.searching_s)
+    assert first_times.extension_build_s == pytest.approx(first.seconds)
+    assert (first.phase in first_line) == bool(first.loaded)
+    assert second.loaded == () and set(second.already_loaded) == set(second.needed) and second.phase == "none"

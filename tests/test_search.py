@@ -588,3 +588,100 @@ def test_calibration_skips_the_lm_head_under_extract(trained_vlm):
     finally:
         handle.remove()
     assert calls["calibration"] == 0 and calls["scoring"] > 0
+
+
+# ---- the CUDA-extension phase ---------------------------------------------------------------------
+
+
+def test_phases_add_up_with_no_extension_phase_on_cpu(variant):
+    """On CPU ModelOpt's fake quantization runs eagerly: the extension phase is 0 and unnamed, and the
+    phases add up to the total.  Control: the same result with a 52 s extension build names it in the
+    timing line and counts it in the total, while calibrate stays what it was."""
+    from vlq.cuda_extensions import FP8_EXT, ExtensionLoad
+    from vlq.search import timing_summary
+
+    result = variant.result
+    times = result.times
+    assert not result.extensions.applicable and result.extensions.phase == "none" and times.extension_build_s == 0
+    assert times.total_s == pytest.approx(times.calibrate_s + times.score_s + times.solve_s) == times.searching_s
+    assert result.extensions_loaded_while_searching == ()
+    assert "extension" not in timing_summary(result) and f"calibrate {times.calibrate_s:.1f}s" in timing_summary(result)
+
+    built = dataclasses.replace(
+        result, times=dataclasses.replace(times, extension_build_s=52.0),
+        extensions=ExtensionLoad(device="cuda", needed=(FP8_EXT,), loaded=((FP8_EXT, 52.0),), seconds=52.0))
+    line = timing_summary(built)
+    assert built.extensions.phase == "extension build" and "extension build 52.0s" in line
+    assert f"calibrate {times.calibrate_s:.1f}s" in line and built.times.total_s == pytest.approx(times.searching_s + 52.0)
+
+
+# What each format calls on CUDA (ModelOpt 0.47's tensor_quant dispatch); the second set is for a GPU
+# without ModelOpt's Triton FP4 kernel, where NVFP4's dynamic blocks go to the MX extension.
+_EXTENSIONS_BY_FORMAT = {
+    "fp8": ({"modelopt_cuda_ext_fp8"}, {"modelopt_cuda_ext_fp8"}),
+    "int4_awq": ({"modelopt_cuda_ext"}, {"modelopt_cuda_ext"}),
+    "w4a8_awq": ({"modelopt_cuda_ext", "modelopt_cuda_ext_fp8"}, {"modelopt_cuda_ext", "modelopt_cuda_ext_fp8"}),
+    "int8_sq": ({"modelopt_cuda_ext"}, {"modelopt_cuda_ext"}),
+    "nvfp4": (set(), {"modelopt_cuda_ext_mx"}),
+    "w4a16_nvfp4": (set(), {"modelopt_cuda_ext_mx"}),
+    "mxfp8": ({"modelopt_cuda_ext_mx"}, {"modelopt_cuda_ext_mx"}),
+}
+
+
+def test_each_format_names_the_cuda_extensions_it_calls():
+    """Read from the formats' ModelOpt configs; every name is one of ModelOpt's loaders.  Control: a
+    format whose quantizers are all disabled calls none."""
+    import inspect
+
+    from modelopt.torch.quantization import extensions
+
+    from vlq.cuda_extensions import LOADERS, format_extensions, quantizer_extensions
+
+    assert set(_EXTENSIONS_BY_FORMAT) == set(FORMATS)
+    for name, (with_triton, without_triton) in _EXTENSIONS_BY_FORMAT.items():
+        assert set(format_extensions([FORMATS[name]], triton_fp4=True)) == with_triton, name
+        assert set(format_extensions([FORMATS[name]], triton_fp4=False)) == without_triton, name
+    assert format_extensions([FORMATS["mxfp8"], FORMATS["fp8"]], triton_fp4=True) == ("modelopt_cuda_ext_fp8", "modelopt_cuda_ext_mx")
+    for ext, loader in LOADERS.items():
+        assert f'name="{ext}"' in inspect.getsource(getattr(extensions, loader)), (ext, loader)
+    weight, input_ = FORMATS["fp8"].quantizer_cfgs()
+    assert quantizer_extensions(weight, triton_fp4=True) == {"modelopt_cuda_ext_fp8"}
+    assert quantizer_extensions({**weight, "enable": False}, triton_fp4=True) == set()
+    assert quantizer_extensions(None, triton_fp4=True) == set()
+
+
+def test_extension_phase_is_not_applicable_on_cpu():
+    from vlq.cuda_extensions import load_for_formats, loaded_in_process
+
+    before = loaded_in_process()
+    load = load_for_formats(Scheme(formats=("fp8", "int4_awq")).format_objects, "cpu")
+    assert not load.applicable and load.phase == "none" and load.seconds == 0 and load.needed == ()
+    assert load.summary() == "no CUDA extensions on cpu" and loaded_in_process() == before
+
+
+def test_a_failed_extension_load_leaves_modelopt_to_retry_lazily():
+    """Asking for CUDA where there is none makes ModelOpt's real loader fail: the phase records the failure
+    and drops the loader's cached None, so ModelOpt's own first call tries again as it would have without
+    the phase.  Control: ModelOpt's loader called directly caches the failure."""
+    from modelopt.torch.quantization import extensions
+
+    from vlq.cuda_extensions import FP8_EXT, load_for_formats
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip(f"needs a machine without CUDA, found {torch.cuda.get_device_name(0)}")
+    loader = extensions.get_cuda_ext_fp8
+    assert not hasattr(loader, "extension")
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        load = load_for_formats([FORMATS["fp8"]], "cuda")
+    assert load.needed == (FP8_EXT,) and load.loaded == () and [n for n, _ in load.failed] == [FP8_EXT]
+    assert "retries lazily" in load.summary()
+    assert not hasattr(loader, "extension")
+    try:
+        with pytest.warns(UserWarning, match="CUDA is not available"):
+            assert loader(raise_if_failed=False) is None
+        assert hasattr(loader, "extension")
+    finally:
+        if hasattr(loader, "extension"):
+            del loader.extension

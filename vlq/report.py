@@ -97,9 +97,53 @@ def sweep_table(points: Sequence, fmt: str = "github") -> str:
 SCALING_KNOBS = ("num_score_steps", "seq_len", "batch_size", "num_formats")
 REGRESSION_THRESHOLD = 0.10  # a run more than 10% slower / larger than the baseline is flagged
 
+#: What a benchmark's one measured action is (its ``extra_info["measures"]``, set by
+#: ``benchmarks/conftest.py``'s ``record_benchmark``) -> the heading of its time column.
+MEASURED_ACTIONS = {
+    "search": "search s",
+    "fidelity": "fidelity measurement s",
+    "sweep": "sweep s",
+    "search grid": "search grid s",
+    "search and fidelity": "search + fidelity s",
+}
+#: Runs saved before benchmarks said what they measure, whose keys do not tell either.
+UNKNOWN_ACTION = "benchmark"
+
+#: A search's phases in the order they run: (BenchRow attribute, label, colour).
+PHASES = (
+    ("extension_build_s", "CUDA extension build/load", "#9c755f"),
+    ("calibrate_s", "calibrate", "#4e79a7"),
+    ("score_s", "score", "#f28e2b"),
+    ("solve_s", "solve", "#59a14f"),
+)
+
+
+def measured_action(extra: dict) -> str:
+    """``extra["measures"]``; for runs saved before that key, read from the keys they recorded."""
+    if "measures" in extra:
+        return str(extra["measures"])
+    if "decisions_s" in extra:
+        return "sweep"
+    if "kld_mean" in extra and "rows" in extra:
+        return "fidelity"
+    if "grid" in extra:
+        return "search grid"
+    if "settings" in extra:  # the recommended-settings study; its reference search measured fidelity since kl_ratio_goal
+        return "search and fidelity" if "kl_ratio_goal" in extra else "search"
+    if "calibrate_s" in extra or "search_s" in extra:
+        return "search"
+    return UNKNOWN_ACTION
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
+
 
 @dataclass(frozen=True)
 class BenchRow:
+    """One saved benchmark: its measured time (pytest-benchmark's mean), what that time measures, a
+    search's phases where recorded (``None`` where not), peak memory and bits."""
+
     name: str
     variant: str
     seconds: float
@@ -110,42 +154,103 @@ class BenchRow:
     peak_gpu_gib: float | None
     achieved_bits: float | None
     settings: dict
+    measures: str = UNKNOWN_ACTION
+    extension_build_s: float | None = None
 
     def knob(self, knob: str):
         if knob == "num_formats":
             return len(str(self.settings.get("formats", "")).split("+"))
         return self.settings.get(knob)
 
+    @property
+    def short_name(self) -> str:
+        """The parametrized id (``fp8+nvfp4-6b-gradient-extract``), else the test's name."""
+        return self.name.split("[")[-1].rstrip("]")
+
+    @property
+    def time_heading(self) -> str:
+        return MEASURED_ACTIONS.get(self.measures, "measured s")
+
+    @property
+    def has_phases(self) -> bool:
+        return any(getattr(self, attr) is not None for attr, _, _ in PHASES[1:])
+
+    @property
+    def peak_gib(self) -> float | None:
+        """The peak a comparison holds against: GPU where recorded, else host RSS."""
+        return self.peak_gpu_gib if self.peak_gpu_gib is not None else self.peak_rss_gib
+
+
+class NotABenchmarkFile(ValueError):
+    """A JSON file that is not a pytest-benchmark save (no ``benchmarks`` list)."""
+
 
 def load_benchmarks(path: str | _os.PathLike) -> tuple[dict, list[BenchRow]]:
     """Rows of one pytest-benchmark JSON file, with the machine info it was saved with."""
     data = _json.loads(_Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise NotABenchmarkFile(f"{path} is not a pytest-benchmark save (no \"benchmarks\" list)")
     rows = []
-    for bench in data.get("benchmarks", []):
+    for bench in data["benchmarks"]:
         extra = bench.get("extra_info", {})
+        gpu = extra.get("peak_gpu_gib", extra.get("peak_gib"))  # the family benchmarks name their GPU peak peak_gib
         rows.append(BenchRow(
             name=bench["name"], variant=extra.get("variant", bench["name"]), seconds=float(bench["stats"]["mean"]),
-            calibrate_s=extra.get("calibrate_s"), score_s=extra.get("score_s"), solve_s=extra.get("solve_s"),
-            peak_rss_gib=extra.get("peak_rss_gib"), peak_gpu_gib=extra.get("peak_gpu_gib"),
-            achieved_bits=extra.get("achieved_bits", extra.get("effective_bits")), settings=extra,
+            calibrate_s=_float(extra.get("calibrate_s")), score_s=_float(extra.get("score_s")), solve_s=_float(extra.get("solve_s")),
+            peak_rss_gib=_float(extra.get("peak_rss_gib")), peak_gpu_gib=_float(gpu),
+            achieved_bits=_float(extra.get("achieved_bits", extra.get("effective_bits"))), settings=extra,
+            measures=measured_action(extra), extension_build_s=_float(extra.get("extension_build_s")),
         ))
     return data.get("machine_info", {}), rows
 
 
+def _by_action(rows: Sequence[BenchRow]) -> dict[str, list[BenchRow]]:
+    groups: dict[str, list[BenchRow]] = {}
+    for row in rows:
+        groups.setdefault(row.measures, []).append(row)
+    return groups
+
+
 def benchmark_table(rows: list[BenchRow], fmt: str = "github") -> str:
+    """One table per measured action, its time column named by it (a fidelity measurement's time is not a
+    search time); phase columns only where some row recorded them."""
     def f(x, nd=2):
         return "-" if x is None else f"{x:.{nd}f}"
 
-    return tabulate(
-        [[r.name.split("[")[-1].rstrip("]"), f(r.seconds, 1), f(r.calibrate_s, 1), f(r.score_s, 1), f(r.solve_s, 1),
-          f(r.peak_rss_gib), f(r.peak_gpu_gib), f(r.achieved_bits, 3)] for r in rows],
-        headers=["benchmark", "search s", "calibrate s", "score s", "solve s", "peak RSS GiB", "peak GPU GiB", "LM bits"],
-        tablefmt=fmt,
-    )
+    tables = []
+    groups = _by_action(rows)
+    for action, group in groups.items():
+        phases = [(attr, label) for attr, label, _ in PHASES
+                  if any(getattr(r, attr) is not None for r in group) and (attr != "extension_build_s" or any(r.has_phases for r in group))]
+        body = [[r.short_name, f(r.seconds, 1), *(f(getattr(r, attr), 1) for attr, _ in phases),
+                 f(r.peak_rss_gib), f(r.peak_gpu_gib), f(r.achieved_bits, 3)] for r in group]
+        headers = ["benchmark", group[0].time_heading, *(f"{label} s" for _, label in phases), "peak RSS GiB", "peak GPU GiB", "LM bits"]
+        table = tabulate(body, headers=headers, tablefmt=fmt)
+        tables.append(table if len(groups) == 1 else f"Measured action: **{action}**\n\n{table}")
+    return "\n\n".join(tables)
 
 
-def compare_runs(baseline: list[BenchRow], candidate: list[BenchRow], threshold: float = REGRESSION_THRESHOLD):
-    """Per benchmark: baseline vs candidate time and memory, and whether it regressed."""
+@dataclass(frozen=True)
+class RunComparison:
+    """One benchmark in a baseline and a candidate run: time and peak memory before and after."""
+
+    name: str
+    measures: str
+    base_s: float
+    new_s: float
+    time_ratio: float
+    base_gib: float | None
+    new_gib: float | None
+    memory_ratio: float | None
+    regressed: bool
+
+    @property
+    def short_name(self) -> str:
+        return self.name.split("[")[-1].rstrip("]")
+
+
+def compare_runs(baseline: list[BenchRow], candidate: list[BenchRow], threshold: float = REGRESSION_THRESHOLD) -> list[RunComparison]:
+    """Per benchmark in both runs: baseline vs candidate time and memory, and whether it regressed."""
     base = {r.name: r for r in baseline}
     out = []
     for row in candidate:
@@ -153,22 +258,21 @@ def compare_runs(baseline: list[BenchRow], candidate: list[BenchRow], threshold:
         if old is None:
             continue
         time_ratio = row.seconds / old.seconds if old.seconds else float("inf")
-        mem_old = old.peak_gpu_gib if old.peak_gpu_gib is not None else old.peak_rss_gib
-        mem_new = row.peak_gpu_gib if row.peak_gpu_gib is not None else row.peak_rss_gib
+        mem_old, mem_new = old.peak_gib, row.peak_gib
         mem_ratio = (mem_new / mem_old) if mem_old and mem_new is not None else None
         regressed = time_ratio > 1 + threshold or (mem_ratio is not None and mem_ratio > 1 + threshold)
-        out.append((row.name, old.seconds, row.seconds, time_ratio, mem_old, mem_new, mem_ratio, regressed))
+        out.append(RunComparison(row.name, row.measures, old.seconds, row.seconds, time_ratio, mem_old, mem_new, mem_ratio, regressed))
     return out
 
 
-def comparison_table(comparison, fmt: str = "github") -> str:
+def comparison_table(comparison: Sequence[RunComparison], fmt: str = "github") -> str:
     rows = []
-    for name, t_old, t_new, tr, m_old, m_new, mr, regressed in comparison:
-        mark = "**REGRESSION**" if regressed else "ok"
-        rows.append([name.split("[")[-1].rstrip("]"), f"{t_old:.2f}", f"{t_new:.2f}", f"{tr:.2f}x",
-                     "-" if m_old is None else f"{m_old:.2f}", "-" if m_new is None else f"{m_new:.2f}",
-                     "-" if mr is None else f"{mr:.2f}x", mark])
-    return tabulate(rows, headers=["benchmark", "base s", "new s", "time", "base GiB", "new GiB", "memory", "verdict"], tablefmt=fmt)
+    for c in comparison:
+        rows.append([c.short_name, c.measures, f"{c.base_s:.2f}", f"{c.new_s:.2f}", f"{c.time_ratio:.2f}x",
+                     "-" if c.base_gib is None else f"{c.base_gib:.2f}", "-" if c.new_gib is None else f"{c.new_gib:.2f}",
+                     "-" if c.memory_ratio is None else f"{c.memory_ratio:.2f}x", "**REGRESSION**" if c.regressed else "ok"])
+    return tabulate(rows, headers=["benchmark", "measures", "base s", "new s", "time", "base GiB", "new GiB", "memory", "verdict"],
+                    tablefmt=fmt)
 
 
 def _achieved(point: dict) -> float:
@@ -212,6 +316,120 @@ def plot_scaling(rows: list[BenchRow], out_dir: _Path) -> list[_Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _labels(rows) -> list[str]:
+    """Benchmark ids, with what each measures when the rows measure different things."""
+    mixed = len({r.measures for r in rows}) > 1
+    return [f"{r.short_name} [{r.measures}]" if mixed else r.short_name for r in rows]
+
+
+REST_OF_MEASURED_TIME = "rest of the measured time (guards, manifest checks)"
+
+
+def plot_phases(rows: Sequence[BenchRow], path: _Path, title: str) -> _Path | None:
+    """Each search's measured time as stacked phases (extension build, calibrate, score, solve, the rest).
+    ``None`` (nothing drawn) when no row recorded phase times."""
+    searches = [r for r in rows if r.has_phases]
+    if not searches:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.4 * len(searches)))
+    y = list(range(len(searches)))
+    left = [0.0] * len(searches)
+    for attr, label, color in PHASES:
+        values = [getattr(r, attr) or 0.0 for r in searches]
+        if any(values):
+            ax.barh(y, values, left=left, color=color, label=label, height=0.6)
+            left = [a + b for a, b in zip(left, values)]
+    rest = [max(0.0, r.seconds - done) for r, done in zip(searches, left)]
+    if any(x > 0.01 * r.seconds for x, r in zip(rest, searches)):
+        ax.barh(y, rest, left=left, color="#d9d9d9", label=REST_OF_MEASURED_TIME, height=0.6)
+    longest = max(max(r.seconds, done) for r, done in zip(searches, left))
+    for i, r in enumerate(searches):
+        ax.annotate(f"{r.seconds:.1f} s", (max(r.seconds, left[i]), i), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=7)
+    ax.set_xlim(0, longest * 1.15)
+    ax.set_yticks(y, _labels(searches), fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("wall time (s)")
+    ax.set_title(title, fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.45 / (1.6 + 0.4 * len(searches)), 1, 1))
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(rows: Sequence[BenchRow], path: _Path, title: str) -> _Path | None:
+    """Peak host RSS and peak GPU memory per benchmark; ``None`` when no row recorded either."""
+    shown = [r for r in rows if r.peak_rss_gib is not None or r.peak_gpu_gib is not None]
+    if not shown:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 1.3 + 0.45 * len(shown)))
+    y = list(range(len(shown)))
+    series = [(attr, label, color) for attr, label, color in (("peak_rss_gib", "peak RSS (host)", "#76b7b2"),
+                                                              ("peak_gpu_gib", "peak GPU (max allocated)", "#e15759"))
+              if any(getattr(r, attr) is not None for r in shown)]
+    height = 0.8 / len(series)
+    for k, (attr, label, color) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * height
+        values = [getattr(r, attr) for r in shown]
+        if values:
+            ax.barh([i + offset for i in y], [v or 0.0 for v in values], height=height, color=color, label=label)
+            for i, v in enumerate(values):
+                if v is not None:
+                    ax.annotate(f"{v:.2f}", (v, i + offset), xytext=(3, 0), textcoords="offset points", va="center", fontsize=6)
+    largest = max(v for r in shown for v in (r.peak_rss_gib, r.peak_gpu_gib) if v is not None)
+    ax.set_xlim(0, largest * 1.15 or 1)
+    ax.set_yticks(y, _labels(shown), fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("peak memory (GiB)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_before_after(comparison: Sequence[RunComparison], path: _Path, *, baseline: str, candidate: str) -> _Path | None:
+    """Measured time and peak memory of each benchmark in the baseline and the new run, regressions in red;
+    ``None`` when the runs share no benchmark."""
+    if not comparison:
+        return None
+    plt = _plt()
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.5 + 0.45 * len(comparison)), sharey=True)
+    y = list(range(len(comparison)))
+    new_colors = ["#e15759" if c.regressed else "#4e79a7" for c in comparison]
+    panels = (("base_s", "new_s", "time_ratio", "measured time (s)"),
+              ("base_gib", "new_gib", "memory_ratio", "peak memory (GiB; GPU where recorded, else RSS)"))
+    for ax, (old, new, ratio, label) in zip(axes, panels):
+        ax.barh([i - 0.2 for i in y], [getattr(c, old) or 0.0 for c in comparison], height=0.4, color="#bab0ac")
+        ax.barh([i + 0.2 for i in y], [getattr(c, new) or 0.0 for c in comparison], height=0.4, color=new_colors)
+        for i, c in enumerate(comparison):
+            if getattr(c, ratio) is not None:
+                ax.annotate(f"{getattr(c, ratio):.2f}x", (getattr(c, new) or 0.0, i + 0.2), xytext=(3, 0), textcoords="offset points",
+                            va="center", fontsize=6)
+        ax.set_xlim(0, 1.15 * max([getattr(c, k) or 0.0 for c in comparison for k in (old, new)] + [1e-9]))
+        ax.set_xlabel(label, fontsize=8)
+    labels = [f"{c.short_name} [{c.measures}]" + ("  REGRESSION" if c.regressed else "") for c in comparison]
+    axes[0].set_yticks(y, labels, fontsize=7)
+    for tick, c in zip(axes[0].get_yticklabels(), comparison):
+        tick.set_color("#c0392b" if c.regressed else "black")
+    axes[0].invert_yaxis()
+    fig.legend(handles=[Patch(color="#bab0ac", label=f"before: {baseline}"), Patch(color="#4e79a7", label=f"after: {candidate}"),
+                        Patch(color="#e15759", label=f"after, > {REGRESSION_THRESHOLD:.0%} slower or larger (regression)")],
+               fontsize=7, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(f"before / after, against {baseline}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.9 / (1.5 + 0.45 * len(comparison)) / 1.5, 1, 1))
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
 
 
 FORMAT_COLORS = {"none": "#d9d9d9", "fp8": "#4e79a7", "int4_awq": "#e15759", "w4a8_awq": "#f28e2b", "int8_sq": "#76b7b2",
@@ -267,6 +485,15 @@ def plot_pareto(sweep: dict, path: _Path) -> _Path:
     return path
 
 
+def _unique(stem: str, taken: set[str]) -> str:
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}"
+    taken.add(name)
+    return name
+
+
 def _measured_kld(point: dict) -> float | None:
     for m in point.get("fidelity", ()):
         if m.get("data_kind") == "text" and m.get("measurement_point") == "fake_quant":
@@ -288,24 +515,63 @@ def write_report(
     ``comparisons`` are ``comparison.json`` files of ``vlq compare-calibration`` / ``vlq compare-methods``:
     decision agreement beside each scheme's fidelity to BF16 (and the score scatter for calibrations).
     """
+    from .errors import VlqError
     from .files import atomic_write_text
+
+    def read(path, flag):
+        """Every benchmark file is read before anything is written: a bad one leaves no half report."""
+        try:
+            return load_benchmarks(path)
+        except FileNotFoundError:
+            raise VlqError(f"{flag} {path}: no such file; pass a pytest-benchmark JSON (--benchmark-save writes them under .benchmarks/).") from None
+        except _json.JSONDecodeError as exc:
+            raise VlqError(f"{flag} {path} is not JSON ({exc}); pass a pytest-benchmark JSON.") from None
+
+    runs = []
+    for path in benchmarks:
+        try:
+            runs.append((_Path(path), *read(path, "--benchmarks")))
+        except NotABenchmarkFile as exc:
+            runs.append((_Path(path), None, str(exc)))
+    base_rows = None
+    if baseline is not None:
+        try:
+            _, base_rows = read(baseline, "--baseline")
+        except NotABenchmarkFile as exc:
+            raise VlqError(f"--baseline {exc}; compare against a saved pytest-benchmark run.") from None
 
     out = _Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections = ["# vlq report"]
     all_rows: list[BenchRow] = []
-    for path in benchmarks:
-        machine, rows = load_benchmarks(path)
+    stems: set[str] = set()
+    for path, machine, rows in runs:
+        if machine is None:
+            sections.append(f"## Benchmarks: `{path.name}`\n\n_{rows}: nothing to tabulate or draw._")
+            continue
         all_rows += rows
+        stem = _unique(path.stem, stems)
         gpu = machine.get("gpu") or "CPU"
-        sections.append(f"## Benchmarks: `{_Path(path).name}` ({gpu}, {machine.get('versions', {})})\n\n" + benchmark_table(rows))
+        sections.append(f"## Benchmarks: `{path.name}` ({gpu}, {machine.get('versions', {})})\n\n" + benchmark_table(rows))
+        png = plot_phases(rows, out / f"phases_{stem}.png", f"search time by phase: {path.name}")
+        sections.append(f"### Search time by phase: `{path.name}`\n\n" + (
+            f"![search phases]({png.name})" if png else
+            "_No phase plot: no benchmark in this file recorded a search's phase times (calibrate_s / score_s / solve_s)._"))
+        png = plot_memory(rows, out / f"memory_{stem}.png", f"peak memory: {path.name}")
+        sections.append(f"### Peak memory: `{path.name}`\n\n" + (
+            f"![peak memory]({png.name})" if png else
+            "_No memory plot: no benchmark in this file recorded peak RSS or GPU memory._"))
     for png in plot_scaling(all_rows, out):
         sections.append(f"### Scaling: {png.stem.removeprefix('scaling_')}\n\n![{png.stem}]({png.name})")
-    if baseline is not None and benchmarks:
-        _, base_rows = load_benchmarks(baseline)
+    if base_rows is not None and all_rows:
         comparison = compare_runs(base_rows, all_rows)
+        files = [p.name for p, machine, _ in runs if machine is not None]
+        candidate = files[0] if len(files) == 1 else f"the {len(files)} benchmark files above"
+        png = plot_before_after(comparison, out / f"before_after_{_Path(baseline).stem}.png", baseline=_Path(baseline).name,
+                                candidate=candidate)
         sections.append(f"## Comparison with `{_Path(baseline).name}` (regression: > {REGRESSION_THRESHOLD:.0%} slower or larger)\n\n"
-                        + comparison_table(comparison))
+                        + (comparison_table(comparison) + f"\n\n![before and after]({png.name})" if png else
+                           "_No benchmark appears in both runs: nothing to compare._"))
     for path in manifests:
         manifest = Manifest.load(path)
         stem = _Path(path).parent.name or "manifest"

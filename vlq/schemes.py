@@ -91,18 +91,24 @@ class QuantFormat:
     def vllm_servable(self) -> bool:
         return self.export_quant_algo in VLLM_SERVABLE_ALGOS
 
-    def quantizer_signature(self) -> "QuantizerSignature":
-        """What a layer quantized in this format looks like (see :func:`live_signature`)."""
+    def quantizer_cfgs(self) -> tuple[Any, Any]:
+        """The (weight, input) quantizer ``cfg`` of a searched linear layer in this format, as ModelOpt's config
+        gives them (the last matching entry wins); ``None`` for a disabled quantizer."""
         weight = input_ = None
         for entry in self.config["quant_cfg"]:
             if entry.get("parent_class"):
                 continue
             pattern = entry.get("quantizer_name")
             if pattern == "*weight_quantizer":
-                weight = None if entry.get("enable") is False else _cfg_signature(entry.get("cfg"))
+                weight = None if entry.get("enable") is False else entry.get("cfg")
             elif pattern == "*input_quantizer":
-                input_ = None if entry.get("enable") is False else _cfg_signature(entry.get("cfg"))
-        return QuantizerSignature(weight=weight, input=input_)
+                input_ = None if entry.get("enable") is False else entry.get("cfg")
+        return weight, input_
+
+    def quantizer_signature(self) -> "QuantizerSignature":
+        """What a layer quantized in this format looks like (see :func:`live_signature`)."""
+        weight, input_ = self.quantizer_cfgs()
+        return QuantizerSignature(weight=_cfg_signature(weight), input=_cfg_signature(input_))
 
 
 @dataclass(frozen=True)
