@@ -59,6 +59,16 @@ class CliRun:
     def error_lines(self) -> list[str]:
         return [line for line in self.stderr.splitlines() if line.startswith("vlq: error:")]
 
+    @property
+    def check_results(self) -> list[tuple[str, str]]:
+        """(check name, PASS/FAIL) of every row of the check tables printed on stdout, in order."""
+        rows = []
+        for line in self.stdout.splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) >= 4 and cells[2] in ("PASS", "FAIL"):
+                rows.append((cells[1], cells[2]))
+        return rows
+
     def tail(self, n: int = 3000) -> str:
         """The end of both streams, for assertion messages."""
         return f"$ vlq {' '.join(self.args)}  (exit {self.returncode}, {self.seconds:.1f}s)\n" \

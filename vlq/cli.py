@@ -115,11 +115,26 @@ def _requests(args) -> tuple[ModelRequest, DataRequest]:
     return model, data
 
 
-def _prepare(args):
-    """Validate everything light first (paths, formats, bits), then resolve the device and the scheme."""
+def _require_kv_cache_servable(model: ModelRequest, scheme) -> None:
+    """An FP8 KV cache this machine's vLLM cannot run is refused now, not in the engine after the search."""
+    if not scheme.kv_cache_fp8:
+        return
+    from .applicability import text_head_dim
+    from .capabilities import require_fp8_kv_cache_servable
+    from .inputs import model_config
+
+    config = model_config(model.source)
+    require_fp8_kv_cache_servable(head_dim=text_head_dim(config) if config is not None else None)
+
+
+def _prepare(args, *, serve: bool = False):
+    """Validate everything light first (paths, formats, bits; with ``serve``, what vLLM must run here), then
+    resolve the device and the scheme."""
     model, data = _requests(args)
     full_size = model.source not in (TINY, TINY_TRAINED)  # tiny models keep their seconds-long defaults
-    _scheme(args, "cpu" if args.device == "auto" else args.device, full_size=full_size)  # formats/bits errors, fast
+    light = _scheme(args, "cpu" if args.device == "auto" else args.device, full_size=full_size)  # formats/bits errors, fast
+    if serve:
+        _require_kv_cache_servable(model, light)
     device = _resolve_device(args.device)
     model = ModelRequest(model.source, device, model.trust_remote_code)
     scheme = _scheme(args, device, full_size=full_size)
@@ -188,7 +203,7 @@ def _print(*blocks: str) -> None:
 def cmd_run(args) -> int:
     from .files import check_export_dir
 
-    model, data, scheme = _prepare(args)
+    model, data, scheme = _prepare(args, serve=not args.no_serve)
     folder = RunFolder(args.out or f"runs/{scheme.id}").require_writable()
     check_export_dir(folder.checkpoint, args.overwrite)
     verdict = scheme.vllm_servability()
