@@ -8,6 +8,11 @@ so the refusal is exercised on any host.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from helpers import vlq_cli
@@ -139,3 +144,29 @@ def test_kv_cache_fp8_passes_the_check_where_it_can_be_served_or_is_not(tmp_path
                   env={CPUINFO_ENV: str(cpuinfo(kind))})
     assert run.returncode == 2 and len(run.error_lines) == 1, run.tail()
     assert "KV cache" not in run.error_lines[0] and str(out) in run.error_lines[0], run.tail()
+
+
+# ---- the test lanes: the FP8 KV cache test skips at collection, naming the missing instructions ---------
+
+KV_SERVING_TEST = "tests/test_serving.py::test_fp8_kv_cache_serves_with_loaded_scales[cpu]"
+
+
+def _plan_kv_serving_test(cpuinfo_path) -> str:
+    """pytest's setup plan of the CPU FP8-KV serving test (fixtures planned, none built) on the described CPU."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, CPUINFO_ENV: str(cpuinfo_path), "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", KV_SERVING_TEST, "-m", "slow", "--setup-plan", "-rs", "-q",
+                           "-p", "no:cacheprovider", "-n", "0"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_fp8_kv_cache_serving_test_skips_on_a_cpu_without_avx512(cpuinfo, needs_cpu_vllm):
+    out = _plan_kv_serving_test(cpuinfo("epyc-7763"))
+    assert "1 skipped" in out and "needs an x86 CPU with AVX-512 or AMX for vLLM's FP8 KV cache on CPU, found AMD EPYC 7763" in out, out
+
+
+def test_fp8_kv_cache_serving_test_runs_on_a_cpu_with_avx512(cpuinfo, needs_cpu_vllm):
+    """Negative control: with AVX-512 the same test is planned to run (its export and engine fixtures set up)."""
+    out = _plan_kv_serving_test(cpuinfo("xeon-avx512"))
+    assert "skipped" not in out and "SETUP    M fp8_kv_run" in out and KV_SERVING_TEST.split("::")[1] in out, out
