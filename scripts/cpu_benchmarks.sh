@@ -4,8 +4,8 @@
 # Each run is saved into $VLQ_BENCH_STORAGE (default .benchmarks-cpu).  When that folder already holds a run
 # for this machine id (pytest-benchmark's: OS, Python, bits), this one is compared with the latest of them and
 # the command fails (exit 1, "Performance has regressed") when a benchmark's mean is more than
-# $VLQ_BENCH_FAIL slower (default mean:40%: one round per search on shared CI machines varies by up to ~20%
-# between nights, a real 1.5x slowdown must still fail).  The first run only saves: nothing to compare yet.
+# $VLQ_BENCH_FAIL slower (default mean:40%: one round per search on shared CI machines is noisy, and a real
+# 1.5x slowdown must still fail).  The first run only saves: nothing to compare yet.
 # Keep one storage folder per CPU model: pytest-benchmark's machine id does not name the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
