@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import platform
+from platform import machine as host_machine
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -70,7 +70,7 @@ def vllm_skip_reason(device: str) -> str | None:
 class CpuInfo:
     """What a CPU advertises: its architecture, model name and feature flags."""
 
-    machine: str  # x86_64, aarch64, ... (from the flags, else platform.machine() of this host)
+    machine: str  # x86_64, aarch64, ... (from the flags, else this host's)
     model: str
     flags: frozenset[str] = field(repr=False)
 
@@ -107,7 +107,7 @@ def read_cpuinfo(path: str | os.PathLike | None = None) -> CpuInfo:
     elif "asimd" in flags:
         machine = "aarch64"
     else:
-        machine = platform.machine()
+        machine = host_machine()
     return CpuInfo(machine, model or "an unnamed CPU", flags)
 
 
@@ -133,7 +133,7 @@ def cpu_fp8_kv_cache_reason(cpu: CpuInfo | None = None, *, head_dim: int | None 
 def fp8_kv_cache_skip_reason(device: str, *, head_dim: int | None = None) -> str | None:
     """Why vLLM on ``device`` ('cpu' or 'cuda') cannot serve an FP8 KV cache here, or None.
 
-    CUDA builds run it on every GPU vLLM supports; the CPU build needs the instructions above.
+    Only the CPU build has these limits (the instruction sets and head sizes above).
     """
     if str(device).startswith("cuda"):
         return None
@@ -157,8 +157,7 @@ def vllm_build_is_cpu() -> bool:
 def require_fp8_kv_cache_servable(*, head_dim: int | None = None) -> None:
     """Refuse (SchemeError) an FP8 KV cache that the installed vLLM would fail to serve on this machine.
 
-    Only the CPU build can fail (CUDA builds run FP8 KV caches); without vLLM nothing is served, so nothing
-    is refused.  Light: reads package metadata and /proc/cpuinfo, imports neither torch nor vLLM.
+    Only the CPU build has these limits; without vLLM nothing is served, so nothing is refused.  Light: reads package metadata and /proc/cpuinfo, imports neither torch nor vLLM.
     """
     if not vllm_build_is_cpu():
         return
