@@ -11,10 +11,12 @@ searched and exported through :mod:`vlq.pipeline`, then served by ``vllm.LLM`` o
   point b (the checkpoint read back by vlq's dequantizer) on the same rows; the MIXED_PRECISION export with its
   down_proj tensor scales doubled on disk measures far worse (the control: point c can fail).
 
-These are the loader paths with known upstream bugs (MIXED_PRECISION parsing, per-layer formats inherited by
-siblings, unmapped Qwen prefixes left unquantized: /work/shared/reference.md); only a CUDA vLLM runs NVFP4, so
+These are the loader paths with bugs reported upstream (MIXED_PRECISION unparsable, vllm-project/vllm#36312;
+siblings inheriting another layer's format, #47318; NVFP4 variants misrouted and unmapped Qwen prefixes left
+unquantized, #47215 and #55496); only a CUDA vLLM runs NVFP4, so
 the CPU lane checks those exports up to per-layer resolution only.  Without a CUDA vLLM every test here skips
-with "needs vLLM built for cuda, found ..." (conftest.py, from vlq.capabilities).
+with "needs vLLM built for cuda, found ... (scripts/gpu_vllm_env.sh makes a venv with a CUDA build)"
+(conftest.py, from vlq.capabilities).
 """
 
 from __future__ import annotations

