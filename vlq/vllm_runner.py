@@ -298,6 +298,7 @@ def prepare_environment(device: str) -> None:
     _compat.apply_torchvision_schema_shim()
     _compat.apply_vllm_registry_inprocess()
     _compat.apply_vllm_cpu_disabled_kernels(device)
+    _compat.apply_vllm_cpu_fp8_emulated_scaled_mm(device)
 
 
 class VllmRunner:
