@@ -23,5 +23,9 @@ if compgen -G "$storage/$machine/*.json" >/dev/null; then
 else
   echo "no earlier run in $storage/$machine: this run is saved as the first to compare against"
 fi
-# --benchmark-compare takes an optional value: it comes after the paths so it cannot swallow one.
-exec "$python" -m pytest "$@" -p no:cacheprovider --benchmark-storage="file://$storage" --benchmark-autosave "${compare[@]}"
+# pytest-benchmark measures nothing under xdist (it disables itself, also when a parent pytest's worker variables
+# are inherited): one process, no xdist.  --benchmark-compare takes an optional value: it comes after the paths
+# so it cannot swallow one.
+unset PYTEST_XDIST_WORKER PYTEST_XDIST_WORKER_COUNT PYTEST_XDIST_TESTRUNUID
+exec "$python" -m pytest "$@" -p no:xdist -p no:cacheprovider --benchmark-storage="file://$storage" --benchmark-autosave \
+  "${compare[@]}"

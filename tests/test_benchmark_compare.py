@@ -39,7 +39,7 @@ def night(tmp_path):
     def run(seconds: float) -> subprocess.CompletedProcess:
         env = {**os.environ, "STAND_IN_SECONDS": str(seconds), "VLQ_BENCH_STORAGE": str(storage), "PYTHON": sys.executable}
         return subprocess.run(["bash", str(SCRIPT), str(tmp_path / "bench" / "test_stand_in.py"), "-c",
-                               str(tmp_path / "bench" / "pytest.ini"), "-n", "0"],
+                               str(tmp_path / "bench" / "pytest.ini")],
                               env=env, capture_output=True, text=True, timeout=300)
 
     run.saved = lambda: sorted(storage.glob("*/*.json"))
