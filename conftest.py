@@ -57,7 +57,7 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_collection_modifyitems(config, items):
     """Skip at collection, before any fixture builds a model, with the product's own reasons."""
-    from vlq.capabilities import cuda_skip_reason, vllm_skip_reason
+    from vlq.capabilities import cuda_skip_reason, fp8_kv_cache_skip_reason, vllm_skip_reason
 
     cuda_reason = cuda_skip_reason()
     for item in items:
@@ -65,6 +65,8 @@ def pytest_collection_modifyitems(config, items):
         reason = cuda_reason if gpu else None
         if reason is None and "vllm" in item.keywords:
             reason = vllm_skip_reason("cuda" if gpu else "cpu")
+        if reason is None and item.get_closest_marker("fp8_kv_cache") is not None:
+            reason = fp8_kv_cache_skip_reason("cuda" if gpu else "cpu")
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
 

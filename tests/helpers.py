@@ -2,6 +2,7 @@
 
 * :func:`vlq_cli` — the command line as users run it, in a subprocess, timed, with the heavy
   libraries it imported; :func:`start_vlq_cli` starts one in the background (two at once on one folder);
+* :func:`tampered_copy` — a checkpoint copied with chosen tensors doubled on disk (negative controls);
 * :func:`search_variants` / :func:`variant_params` — the variant matrix (``tests/matrix/search_variants.yaml``).
 
 The model copy and the calibration helpers are the product's own: ``vlq.pipeline.fresh_copy`` and
@@ -10,8 +11,10 @@ The model copy and the calibration helpers are the product's own: ``vlq.pipeline
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,6 +62,16 @@ class CliRun:
     @property
     def error_lines(self) -> list[str]:
         return [line for line in self.stderr.splitlines() if line.startswith("vlq: error:")]
+
+    @property
+    def check_results(self) -> list[tuple[str, str]]:
+        """(check name, PASS/FAIL) of every row of the check tables printed on stdout, in order."""
+        rows = []
+        for line in self.stdout.splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) >= 4 and cells[2] in ("PASS", "FAIL"):
+                rows.append((cells[1], cells[2]))
+        return rows
 
     def tail(self, n: int = 3000) -> str:
         """The end of both streams, for assertion messages."""
@@ -161,6 +174,43 @@ def start_vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = N
 
     return StartedCli(args, [sys.executable, "-c", _ENTRY, *args], cwd, full_env,
                       limit_file_size if file_size_limit is not None else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints changed on disk (negative controls)
+# ------------------------------------------------------------------------------------------------
+
+
+def tampered_copy(path, dest, *, keys_to_double):
+    """``path`` copied to ``dest`` (hard links) with the tensors ``keys_to_double`` picks doubled on disk."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(path, dest, copy_function=os.link)
+    index = dest / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    doubled = []
+    for shard in shards:
+        tensors = load_file(dest / shard)
+        keys = keys_to_double(tensors)
+        if not keys:
+            continue
+        for key in keys:
+            tensors[key] = (tensors[key].to(torch.float32) * 2).to(tensors[key].dtype)
+        doubled += keys
+        (dest / shard).unlink()  # a hard link: writing through it would change the original too
+        save_file(tensors, dest / shard, metadata={"format": "pt"})
+    assert doubled, f"{path}: nothing to tamper with"
+    return doubled
+
+
+def down_proj_tensor_scales(tensors) -> list[str]:
+    """Each quantized down_proj's per-tensor float32 weight scale: NVFP4's ``weight_scale_2``, FP8's ``weight_scale``."""
+    import torch
+
+    layers = {k.rsplit(".", 1)[0] for k in tensors if ".mlp.down_proj.weight_scale" in k}
+    return [f"{layer}.weight_scale_2" if f"{layer}.weight_scale_2" in tensors else f"{layer}.weight_scale"
+            for layer in sorted(layers) if tensors.get(f"{layer}.weight_scale_2", tensors[f"{layer}.weight_scale"]).dtype == torch.float32]
 
 
 # ------------------------------------------------------------------------------------------------

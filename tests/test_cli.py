@@ -12,6 +12,8 @@ import math
 import pytest
 
 from helpers import vlq_cli
+from vlq.search import VisionGuard
+from vlq.serving import LM_LAYERS_CHECK, OUTPUTS_CHECK, VISION_AND_HEAD_CHECK
 
 STEPS = ("--calib-steps", "2", "--score-steps", "2", "--seq-len", "32")
 #: ModelOpt prints this while inserting quantizers ("Inserted 903 quantizers"): third-party output.
@@ -33,9 +35,8 @@ def test_run_defaults_end_with_vllms_per_layer_table(tmp_path):
     assert text["nll_base"] < 0.5 * math.log(1024), f"learned weights predict far better than chance: {text['nll_base']}"
 
     stdout = run.stdout
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in stdout.splitlines() if line.count("|") >= 4}
-    for check in ("vision tower and lm_head unquantized", "LM layers match the manifest", "outputs finite and not degenerate",
-                  "vision tower unquantized (VisionGuard)", "manifest == exported checkpoint"):
+    rows = dict(run.check_results)
+    for check in (VISION_AND_HEAD_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, VisionGuard.name, "manifest == exported checkpoint"):
         assert rows.get(check) == "PASS", f"{check}: {rows.get(check)}\n{run.tail()}"
     assert "FAIL" not in stdout, run.tail()
     # it ends with vLLM's per-layer table (then the engine note and where the run folder is)

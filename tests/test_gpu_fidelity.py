@@ -25,14 +25,13 @@ Timing of point a on 32 rows is a benchmark (benchmarks/test_fidelity_benchmarks
 from __future__ import annotations
 
 import gc
-import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 
 import pytest
 
+from helpers import down_proj_tensor_scales, tampered_copy
 from vlq import pipeline
 from vlq.checks import Check
 from vlq.fidelity import FidelityMetrics, FidelityReference, capture_reference, logits_forward
@@ -179,38 +178,6 @@ def _weights_or_activations(path, layers: dict, fake_quant_logits: FidelityRefer
     return f"KLD(a||b) {decoded:.4g} with weights from disk, {swapped:.4g} with a's weights"
 
 
-def _tampered_copy(path, dest, *, keys_to_double):
-    """``path`` copied to ``dest`` (hard links) with the tensors ``keys_to_double`` picks doubled on disk."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(path, dest, copy_function=os.link)
-    index = dest / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    doubled = []
-    for shard in shards:
-        tensors = load_file(dest / shard)
-        keys = keys_to_double(tensors)
-        if not keys:
-            continue
-        for key in keys:
-            tensors[key] = (tensors[key].to(torch.float32) * 2).to(tensors[key].dtype)
-        doubled += keys
-        (dest / shard).unlink()  # a hard link: writing through it would change the original too
-        save_file(tensors, dest / shard, metadata={"format": "pt"})
-    assert doubled, f"{path}: nothing to tamper with"
-    return doubled
-
-
-def _down_proj_tensor_scales(tensors) -> list[str]:
-    """Each quantized down_proj's per-tensor float32 weight scale: NVFP4's ``weight_scale_2``, FP8's ``weight_scale``."""
-    import torch
-
-    layers = {k.rsplit(".", 1)[0] for k in tensors if ".mlp.down_proj.weight_scale" in k}
-    return [f"{layer}.weight_scale_2" if f"{layer}.weight_scale_2" in tensors else f"{layer}.weight_scale"
-            for layer in sorted(layers) if tensors.get(f"{layer}.weight_scale_2", tensors[f"{layer}.weight_scale"]).dtype == torch.float32]
-
-
 def _down_proj_block_scales(tensors) -> list[str]:
     """Each NVFP4 down_proj's E4M3 block scales: doubled, the largest (448) overflow to NaN."""
     return [k for k in tensors if k.endswith("mlp.down_proj.weight_scale") and k + "_2" in tensors]
@@ -255,12 +222,12 @@ def test_checkpoint_from_disk_agrees_with_fake_quant(measured_3b):
     assert check.ok, check.problems
 
 
-@pytest.mark.parametrize("tamper", [_down_proj_tensor_scales, _down_proj_block_scales],
+@pytest.mark.parametrize("tamper", [down_proj_tensor_scales, _down_proj_block_scales],
                          ids=["down_proj-tensor-scales-doubled", "down_proj-e4m3-block-scales-doubled"])
 def test_checkpoint_with_doubled_scales_disagrees(measured_3b, tmp_path, tamper):
     tampered = tmp_path / "tampered"
     try:
-        doubled = _tampered_copy(measured_3b.path, tampered, keys_to_double=tamper)
+        doubled = tampered_copy(measured_3b.path, tampered, keys_to_double=tamper)
         check = _agreement(measured_3b, tampered)
         assert not check.ok, doubled[:3]
         assert "do not encode what the search measured" in check.problems[0] or "non-finite logits" in check.problems[0]

@@ -27,6 +27,14 @@
     (what hosts without AMX pick anyway, so there it changes nothing; identical outputs were
     measured).  Set only for the CPU build of vLLM, appended to any user value.
 
+``vllm_cpu_fp8_emulated_scaled_mm``
+    With that kernel disabled, FP8 linears run ``torch._scaled_mm``.  On hosts with AMX tiles torch hands
+    FP8 matmuls to oneDNN, which has no optimised FP8 matmul without AMX-FP8 and runs its reference
+    implementation (``ref:any`` under ``ONEDNN_VERBOSE=1``), about three orders of magnitude slower than
+    BF16: the 3B FP8 serving test then takes hours.  With oneDNN off torch emulates (FP8 upcast, float
+    matmul, scales): the same outputs, what hosts without AMX run anyway.  So vLLM's torch FP8 kernel runs
+    with oneDNN off for its one matmul; only the CPU build of vLLM is patched.
+
 ``hf_offline``
     A checkpoint path that does not exist is treated by transformers/vLLM as a hub id and a network
     call follows (``LocalEntryNotFoundError ... huggingface.co``).  vlq never downloads, so
@@ -149,6 +157,38 @@ def apply_vllm_cpu_disabled_kernels(platform: str | None) -> tuple[str, ...]:
             current.append(kernel)
     os.environ["VLLM_DISABLED_KERNELS"] = ",".join(current)
     return tuple(current)
+
+
+def apply_vllm_cpu_fp8_emulated_scaled_mm(platform: str | None) -> bool:
+    """Run vLLM's torch FP8 kernel with oneDNN off on CPU (see ``vllm_cpu_fp8_emulated_scaled_mm``).
+
+    Returns True when the kernel is patched (now or earlier); False when ``platform`` is not ``'cpu'``.
+    """
+    if platform != "cpu":
+        return False
+    if _VLLM_STATE.get("scaled_mm_patched"):
+        return True
+    import torch
+    from vllm.model_executor.kernels.linear.scaled_mm.pytorch import PerTensorTorchFP8ScaledMMLinearKernel as kernel
+
+    original = kernel.apply_scaled_mm
+
+    def apply_scaled_mm(self, **kwargs):
+        enabled = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            return original(self, **kwargs)
+        finally:
+            torch.backends.mkldnn.enabled = enabled
+
+    apply_scaled_mm.__wrapped__ = original
+    kernel.apply_scaled_mm = apply_scaled_mm
+    _VLLM_STATE["scaled_mm_patched"] = True
+    return True
+
+
+def vllm_cpu_fp8_emulated() -> bool:
+    return bool(_VLLM_STATE.get("scaled_mm_patched"))
 
 
 def apply_hf_offline() -> None:

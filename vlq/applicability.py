@@ -185,13 +185,19 @@ def fused_group_key(name: str) -> str:
     return name
 
 
+def text_head_dim(config: Mapping[str, Any]) -> int:
+    """The language model's attention head size in a Qwen2.5-VL ``config.json``."""
+    text = config.get("text_config") or config
+    return int(text.get("head_dim") or int(text["hidden_size"]) // int(text["num_attention_heads"]))
+
+
 def lm_shapes_from_config(config: Mapping[str, Any], lm_path: str = "model.language_model") -> list[LayerShape]:
     """The language model's linear shapes of a Qwen2.5-VL ``config.json`` (q/k/v, o, gate/up, down per layer)."""
     text = config.get("text_config") or config
     hidden, inter = int(text["hidden_size"]), int(text["intermediate_size"])
     heads = int(text["num_attention_heads"])
     kv = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // heads)
+    head_dim = text_head_dim(config)
     shapes = []
     for i in range(int(text["num_hidden_layers"])):
         p = f"{lm_path}.layers.{i}"

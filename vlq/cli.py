@@ -120,6 +120,18 @@ def _requests(args) -> tuple[ModelRequest, DataRequest]:
     return model, data
 
 
+def _require_kv_cache_servable(model: ModelRequest, scheme) -> None:
+    """An FP8 KV cache this machine's vLLM cannot run is refused now, not in the engine after the search."""
+    if not scheme.kv_cache_fp8:
+        return
+    from .applicability import text_head_dim
+    from .capabilities import require_fp8_kv_cache_servable
+    from .inputs import model_config
+
+    config = model_config(model.source)
+    require_fp8_kv_cache_servable(head_dim=text_head_dim(config) if config is not None else None)
+
+
 @dataclass(frozen=True)
 class _LightChecks:
     """What the torch-free checks found: the requests, whether the model is full-size, and the scheme as the
@@ -147,6 +159,8 @@ def _light_checks(args) -> _LightChecks:
 
         require_fits_config(Path(model.source) / "config.json", light)
         _check_prerequisites(args, model, data, light)
+    if getattr(args, "command", None) == "run" and not getattr(args, "no_serve", False):
+        _require_kv_cache_servable(model, light)
     return _LightChecks(model, data, full_size, light, folder)
 
 

@@ -162,7 +162,8 @@ def export_checkpoint(
     return ExportResult(export_dir, report, tuple(marked), tuple(unified), kv)
 
 
-_PROCESSOR_FILES = (
+#: Tokenizer and processor files an export carries so vLLM can serve it on its own.
+PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
     "video_preprocessor_config.json", "added_tokens.json",
@@ -172,7 +173,7 @@ _PROCESSOR_FILES = (
 def _copy_processor_files(loaded, dest: Path) -> None:
     """Carry tokenizer and processor files so the export serves on its own."""
     if loaded.path is not None:
-        for name in _PROCESSOR_FILES:
+        for name in PROCESSOR_FILES:
             src = Path(loaded.path) / name
             if src.exists() and not (dest / name).exists():
                 shutil.copy2(src, dest / name)

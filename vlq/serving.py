@@ -39,6 +39,16 @@ LM_LINEAR_RE = re.compile(r"^language_model\.model\.layers\.(\d+)\.(self_attn\.(
 VISION_PREFIX = "visual."
 LM_HEAD_NAMES = ("language_model.lm_head", "lm_head")
 
+#: The name of each served check (what tables print and tests pin to), in :func:`run_checks` order.
+VISION_AND_HEAD_CHECK = "vision tower and lm_head unquantized"
+LM_LAYERS_CHECK = "LM layers match the manifest"
+OUTPUTS_CHECK = "outputs finite and not degenerate"
+IMAGE_SENSITIVITY_CHECK = "image changes the output"
+VISION_PROBE_CHECK = "vision tower output (raw-pixel probe)"
+REFERENCE_CHECK = "agrees with the BF16 reference"
+KV_CACHE_CHECK = "FP8 KV cache with calibrated scales"
+RESOLUTION_CHECK = "quant config resolves"
+
 #: Quant-method class names per vlq format (vLLM 0.32 has one generic ModelOptLinearMethod; older
 #: releases had per-format classes).
 EXPECTED_METHODS: dict[str, tuple[str, ...]] = {
@@ -141,7 +151,7 @@ def check_vision_and_head_unquantized(source) -> Check:
             problems.append(f"{layer.name} weight dtype {layer.weight_dtype}, expected bf16/fp16")
         if layer.unloaded_scales:
             problems.append(f"{layer.name} has never-loaded scales {list(layer.unloaded_scales)}")
-    return _result("vision tower and lm_head unquantized", problems, len(vision) + len(heads),
+    return _result(VISION_AND_HEAD_CHECK, problems, len(vision) + len(heads),
                    f"{len(vision)} vision layers, lm_head")
 
 
@@ -171,7 +181,7 @@ def check_lm_layers(source, expected: dict[str, str]) -> Check:
     for fmt in expected.values():
         counts[fmt] = counts.get(fmt, 0) + 1
     detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    return _result("LM layers match the manifest", problems, len(expected), detail)
+    return _result(LM_LAYERS_CHECK, problems, len(expected), detail)
 
 
 def _uniform(step: tuple[tuple[int, float], ...]) -> bool:
@@ -205,7 +215,7 @@ def check_outputs(generations: Iterable[GenerationResult] | ServingReport) -> Ch
                 f"{label} is degenerate: the top-{len(g.top_logprobs[0])} logprobs are equal at every step "
                 f"(tokens {list(g.token_ids)}, logprob {g.logprobs[0]:.4f})"
             )
-    return _result("outputs finite and not degenerate", problems, len(generations))
+    return _result(OUTPUTS_CHECK, problems, len(generations))
 
 
 def check_image_sensitivity(report: ServingReport, *, min_delta: float = 1e-6) -> Check:
@@ -225,7 +235,7 @@ def check_image_sensitivity(report: ServingReport, *, min_delta: float = 1e-6) -
                 f"step-0 logprobs are identical for two different images (max |Δ| {delta:.2e} <= {min_delta:g}): "
                 "the output does not depend on the image, so the vision tower is not working"
             )
-    return _result("image changes the output", problems, 1, f"max |Δ step-0 logprob| {delta:.4g}")
+    return _result(IMAGE_SENSITIVITY_CHECK, problems, 1, f"max |Δ step-0 logprob| {delta:.4g}")
 
 
 def check_vision_probe(report: ServingReport, reference: ServingReport | None = None, *, min_cos: float = 0.99) -> Check:
@@ -234,7 +244,7 @@ def check_vision_probe(report: ServingReport, reference: ServingReport | None = 
     probe = report.vision_probe
     problems = []
     if not probe.ran:
-        return _result("vision tower output (raw-pixel probe)", [], 0, f"not run: {probe.error}")
+        return _result(VISION_PROBE_CHECK, [], 0, f"not run: {probe.error}")
     if not probe.values:
         problems.append("the vision tower returned an empty output")
     elif not probe.finite:
@@ -258,7 +268,7 @@ def check_vision_probe(report: ServingReport, reference: ServingReport | None = 
             detail += f", cos vs reference {cos:.4f}"
             if cos < min_cos:
                 problems.append(f"vision output cos {cos:.4f} vs the BF16 reference < {min_cos}")
-    return _result("vision tower output (raw-pixel probe)", problems, 1, detail)
+    return _result(VISION_PROBE_CHECK, problems, 1, detail)
 
 
 @dataclass(frozen=True)
@@ -339,7 +349,7 @@ def check_against_reference(report: ServingReport, reference: ServingReport, tol
                         f"(the reference ranks it {gap:.3f} below its top-1)"
                     )
                 break  # contexts diverge from here
-    return _result("agrees with the BF16 reference", problems, len(pairs),
+    return _result(REFERENCE_CHECK, problems, len(pairs),
                    f"max |Δ logprob| {worst:.4f} (tolerance {tol.max_abs_logprob}{', same tokens but near-ties' if tol.same_tokens else ''})")
 
 
@@ -363,7 +373,7 @@ def check_kv_cache(report: ServingReport, *, checkpoint: str | os.PathLike | Non
         for label, got, exp in (("k_scale", layer.k_scale, want[0]), ("v_scale", layer.v_scale, want[1])):
             if not (math.isfinite(got) and abs(got - exp) <= 1e-2 * abs(exp)):
                 problems.append(f"{layer.name}: served {label} {got:.6g} != checkpoint {exp:.6g} (scale not loaded)")
-    return _result("FP8 KV cache with calibrated scales", problems, len(lm_kv),
+    return _result(KV_CACHE_CHECK, problems, len(lm_kv),
                    f"{report.kv_cache_dtype}, {len(lm_kv)} attention layers")
 
 
@@ -402,5 +412,5 @@ def check_resolution(resolution: QuantResolution, *, manifest=None) -> tuple[Che
     expected = expected_lm_formats(manifest=manifest) if manifest is not None else expected_lm_formats(checkpoint=resolution.checkpoint)
     checks = [check_vision_and_head_unquantized(resolution), check_lm_layers(resolution, expected)]
     if resolution.errors:
-        checks.append(_result("quant config resolves", resolution.errors, len(resolution.layers)))
+        checks.append(_result(RESOLUTION_CHECK, resolution.errors, len(resolution.layers)))
     return tuple(checks)

@@ -353,6 +353,7 @@ def prepare_environment(device: str) -> None:
     _compat.apply_torchvision_schema_shim()
     _compat.apply_vllm_registry_inprocess()
     _compat.apply_vllm_cpu_disabled_kernels(device)
+    _compat.apply_vllm_cpu_fp8_emulated_scaled_mm(device)
 
 
 class VllmRunner:
@@ -383,6 +384,15 @@ class VllmRunner:
                 f"{self.path} uses {', '.join(self.preflight.algos)}, for which vLLM has no {self.device} "
                 "kernels; serve it on a CUDA GPU, or check it with resolve_quant_methods() here."
             )
+        self._config = read_config(self.path)
+        if self.preflight.kv_cache_quant_algo is not None or kv_cache_dtype.startswith("fp8"):
+            from .applicability import text_head_dim
+            from .capabilities import fp8_kv_cache_skip_reason
+
+            reason = fp8_kv_cache_skip_reason(self.device, head_dim=text_head_dim(self._config))
+            if reason is not None:  # vLLM would raise NotImplementedError while building its attention layers
+                raise ServingError(f"{self.path} has an FP8 KV cache, which vLLM on {self.device} cannot run here: {reason}. "
+                                   "Serve it on a CUDA GPU, or on an x86 CPU with AVX-512 or AMX.")
         kwargs: dict[str, Any] = dict(
             model=str(self.path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             enforce_eager=enforce_eager, seed=seed, kv_cache_dtype=kv_cache_dtype,
@@ -394,7 +404,6 @@ class VllmRunner:
         self.llm_kwargs = kwargs
         self.llm = None
         self.engine_start_s = 0.0
-        self._config = read_config(self.path)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> "VllmRunner":
