@@ -12,8 +12,8 @@ import math
 import pytest
 
 from helpers import vlq_cli
-from vlq.search import VisionGuard
-from vlq.serving import LM_LAYERS_CHECK, OUTPUTS_CHECK, VISION_AND_HEAD_CHECK
+from vlq.search.search import VisionGuard
+from vlq.serve.checks import LM_LAYERS_CHECK, OUTPUTS_CHECK, VISION_AND_HEAD_CHECK
 
 STEPS = ("--calib-steps", "2", "--score-steps", "2", "--seq-len", "32")
 #: ModelOpt prints this while inserting quantizers ("Inserted 903 quantizers"): third-party output.
@@ -151,7 +151,7 @@ def test_log_handlers_made_during_a_session_write_to_stderr_after_it(tmp_path, c
     import logging
     import sys
 
-    from vlq.console import third_party_to_log
+    from vlq.runtime.console import third_party_to_log
 
     logger = logging.getLogger("vlq-test-late-handler")
     with third_party_to_log(tmp_path / "log.txt"):

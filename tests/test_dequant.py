@@ -1,16 +1,16 @@
-"""vlq.dequant: an exported checkpoint read back from disk equals the fake-quantized model it came from.
+"""vlq.export.dequant: an exported checkpoint read back from disk equals the fake-quantized model it came from.
 
 For every format: quantize the tiny model's language model with ModelOpt (the format's ModelOpt
-config from ``vlq.schemes``), let vlq's export prepare it (``unify_fused_scales``, the step export
+config from ``vlq.formats.registry``), let vlq's export prepare it (``unify_fused_scales``, the step export
 runs before ModelOpt writes, done first so the capture is what is exported), capture ModelOpt's fake
 quant of the live model (``weight_quantizer(weight)``, ``input_quantizer(x)``, norm weights, logits),
-export with vlq, re-read with :func:`vlq.dequant.dequantize_checkpoint` and compare under the
-per-format tolerances of :data:`vlq.dequant.WEIGHT_TOLERANCES`.
+export with vlq, re-read with :func:`vlq.export.dequant.dequantize_checkpoint` and compare under the
+per-format tolerances of :data:`vlq.export.dequant.WEIGHT_TOLERANCES`.
 
 * CPU lane: FP8, INT8 SmoothQuant, and a MIXED_PRECISION of INT4 AWQ (attention) and W4A8 AWQ (MLP)
   calibrated with AWQ; NVFP4, W4A16_NVFP4 and MXFP8, whose fake quant needs CUDA, are calibrated on
   CPU (ModelOpt only collects amax there) as one MIXED_PRECISION checkpoint and compared with
-  vlq.dequant's own NVFP4/MXFP8 rule applied to the live weights.
+  vlq.export.dequant's own NVFP4/MXFP8 rule applied to the live weights.
 * gpu lane: NVFP4, W4A16_NVFP4, MXFP8 and an FP8+NVFP4 mix against ModelOpt's CUDA fake quant.
 
 Plain PTQ (``mtq.quantize``) rather than the AutoQuant search keeps the lane fast: the per-layer
@@ -29,14 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlq.dequant import (
-    WEIGHT_TOLERANCES,
-    ActivationQuant,
-    compare_activation,
-    compare_weight,
-    dequantize_checkpoint,
-)
-from vlq.errors import CheckpointError
+from vlq.export.dequant import WEIGHT_TOLERANCES, ActivationQuant, compare_activation, compare_weight, dequantize_checkpoint
+from vlq.runtime.errors import CheckpointError
 
 N_LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
@@ -54,7 +48,7 @@ class Variant:
     expected: tuple[tuple[str, int], ...] = ()  # quant_algo -> number of layers, on the tiny model (4 layers)
 
     def config(self) -> dict:
-        from vlq.schemes import get_format
+        from vlq.formats.registry import get_format
 
         base = get_format(self.default).config
         entries = list(base["quant_cfg"])
@@ -121,7 +115,7 @@ def _checkpoint_name(lm_relative: str) -> str:
 
 
 def _capture_and_export(loaded, dest: Path, *, fake_quant: bool = True) -> Captured:
-    from vlq.export import export_checkpoint, unify_fused_scales
+    from vlq.export.export import export_checkpoint, unify_fused_scales
 
     lm = loaded.language_model
     unify_fused_scales(lm)
@@ -197,7 +191,7 @@ def test_dequantized_weights_equal_fake_quant(variant_export):
 
 def test_activation_quantization_equals_input_quantizer(variant_export):
     """Each layer's prescribed input quantization reproduces ModelOpt's input quantizer (exactly but
-    for ties moved by an ulp in ``input_scale``: :data:`vlq.dequant.ACTIVATION_TOLERANCES`).
+    for ties moved by an ulp in ``input_scale``: :data:`vlq.export.dequant.ACTIVATION_TOLERANCES`).
 
     Where the export folded an AWQ pre_quant_scale into the preceding RMSNorm, the layer carries
     none; the norm weight on disk must then hold ``norm * pre_quant_scale`` (BF16), and the layer's
@@ -382,7 +376,7 @@ def test_unknown_quant_algo_is_one_line_error(fp8_copy, where):
             section["quantized_layers"] = {TAMPERED: {"quant_algo": "FP4_MAGIC"}}
 
     _edit_configs(path, edit)
-    with pytest.raises(CheckpointError, match=r"quant_algo 'FP4_MAGIC' .* is not one vlq\.dequant reads; known: FP8, ") as info:
+    with pytest.raises(CheckpointError, match=r"quant_algo 'FP4_MAGIC' .* is not one vlq\.export\.dequant reads; known: FP8, ") as info:
         dequantize_checkpoint(path)
     assert "\n" not in str(info.value)
 
@@ -423,7 +417,7 @@ def test_foreign_quantization_method_is_refused(fp8_copy):
     data = json.loads((path / "config.json").read_text())
     data["quantization_config"]["quant_method"] = "compressed-tensors"
     (path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=r"quant_method='compressed-tensors'; vlq.dequant reads ModelOpt exports"):
+    with pytest.raises(CheckpointError, match=r"quant_method='compressed-tensors'; vlq.export.dequant reads ModelOpt exports"):
         dequantize_checkpoint(path)
 
 
@@ -456,7 +450,7 @@ GPU_VARIANTS = (
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", GPU_VARIANTS, ids=lambda v: v.id)
 def test_cuda_formats_equal_modelopt_fake_quant(variant, pristine_vlm, tmp_path):
-    from vlq.calibration import synthetic_text_calibration
+    from vlq.data.calibration import synthetic_text_calibration
 
     batches = list(synthetic_text_calibration(pristine_vlm.config, vocab_size=pristine_vlm.vocab_size, num_batches=1,
                                               seq_len=32).batches)

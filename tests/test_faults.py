@@ -33,16 +33,16 @@ import pytest
 
 from helpers import start_vlq_cli, vlq_cli
 from vlq import pipeline
-from vlq.applicability import LayerShape, fused_group_key, lm_layer_shapes, lm_shapes_from_config, plan_formats
-from vlq.checkpoint import SHARD_INDEX, checkpoint_verdict, expected_scale_shapes, inspect_checkpoint
-from vlq.errors import CheckpointError, SchemeError, stage_boundary
-from vlq.files import KILL_ENV
-from vlq.inputs import ModelRequest, RunFolder
-from vlq.manifest import Manifest
-from vlq.models import build_tiny_checkpoint, odd_text_shape
+from vlq.formats.applicability import LayerShape, fused_group_key, lm_layer_shapes, lm_shapes_from_config, plan_formats
+from vlq.export.inspect import SHARD_INDEX, checkpoint_verdict, expected_scale_shapes, inspect_checkpoint
+from vlq.runtime.errors import CheckpointError, SchemeError, stage_boundary
+from vlq.runtime.files import KILL_ENV
+from vlq.inputs.requests import ModelRequest, RunFolder
+from vlq.manifest.manifest import Manifest
+from vlq.data.models import build_tiny_checkpoint, odd_text_shape
 from vlq.pipeline import fresh_copy
-from vlq.schemes import FORMATS, Scheme
-from vlq.search import modelopt_group_key, plan_lm_formats
+from vlq.formats.registry import FORMATS, Scheme
+from vlq.search.search import modelopt_group_key, plan_lm_formats
 
 FP8 = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
 # what `vlq export RUN` restores for FP8 (the CLI's step flags of the search that wrote RUN)
@@ -159,7 +159,7 @@ def test_without_the_rule_modelopts_export_crashes_and_the_stage_names_it(one_la
     import modelopt.torch.quantization as mtq
     import torch
 
-    from vlq.export import export_checkpoint
+    from vlq.export.export import export_checkpoint
 
     loaded = fresh_copy(one_layer_192)
     batch = pipeline.calibrate(loaded, FP8).batches[0]["input_ids"]
@@ -618,8 +618,8 @@ def fp8_run_10_bits(pristine_vlm, tmp_path_factory) -> RunFolder:
 _COMMIT_OTHER_SET = (
     "import shutil, sys\n"
     "from pathlib import Path\n"
-    "from vlq.inputs import RunFolder\n"
-    "from vlq.runlock import writing\n"
+    "from vlq.inputs.requests import RunFolder\n"
+    "from vlq.runtime.runlock import writing\n"
     "new = Path(sys.argv[1])\n"
     "with writing(RunFolder(sys.argv[2])) as staged:\n"
     "    shutil.copytree(new / 'checkpoint', staged.checkpoint)\n"

@@ -21,13 +21,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from vlq import pipeline
-from vlq.compare import CalibrationComparison, MethodComparison, compare_calibrations, compare_methods, load_comparison
-from vlq.errors import SchemeError
-from vlq.inputs import DataRequest, RunFolder
-from vlq.manifest import Manifest
-from vlq.report import write_report
-from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import apply_decisions
+from vlq.fidelity.comparison import CalibrationComparison, MethodComparison, compare_calibrations, compare_methods, load_comparison
+from vlq.runtime.errors import SchemeError
+from vlq.inputs.requests import DataRequest, RunFolder
+from vlq.manifest.manifest import Manifest
+from vlq.report.tables import write_report
+from vlq.formats.registry import NO_QUANT, Scheme
+from vlq.search.search import apply_decisions
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
 KINDS = ("text", "image_text")

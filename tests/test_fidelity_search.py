@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlq import pipeline
-from vlq.fidelity import capture_reference, logits_forward
-from vlq.inputs import RunFolder
-from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import HostOriginals, apply_decisions, enabled_quantizers, lm_achieved_bits, weights_quantized_once
+from vlq.fidelity.metrics import capture_reference, logits_forward
+from vlq.inputs.requests import RunFolder
+from vlq.formats.registry import NO_QUANT, Scheme
+from vlq.search.search import HostOriginals, apply_decisions, enabled_quantizers, lm_achieved_bits, weights_quantized_once
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
 SWEEP_TARGETS = (16.0, 14.0, 12.0, 10.0, 8.0)
@@ -200,7 +200,7 @@ def exported(trained, references, tmp_path_factory):
     """A fresh search exported; a's own logits captured first (the export packs the live weights)."""
     copy_ = pipeline.fresh_copy(trained)
     searched = pipeline.search(copy_, SCHEME, pipeline.calibrate(copy_, SCHEME))
-    from vlq.export import unify_fused_scales
+    from vlq.export.export import unify_fused_scales
 
     unify_fused_scales(copy_.language_model)
     to_bf16 = pipeline.measure_fake_quant(copy_, references)[0]
@@ -277,7 +277,7 @@ def test_vllm_top_k_prompt_logprobs_bound_the_whole_vocabulary_kld(exported):
     """Qwen-sized vocabularies are measured from each position's top k (the rest in the reference tail's
     shape): a lower bound on the whole-vocabulary KLD, close to it at k=256 here; k=4 is looser (the control:
     the comparison sees a truncation that leaves mass out)."""
-    from vlq.vllm_runner import VllmRunner
+    from vlq.serve.runner import VllmRunner
 
     manifest, fake_quant, to_bf16, path = exported
     first, logits = fake_quant.batches[0], fake_quant.logits[0]

@@ -16,7 +16,7 @@ siblings inheriting another layer's format, #47318; NVFP4 variants misrouted and
 unquantized, #47215 and #55496); only a CUDA vLLM runs NVFP4, so
 the CPU lane checks those exports up to per-layer resolution only.  Without a CUDA vLLM every test here skips
 with "needs vLLM built for cuda, found ... (scripts/gpu_vllm_env.sh makes a venv with a CUDA build)"
-(conftest.py, from vlq.capabilities).
+(conftest.py, from vlq.runtime.capabilities).
 """
 
 from __future__ import annotations
@@ -30,24 +30,18 @@ import pytest
 
 from helpers import down_proj_tensor_scales, tampered_copy
 from vlq import pipeline
-from vlq.checkpoint import checkpoint_verdict
-from vlq.export import PROCESSOR_FILES
-from vlq.fidelity import FidelityMetrics
-from vlq.inputs import RunFolder
-from vlq.manifest import Manifest
+from vlq.export.inspect import checkpoint_verdict
+from vlq.export.export import PROCESSOR_FILES
+from vlq.fidelity.metrics import FidelityMetrics
+from vlq.inputs.requests import RunFolder
+from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.schemes import NO_QUANT, Scheme
-from vlq.serving import (
-    EXPECTED_METHODS,
-    EXPECTED_WEIGHT_DTYPES,
-    IMAGE_SENSITIVITY_CHECK,
-    LM_LAYERS_CHECK,
-    OUTPUTS_CHECK,
-    VISION_AND_HEAD_CHECK,
-    VISION_PROBE_CHECK,
-    expected_lm_formats,
+from vlq.formats.registry import NO_QUANT, Scheme
+from vlq.serve.checks import (
+    EXPECTED_METHODS, EXPECTED_WEIGHT_DTYPES, IMAGE_SENSITIVITY_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, VISION_AND_HEAD_CHECK,
+    VISION_PROBE_CHECK, expected_lm_formats,
 )
-from vlq.vllm_runner import preflight
+from vlq.serve.runner import preflight
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 
@@ -64,7 +58,7 @@ POINT_C_ROWS, POINT_C_SEQ_LEN = 2, 32
 #: Point c against point b on the same rows.  H200s run FP8 as W8A8 with the checkpoint's static scales (as b
 #: simulates) and NVFP4 as weight-only W4A16 Marlin (b also quantizes activations, so c sits nearer BF16).
 SERVED_VS_CHECKPOINT = 1.5
-#: The checks every served checkpoint gets after the on-disk pre-flight, in vlq.serving.run_checks order.
+#: The checks every served checkpoint gets after the on-disk pre-flight, in vlq.serve.checks.run_checks order.
 SERVED_CHECKS = (VISION_AND_HEAD_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, IMAGE_SENSITIVITY_CHECK, VISION_PROBE_CHECK)
 
 

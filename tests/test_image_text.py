@@ -17,22 +17,17 @@ import torch
 
 from helpers import SearchedExport
 
-from vlq.calibration import (
-    IGNORE_INDEX,
-    CalibrationSet,
-    image_text_batches,
-    load_image_text_samples,
-    synthetic_image_text_batches,
-    text_batches,
+from vlq.data.calibration import (
+    IGNORE_INDEX, CalibrationSet, image_text_batches, load_image_text_samples, synthetic_image_text_batches, text_batches,
 )
 from vlq import pipeline
-from vlq.compare import CalibrationComparison, compare_calibrations, spearman
-from vlq.errors import CalibrationDataError, SchemeError
-from vlq.manifest import Manifest
-from vlq.models import fingerprint_parameters
+from vlq.fidelity.comparison import CalibrationComparison, compare_calibrations, spearman
+from vlq.runtime.errors import CalibrationDataError, SchemeError
+from vlq.manifest.manifest import Manifest
+from vlq.data.models import fingerprint_parameters
 from vlq.pipeline import fresh_copy
-from vlq.schemes import Scheme
-from vlq.search import LmHeadGuard, VisionGuard, make_forward_step
+from vlq.formats.registry import Scheme
+from vlq.search.search import LmHeadGuard, VisionGuard, make_forward_step
 
 SEQ_LEN = 64
 SEED = 0
@@ -95,7 +90,7 @@ def test_sample_longer_than_seq_len_is_refused(pristine_vlm):
 
 
 def _write_images(folder: Path, n: int) -> list[str]:
-    from vlq.calibration import generated_image_text_samples
+    from vlq.data.calibration import generated_image_text_samples
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -376,7 +371,7 @@ def test_3b_image_text_search_both_strategies_and_comparison(gpu_pristine_vlm, t
     tower BF16, verify their manifests and agree; then the comparison with text-only runs."""
     import gc
 
-    from vlq.calibration import synthetic_text_calibration
+    from vlq.data.calibration import synthetic_text_calibration
 
     loaded = gpu_pristine_vlm
     seq_len, steps = 512, 4

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlq.errors import SchemeError
-from vlq.schemes import (
-    FORMATS,
-    Scheme,
-    all_layers_config,
-    build_config,
-    get_format,
-    lm_only_config,
-    pattern_entries,
-    servability,
-)
+from vlq.runtime.errors import SchemeError
+from vlq.formats.registry import FORMATS, Scheme, all_layers_config, build_config, get_format, lm_only_config, pattern_entries, servability
 
 
 def test_scheme_id_grammar():
@@ -112,7 +103,7 @@ def _quantize_copy(pristine, config, calibration):
 
 
 def _enabled(loaded, prefix):
-    from vlq.search import enabled_quantizers
+    from vlq.search.search import enabled_quantizers
 
     return [q for q in enabled_quantizers(loaded.vlm) if q.startswith(prefix)]
 
