@@ -27,7 +27,7 @@ from vlq import pipeline
 from vlq.runtime.hardware import visible_gpus
 from vlq.inputs.requests import random_shape_config
 from vlq.search.plan import GIB, plan_search
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 
 from .conftest import RowPool
 

@@ -30,7 +30,7 @@ from vlq import pipeline
 from vlq.inputs.requests import TINY_TRAINED
 from vlq.data.models import load_vlm
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 from vlq.manifest.sweep import decision_agreement
 
 from .conftest import RowPool

@@ -15,7 +15,7 @@ from vlq.data.calibration import synthetic_text_calibration
 from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
 from vlq.search.search import PeakRss
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 
 BASE_CPU = dict(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=64, batch_size=1)
 CPU_GRID = (

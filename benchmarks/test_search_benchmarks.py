@@ -16,7 +16,7 @@ import pytest
 from vlq import pipeline
 from vlq.data.calibration import synthetic_text_calibration
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 
 CPU_VARIANTS = [
     Scheme(formats=f, target_bits=b, method=m, strategy=s, num_calib_steps=4, num_score_steps=4, seq_len=64)

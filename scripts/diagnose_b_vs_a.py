@@ -43,7 +43,7 @@ def main() -> None:
     from vlq.export.dequant import dequantize_checkpoint
     from vlq.export.export import unify_fused_scales
     from vlq.data.models import load_vlm
-    from vlq.formats.registry import Scheme
+    from vlq.search.scheme import Scheme
 
     loaded = load_vlm(args.model, device=args.device)
     scheme = Scheme(formats=tuple(args.formats.split(",")), target_bits=args.bits, num_calib_steps=args.steps,

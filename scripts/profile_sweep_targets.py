@@ -47,7 +47,7 @@ def main() -> None:
 
     from vlq import pipeline
     from vlq.data.models import load_vlm
-    from vlq.formats.registry import Scheme
+    from vlq.search.scheme import Scheme
     from vlq.fidelity.metrics import FidelityAccumulator, hidden_logits_forward
     from vlq.search.search import HostOriginals, apply_decisions, weights_quantized_once
     from vlq.manifest.sweep import manifest_for_target

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import SCHEME_FIELDS, Scheme
 
 # ------------------------------------------------------------------------------------------------
 # The CLI in a subprocess
@@ -219,8 +219,10 @@ def down_proj_tensor_scales(tensors) -> list[str]:
 
 MATRIX = Path(__file__).resolve().parent / "matrix" / "search_variants.yaml"
 LANES = ("cpu", "gpu")
-_REQUIRED = {"lane", "formats", "bits", "method", "strategy", "calib_steps", "score_steps", "seq_len"}
-_OPTIONAL = {"batch_size"}
+#: Keys every entry names: its lane and the scheme's own YAML keys (vlq.search.scheme.SCHEME_FIELDS) but these,
+#: which keep their scheme defaults unless given.
+_OPTIONAL = {"batch_size", "kv_cache_fp8"}
+_REQUIRED = {"lane", *SCHEME_FIELDS} - _OPTIONAL
 
 
 @dataclass(frozen=True)
@@ -271,10 +273,7 @@ def variant_from_entry(entry: dict) -> MatrixVariant:
                           f"keys are {sorted(_REQUIRED | _OPTIONAL)}.")
     if entry["lane"] not in LANES:
         raise MatrixError(f"Variant {entry}: lane must be one of {LANES}, got {entry['lane']!r}.")
-    scheme = Scheme(formats=str(entry["formats"]), target_bits=float(entry["bits"]), method=entry["method"],
-                    strategy=entry["strategy"], num_calib_steps=int(entry["calib_steps"]),
-                    num_score_steps=int(entry["score_steps"]), seq_len=int(entry["seq_len"]),
-                    batch_size=int(entry.get("batch_size", 1)))
+    scheme = Scheme.from_dict({key: value for key, value in entry.items() if key != "lane"})
     return MatrixVariant(scheme, entry["lane"])
 
 

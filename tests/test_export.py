@@ -8,7 +8,7 @@ from vlq import pipeline
 from vlq.runtime.errors import CheckpointError
 from vlq.export.inspect import CheckpointQuantConfig, checkpoint_module_name, inspect_checkpoint
 from vlq.export.export import export_checkpoint
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 from vlq.search.search import search_lm_only
 
 FP8 = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)

@@ -33,7 +33,8 @@ import pytest
 
 from helpers import start_vlq_cli, vlq_cli
 from vlq import pipeline
-from vlq.formats.applicability import LayerShape, fused_group_key, lm_layer_shapes, lm_shapes_from_config, plan_formats
+from vlq.formats.applicability import LayerShape, lm_layer_shapes, lm_shapes_from_config, plan_formats
+from vlq.formats.registry import fused_group_key
 from vlq.export.inspect import SHARD_INDEX, checkpoint_verdict, expected_scale_shapes, inspect_checkpoint
 from vlq.runtime.errors import CheckpointError, SchemeError, stage_boundary
 from vlq.runtime.files import KILL_ENV
@@ -41,7 +42,8 @@ from vlq.inputs.requests import ModelRequest, RunFolder
 from vlq.manifest.manifest import Manifest
 from vlq.data.models import build_tiny_checkpoint, odd_text_shape
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import FORMATS, Scheme
+from vlq.formats.registry import FORMATS
+from vlq.search.scheme import Scheme
 from vlq.search.search import modelopt_group_key, plan_lm_formats
 
 FP8 = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)

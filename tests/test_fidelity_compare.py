@@ -26,7 +26,8 @@ from vlq.runtime.errors import SchemeError
 from vlq.inputs.requests import DataRequest, RunFolder
 from vlq.manifest.manifest import Manifest
 from vlq.report.tables import write_report
-from vlq.formats.registry import NO_QUANT, Scheme
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
 from vlq.search.search import apply_decisions
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from vlq import pipeline
 from vlq.fidelity.metrics import capture_reference, logits_forward
 from vlq.inputs.requests import RunFolder
-from vlq.formats.registry import NO_QUANT, Scheme
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
 from vlq.search.search import HostOriginals, apply_decisions, enabled_quantizers, lm_achieved_bits, weights_quantized_once
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
@@ -252,7 +253,7 @@ def test_checkpoint_with_a_nan_scale_is_a_failed_check_not_a_crash(exported, tmp
 
 #: vLLM's CPU FP8 path (torch _scaled_mm, static per-tensor scales) against the fake-quantized model,
 #: as a multiple of the fake-quantized model's KLD to BF16 (export rounding included; see
-#: pipeline.EXPORT_AGREEMENT_FACTOR, whose FP8 factor is 1.5 for the checkpoint alone).
+#: the format registry's export agreement, whose FP8 factor is 1.5 for the checkpoint alone).
 SERVED_AGREEMENT_FACTOR = 1.5
 
 

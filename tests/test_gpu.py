@@ -23,7 +23,8 @@ from vlq.checks.check import Check
 from vlq.export.export import export_checkpoint
 from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import NO_QUANT, Scheme
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
 from vlq.search.search import LmHeadGuard, PhaseTimes, VisionGuard, search_lm_only
 
 pytestmark = pytest.mark.gpu

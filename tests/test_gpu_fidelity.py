@@ -37,7 +37,7 @@ from vlq.checks.check import Check
 from vlq.fidelity.metrics import FidelityMetrics, FidelityReference, capture_reference, logits_forward
 from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 
 pytestmark = pytest.mark.gpu
 

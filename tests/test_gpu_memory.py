@@ -24,7 +24,7 @@ from vlq.runtime.hardware import visible_gpus
 from vlq.inputs.requests import random_shape_config
 from vlq.pipeline import fresh_copy
 from vlq.search.plan import GIB, plan_search
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 
 pytestmark = pytest.mark.gpu
 
@@ -83,7 +83,7 @@ def test_gpu_oom_names_the_setting_and_frees_the_memory(gpu_pristine_vlm):
 
     from vlq.data.calibration import synthetic_text_calibration
     from vlq.runtime.errors import ResourceError
-    from vlq.formats.registry import Scheme
+    from vlq.search.scheme import Scheme
 
     torch.cuda.synchronize()
     gc.collect()

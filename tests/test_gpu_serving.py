@@ -36,10 +36,11 @@ from vlq.fidelity.metrics import FidelityMetrics
 from vlq.inputs.requests import RunFolder
 from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import NO_QUANT, Scheme
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
 from vlq.serve.checks import (
-    EXPECTED_METHODS, EXPECTED_WEIGHT_DTYPES, IMAGE_SENSITIVITY_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, VISION_AND_HEAD_CHECK,
-    VISION_PROBE_CHECK, expected_lm_formats,
+    IMAGE_SENSITIVITY_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, VISION_AND_HEAD_CHECK,
+    VISION_PROBE_CHECK, expected_lm_formats, expected_methods, expected_weight_dtypes,
 )
 from vlq.serve.runner import preflight
 
@@ -158,8 +159,8 @@ def test_every_lm_layer_served_in_its_manifest_format(served_exports, quant_algo
         if fmt == NO_QUANT:
             wrong = [n for n in names if not served[n].quant_method.startswith("Unquantized")]
         else:
-            wrong = [n for n in names if served[n].quant_method not in EXPECTED_METHODS[fmt]
-                     or served[n].weight_dtype not in EXPECTED_WEIGHT_DTYPES[fmt]]
+            wrong = [n for n in names if served[n].quant_method not in expected_methods(fmt)
+                     or served[n].weight_dtype not in expected_weight_dtypes(fmt)]
         assert not wrong, [(n, served[n].quant_method, served[n].weight_dtype) for n in wrong[:5]]
 
 

@@ -26,7 +26,7 @@ from vlq.runtime.errors import CalibrationDataError, SchemeError
 from vlq.manifest.manifest import Manifest
 from vlq.data.models import fingerprint_parameters
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 from vlq.search.search import LmHeadGuard, VisionGuard, make_forward_step
 
 SEQ_LEN = 64

@@ -16,7 +16,7 @@ from vlq.runtime.errors import ResourceError
 from vlq.inputs.requests import ModelRequest, random_shape_config
 from vlq.search.placement import LM, VISION, place
 from vlq.search.plan import GIB, ModelShape
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 
 SPLIT_SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
 

@@ -28,7 +28,7 @@ from vlq.inputs.requests import DataRequest, RunFolder
 from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
 from vlq.runtime.runlock import RunLock
-from vlq.formats.registry import default_scheme
+from vlq.search.scheme import default_scheme
 from vlq.search.state import load_search_state, modelopt_state_io, sidecar_path
 
 # what `vlq search --device cpu --calib-steps 2 --score-steps 2 --seq-len 32` searches (the CLI's CPU default)

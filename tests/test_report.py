@@ -16,7 +16,7 @@ from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
 from vlq.runtime.errors import VlqError
 from vlq.report.tables import benchmark_table, compare_runs, load_benchmarks, write_report
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 
 REPO = Path(__file__).resolve().parent.parent
 SAVED = REPO / "reports" / "benchmarks" / "h200-3b.json"

@@ -19,7 +19,8 @@ from vlq import pipeline
 from vlq.runtime.errors import GuardViolation, ManifestMismatch, SchemeError
 from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import FORMATS, NO_QUANT, Scheme
+from vlq.formats.registry import FORMATS, NO_QUANT
+from vlq.search.scheme import Scheme
 from vlq.search.search import LmHeadGuard, VisionGuard, search_lm_only
 
 
@@ -83,10 +84,16 @@ def test_matrix_ids_are_readable_scheme_ids():
 
 def test_matrix_refuses_a_malformed_entry(tmp_path):
     """Negative control for the loader: a typo or a repeated variant is an error, not a silent skip."""
-    entry = dict(lane="cpu", formats="fp8", bits=12, method="gradient", strategy="extract", calib_steps=2, score_steps=2, seq_len=32)
+    entry = dict(lane="cpu", formats="fp8", target_bits=12, method="gradient", strategy="extract", num_calib_steps=2,
+                 num_score_steps=2, seq_len=32)
     path = tmp_path / "variants.yaml"
     path.write_text(yaml.safe_dump({"variants": [{**entry, "stesp": 2}]}))
     with pytest.raises(MatrixError, match=r"unknown keys \['stesp'\]"):
+        search_variants("cpu", path)
+    # the matrix speaks the scheme's own keys: a second dialect (bits for target_bits) is refused
+    dialect = {**{k: v for k, v in entry.items() if k != "target_bits"}, "bits": 12}
+    path.write_text(yaml.safe_dump({"variants": [dialect]}))
+    with pytest.raises(MatrixError, match=r"missing keys \['target_bits'\], unknown keys \['bits'\]"):
         search_variants("cpu", path)
     path.write_text(yaml.safe_dump({"variants": [entry, entry]}))
     with pytest.raises(MatrixError, match=r"ids repeat in lane cpu: \['fp8-12b-gradient-extract'\]"):

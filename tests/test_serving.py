@@ -21,7 +21,8 @@ from vlq.runtime.errors import ServingError
 from vlq.export.export import add_fp8_kv_cache, export_checkpoint
 from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import NO_QUANT, Scheme
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
 from vlq.search.search import make_forward_step
 from vlq.serve.checks import (
     IMAGE_SENSITIVITY_CHECK, KV_CACHE_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, REFERENCE_CHECK, VISION_AND_HEAD_CHECK, VISION_PROBE_CHECK,

@@ -10,7 +10,7 @@ from vlq import pipeline
 from vlq.runtime.errors import SchemeError
 from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
-from vlq.formats.registry import Scheme
+from vlq.search.scheme import Scheme
 from vlq.manifest.sweep import decision_agreement
 
 SCHEME = Scheme(formats=("fp8", "int4_awq"), target_bits=7.0, num_calib_steps=2, num_score_steps=2, seq_len=32)

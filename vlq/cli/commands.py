@@ -21,9 +21,7 @@ from typing import IO, Callable, Iterator
 
 from ..runtime.errors import SchemeError, VlqError
 from ..inputs.requests import POINT_NAMES, TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
-
-SCHEME_FIELDS = ("formats", "target_bits", "method", "strategy", "num_calib_steps", "num_score_steps", "batch_size",
-                 "seq_len", "kv_cache_fp8")
+from ..search.scheme import METHODS, SCHEME_FIELDS, STRATEGIES, Scheme, default_scheme
 
 
 # ------------------------------------------------------------------------------------------------
@@ -36,8 +34,8 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheme", help="YAML scheme file (other scheme flags override its fields)")
     g.add_argument("--formats", help="candidate formats joined by '+', e.g. fp8+nvfp4 (`vlq explain` lists them)")
     g.add_argument("--bits", type=float, dest="target_bits", help="target bits per LM weight (16 = no compression)")
-    g.add_argument("--method", choices=["gradient", "kl_div"])
-    g.add_argument("--strategy", choices=["extract", "mask"])
+    g.add_argument("--method", choices=METHODS)
+    g.add_argument("--strategy", choices=STRATEGIES)
     g.add_argument("--calib-steps", type=int, dest="num_calib_steps")
     g.add_argument("--score-steps", type=int, dest="num_score_steps")
     g.add_argument("--batch-size", type=_batch_size, help="rows per step, or 'auto' (default for full-size models on "
@@ -94,10 +92,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _scheme(args, device: str, *, full_size: bool):
     """The scheme the flags ask for, on top of the device's default (or the --scheme file)."""
-    from ..formats.registry import Scheme, default_scheme
-
     base = Scheme.from_yaml(args.scheme).to_dict() if args.scheme else default_scheme(device, full_size=full_size).to_dict()
-    for key in SCHEME_FIELDS:
+    for key in SCHEME_FIELDS:  # the flags' dests are the scheme's field names
         value = getattr(args, key, None)
         if value is not None and value != "auto":
             base[key] = value
@@ -476,8 +472,6 @@ def cmd_plan(args) -> int:
     print("\n".join(lines))
     return 0 if plan.fits else 1
 
-
-METHODS = ("gradient", "kl_div")
 
 
 def cmd_compare_methods(args) -> int:

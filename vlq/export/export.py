@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inspect import FUSED_GROUPS, CheckpointReport, inspect_checkpoint
+from ..formats.registry import FUSED_GROUPS
+from .inspect import CheckpointReport, inspect_checkpoint
 from ..runtime.errors import CheckpointError
 from ..runtime.files import check_export_dir, kill_point, replace_dir
 
@@ -60,7 +61,7 @@ def unify_fused_scales(model: nn.Module) -> list[tuple[str, ...]]:
 
     unified = []
     for parent_name, parent in model.named_modules():
-        for names in FUSED_GROUPS:
+        for names in FUSED_GROUPS.values():
             members = [getattr(parent, n, None) for n in names]
             if any(m is None or not hasattr(m, "weight_quantizer") for m in members):
                 continue

@@ -22,55 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from ..checks.check import Check
+from ..formats.registry import FUSED_GROUPS, format_for_algo
 from ..runtime.errors import CheckpointError
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
-# Tensors each exported quant_algo must carry next to ``weight`` (ModelOpt 0.47 unified export).
-REQUIRED_TENSORS: dict[str, tuple[str, ...]] = {
-    "FP8": ("weight_scale", "input_scale"),
-    "W4A16_AWQ": ("weight_scale",),
-    "W4A8_AWQ": ("weight_scale", "weight_scale_2", "input_scale"),
-    "W8A8_SQ_PER_CHANNEL": ("weight_scale", "input_scale"),
-    "NVFP4": ("weight_scale", "weight_scale_2", "input_scale"),
-    "W4A16_NVFP4": ("weight_scale", "weight_scale_2"),
-    "MXFP8": ("weight_scale",),
-}
-WEIGHT_DTYPES: dict[str, tuple[str, ...]] = {
-    "FP8": ("F8_E4M3",),
-    "W4A16_AWQ": ("U8", "I8"),
-    "W4A8_AWQ": ("U8", "I8"),
-    "W8A8_SQ_PER_CHANNEL": ("I8",),
-    "NVFP4": ("U8",),
-    "W4A16_NVFP4": ("U8",),
-    "MXFP8": ("F8_E4M3",),
-}
 SCALE_SUFFIXES = ("_scale", "_scale_2", "_amax", "pre_quant_scale", "k_scale", "v_scale")
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 SHARD_INDEX = "model.safetensors.index.json"
 KV_CACHE_SCALES = frozenset({"k_scale", "v_scale"})
 
 
 def expected_scale_shapes(algo: str, weight_shape: tuple[int, ...], group_size: int | None = None) -> dict[str, tuple[int, ...]] | None:
-    """The shape of each tensor next to ``weight`` in ModelOpt 0.47's export of ``algo``, from the
-    (packed) weight shape; ``None`` where vlq has not measured the layout (NVFP4 and MXFP8 are exported on
-    CUDA only).  Measured on CPU exports (tests/test_faults.py pins them on real exports)."""
-    if len(weight_shape) != 2:
-        return None
-    rows, cols = weight_shape
-    if algo == "FP8":
-        return {"weight_scale": (), "input_scale": ()}
-    if algo == "W8A8_SQ_PER_CHANNEL":
-        return {"weight_scale": (rows,), "input_scale": (), "pre_quant_scale": (cols,)}
-    if algo in ("W4A16_AWQ", "W4A8_AWQ"):  # two INT4 values per byte along the output dimension
-        block = group_size or 128
-        if cols % block:
-            return None  # the block rule (vlq.formats.applicability) names it; no shape to expect
-        shapes = {"weight_scale": (rows * 2, cols // block), "pre_quant_scale": (cols,)}
-        if algo == "W4A8_AWQ":
-            shapes.update(weight_scale_2=(), input_scale=())
-        return shapes
-    return None
+    """The shape of each tensor next to ``weight`` in ModelOpt 0.47's export of ``algo``, from the (packed)
+    weight shape (:attr:`vlq.formats.spec.QuantFormat.on_disk`); ``None`` where there is none to expect."""
+    fmt = format_for_algo(algo)
+    return None if fmt is None else fmt.on_disk.shapes(tuple(weight_shape), group_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,10 +404,11 @@ def inspect_checkpoint(
             elif set(scales) - KV_CACHE_SCALES and not in_vision:  # k/v cache scales may sit on unquantized k/v_proj
                 problems.append(f"{layer} is unquantized in the config but carries scales {', '.join(scales)}")
             continue
-        allowed = WEIGHT_DTYPES.get(algo)
+        fmt = format_for_algo(algo)
+        allowed = fmt.on_disk.weight_dtypes if fmt is not None else None
         if allowed and weight.dtype not in allowed:
             problems.append(f"{layer}: the config says {algo}, which stores weights as {'/'.join(allowed)}, but the weight on disk is {weight.dtype}")
-        for needed in REQUIRED_TENSORS.get(algo, ()):
+        for needed in (fmt.on_disk.required if fmt is not None else ()):
             if needed not in tensors:
                 problems.append(f"{layer}: {algo} needs tensor {layer}.{needed}, missing")
         shapes = expected_scale_shapes(algo, weight.shape, group_size) if not allowed or weight.dtype in allowed else None
@@ -462,7 +429,7 @@ def inspect_checkpoint(
     unified = 0
     by_layer = {l.name: l for l in layers}
     for parent in sorted({l.name.rpartition(".")[0] for l in layers}):
-        for names in FUSED_GROUPS:
+        for names in FUSED_GROUPS.values():
             members = [by_layer.get(f"{parent}.{n}") for n in names]
             if any(m is None for m in members) or parent.startswith(vprefix):
                 continue

@@ -1,7 +1,7 @@
 """Stage 3b — which candidate formats can apply to which language-model layers, from shapes alone.
 
 Block formats quantize weights in blocks of input features (INT4 AWQ / W4A8 AWQ: 128, NVFP4: 16,
-MXFP8: 32, :attr:`vlq.formats.registry.QuantFormat.block_size`), and INT4 packs two output channels per byte.
+MXFP8: 32, :attr:`vlq.formats.spec.QuantFormat.block_size`), and INT4 packs two output channels per byte.
 ModelOpt fake-quantizes a partial block during the search without complaint, then its export refuses
 to pack it ("Cannot pack weight with input dimension 192 and block size 128: partial blocks are not
 supported"), and vLLM's NVFP4/MXFP8 kernels refuse such layers at load.  So before any search,
@@ -21,10 +21,14 @@ Pure arithmetic over :class:`LayerShape`: no torch, testable for every format (C
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..runtime.errors import SchemeError
-from .registry import FORMATS, QuantFormat, Scheme
+from .registry import FORMATS, fused_group_key
+from .spec import QuantFormat
+
+if TYPE_CHECKING:
+    from ..search.scheme import Scheme
 
 #: Layers listed by name in a refusal before "... and N more".
 SHOWN_LAYERS = 6
@@ -169,21 +173,6 @@ def lm_layer_shapes(loaded) -> list[LayerShape]:
 # ------------------------------------------------------------------------------------------------
 # From config.json alone: refuse before anything heavy is imported
 # ------------------------------------------------------------------------------------------------
-
-#: ModelOpt 0.47's ``quant_grouping_rules`` for Qwen2-style layers (q/k/v share one decision, gate/up
-#: another); tests/test_faults.py checks they group a real model as ModelOpt does.
-FUSED_GROUP_RULES = (r"^(.*?)\.(q_proj|k_proj|v_proj)$", r"^(.*?)\.(gate_proj|up_proj)$")
-
-
-def fused_group_key(name: str) -> str:
-    import re
-
-    for rule in FUSED_GROUP_RULES:
-        match = re.match(rule, name)
-        if match:
-            return match.group(1)
-    return name
-
 
 def text_head_dim(config: Mapping[str, Any]) -> int:
     """The language model's attention head size in a Qwen2.5-VL ``config.json``."""

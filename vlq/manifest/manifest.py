@@ -20,7 +20,9 @@ from ..formats.applicability import FormatExclusion
 from ..checks.check import Check
 from ..runtime.errors import ManifestMismatch
 from ..fidelity.metrics import FidelityMetrics
-from ..formats.registry import FORMATS, NO_QUANT, Scheme, live_signature
+from ..formats.registry import FORMATS, NO_QUANT
+from ..search.scheme import Scheme
+from ..formats.signatures import live_signature
 from ..search.search import Candidate, GroupDecision, SearchResult, decisions_from_state, groups_within, lm_achieved_bits
 
 MANIFEST_VERSION = 2  # 2: effective_bits renamed achieved_bits; scheme version 2

@@ -45,7 +45,8 @@ from ..manifest.manifest import Manifest
 from ..data.models import LoadedVLM, load_vlm
 from ..runtime.progress import SILENT, Progress
 from ..runtime.runlock import Staged, writing
-from ..formats.registry import Scheme
+from ..formats.registry import FORMATS, NO_QUANT
+from ..search.scheme import Scheme
 from ..search.search import (
     SearchResult, apply_decisions, check_guards, make_forward_step, plan_lm_formats, search_lm_only, HostOriginals, weights_quantized_once,
 )
@@ -337,28 +338,12 @@ def served_fidelity(runner, references: Sequence[FidelityReference], *, top_k: i
     return tuple(metrics)
 
 
-#: How far the checkpoint read back from disk (point b) may sit from the fake-quantized model (point a),
-#: as a multiple of how far quantization moved the model: KLD(a || b) <= factor * KLD(BF16 || a).
-#: Derived from what the export encodes differently from ModelOpt's fake quant (vlq/export/dequant.py bounds it
-#: per tensor): an element one grid step away carries ~12x the energy of uniform rounding error (step^2
-#: vs step^2/12), so a format whose tolerance lets a share s of elements move one step gets ~12 s.
-#: FP8: 12 x 12.5% = 1.5 (the export divides by the scale in bf16 before the E4M3 cast; tiny models
-#: measured 0.64).  AWQ/SmoothQuant differ by bf16 rounding of folded scales instead (0.08 and 0.32
-#: measured, 0.25 and 0.5 allowed); NVFP4/MXFP8 tie rounding (12 x 2% = 0.24, 0.5 allowed).  A checkpoint
-#: with weight scales doubled sits 6-120x away on learned weights and 8.6x on the random 3B.
-#: On the random-weight 3B (fp8+nvfp4, 6 bits, H200) b sat 1.08x from a, 1.02x even with a's own weights:
-#: the random-shape builder had cast RoPE's inv_freq to bf16 (fixed in vlq.data.models; scripts/diagnose_b_vs_a.py
-#: found it), so that gap was never the export's; the per-layer comparison stays the sharp check there.
-EXPORT_AGREEMENT_FACTOR = {"fp8": 1.5, "int4_awq": 0.25, "w4a8_awq": 0.5, "int8_sq": 0.5, "nvfp4": 0.5,
-                           "w4a16_nvfp4": 0.5, "mxfp8": 0.5}
-
-
 def export_agreement(manifest: Manifest, fake_quant: FidelityReference, checkpoint: str | Path, *,
                      bf16_to_fake_quant: FidelityMetrics) -> Check:
     """Point b agrees with point a: the exported checkpoint, rebuilt from disk, is within the format's
-    :data:`EXPORT_AGREEMENT_FACTOR` of the fake-quantized model (``fake_quant`` holds a's logits)."""
-    chosen = {g.chosen for g in manifest.groups} - {"none"}
-    factor = max((EXPORT_AGREEMENT_FACTOR[f] for f in chosen), default=0.0)
+    export-agreement factor (:attr:`vlq.formats.spec.QuantFormat.export_agreement`) of the fake-quantized model (``fake_quant`` holds a's logits)."""
+    chosen = {g.chosen for g in manifest.groups} - {NO_QUANT}
+    factor = max((FORMATS[f].export_agreement.factor for f in chosen), default=0.0)
     allowed = factor * bf16_to_fake_quant.kld_mean
     name = "checkpoint from disk == fake-quantized model (fidelity)"
     try:

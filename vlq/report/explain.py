@@ -7,7 +7,8 @@ from importlib import metadata
 
 from tabulate import tabulate
 
-from ..formats.registry import FORMATS, default_disabled_patterns, get_format, pattern_entries
+from ..formats.registry import FORMATS, get_format
+from ..formats.modelopt_configs import default_disabled_patterns, pattern_entries
 
 
 def _version(dist: str) -> str:

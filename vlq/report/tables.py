@@ -14,7 +14,7 @@ from tabulate import tabulate
 from ..checks.check import Check, checks_table
 from ..fidelity.metrics import SUMMARY_HEADERS, FidelityMetrics
 from ..manifest.manifest import Manifest
-from ..formats.registry import NO_QUANT
+from ..formats.registry import NO_QUANT, color_of
 from ..serve.checks import LM_HEAD_NAMES, LM_LINEAR_RE, VISION_PREFIX
 from ..serve.runner import ServedLayer
 
@@ -432,10 +432,6 @@ def plot_before_after(comparison: Sequence[RunComparison], path: _Path, *, basel
     return path
 
 
-FORMAT_COLORS = {"none": "#d9d9d9", "fp8": "#4e79a7", "int4_awq": "#e15759", "w4a8_awq": "#f28e2b", "int8_sq": "#76b7b2",
-                 "nvfp4": "#59a14f", "w4a16_nvfp4": "#edc948", "mxfp8": "#b07aa1"}
-
-
 def plot_format_map(manifest: Manifest, path: _Path) -> _Path:
     """Layer index x decision group, colored by the chosen format."""
     plt = _plt()
@@ -447,7 +443,7 @@ def plot_format_map(manifest: Manifest, path: _Path) -> _Path:
     index = {f: i for i, f in enumerate(formats)}
     from matplotlib.colors import ListedColormap
 
-    cmap = ListedColormap([FORMAT_COLORS.get(f, "#000000") for f in formats])
+    cmap = ListedColormap([color_of(f) for f in formats])
     grid = [[index[c] for c in r[1:]] for r in body]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 1 + 0.22 * len(body)))
     ax.imshow(grid, cmap=cmap, aspect="auto", vmin=-0.5, vmax=len(formats) - 0.5, interpolation="nearest")
@@ -455,7 +451,7 @@ def plot_format_map(manifest: Manifest, path: _Path) -> _Path:
     ax.set_yticks(range(len(body)), [r[0] for r in body], fontsize=6)
     ax.set_ylabel("decoder layer")
     ax.set_title(f"{manifest.scheme.id}: {manifest.achieved_bits:.2f} LM bits", fontsize=8)
-    ax.legend(handles=[Patch(color=FORMAT_COLORS.get(f, "#000"), label=f) for f in formats], fontsize=7,
+    ax.legend(handles=[Patch(color=color_of(f), label=f) for f in formats], fontsize=7,
               bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     _save_png(fig, path)

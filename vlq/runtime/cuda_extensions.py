@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..formats.registry import QuantFormat
+from ..formats.spec import QuantFormat
 
 #: ModelOpt's extensions by name -> the loader in ``modelopt.torch.quantization.extensions`` that builds it.
 LOADERS = {

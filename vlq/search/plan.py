@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from ..runtime.errors import ResourceError
 from ..runtime.hardware import GpuInfo, host_memory
-from ..formats.registry import LOSS_CHUNK_TOKENS, Scheme
+from .scheme import LOSS_CHUNK_TOKENS, Scheme
 
 GIB = 2**30
 BF16 = 2

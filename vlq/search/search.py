@@ -39,7 +39,8 @@ from ..runtime.errors import GuardViolation, ResourceError, SchemeError, SearchS
 from ..runtime.files import kill_point
 from ..data.models import LoadedVLM, fingerprint_parameters
 from ..runtime.progress import SILENT, Progress
-from ..formats.registry import LOSS_CHUNK_TOKENS, NO_QUANT, Scheme, format_for_modelopt_name
+from .scheme import LOSS_CHUNK_TOKENS, Scheme
+from ..formats.registry import NO_QUANT, format_for_modelopt_name
 
 
 # ------------------------------------------------------------------------------------------------

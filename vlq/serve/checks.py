@@ -19,22 +19,22 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..checks.check import Check
 from ..runtime.errors import CheckpointError, ServingError
-from ..formats.registry import NO_QUANT, format_of_algo
+from ..formats.registry import (
+    FORMATS, FUSED_GROUPS, FUSED_LAYER_OF, NO_QUANT, UNKNOWN_FORMAT_REFERENCE, UNQUANTIZED_REFERENCE, UNQUANTIZED_WEIGHT_DTYPES,
+    format_of_algo,
+)
+from ..formats.spec import LogprobTolerance
 from .runner import GenerationResult, QuantResolution, ServedLayer, ServingReport, is_unquantized_method, preflight, read_config
 
 # ------------------------------------------------------------------------------------------------
 # Names and expectations
 # ------------------------------------------------------------------------------------------------
 
-#: vLLM fuses these checkpoint linears into one layer.
-VLLM_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-VLLM_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 LM_LINEAR_RE = re.compile(r"^language_model\.model\.layers\.(\d+)\.(self_attn\.(?:qkv_proj|o_proj)|mlp\.(?:gate_up_proj|down_proj))$")
 VISION_PREFIX = "visual."
 LM_HEAD_NAMES = ("language_model.lm_head", "lm_head")
@@ -49,21 +49,18 @@ REFERENCE_CHECK = "agrees with the BF16 reference"
 KV_CACHE_CHECK = "FP8 KV cache with calibrated scales"
 RESOLUTION_CHECK = "quant config resolves"
 
-#: Quant-method class names per vlq format (vLLM 0.32 has one generic ModelOptLinearMethod; older
-#: releases had per-format classes).
-EXPECTED_METHODS: dict[str, tuple[str, ...]] = {
-    "fp8": ("ModelOptLinearMethod", "ModelOptFp8LinearMethod"),
-    "nvfp4": ("ModelOptLinearMethod", "ModelOptNvFp4LinearMethod"),
-    "w4a16_nvfp4": ("ModelOptLinearMethod", "ModelOptNvFp4LinearMethod"),
-    "mxfp8": ("ModelOptLinearMethod", "ModelOptMxFp8LinearMethod"),
-}
-EXPECTED_WEIGHT_DTYPES: dict[str, tuple[str, ...]] = {
-    NO_QUANT: ("torch.bfloat16", "torch.float16"),
-    "fp8": ("torch.float8_e4m3fn",),
-    "nvfp4": ("torch.uint8",),
-    "w4a16_nvfp4": ("torch.uint8",),
-    "mxfp8": ("torch.float8_e4m3fn",),
-}
+def expected_methods(fmt: str) -> tuple[str, ...]:
+    """The quant-method class names a layer served in vlq format ``fmt`` may carry (none for an unserved format)."""
+    support = FORMATS[fmt].vllm if fmt in FORMATS else None
+    return support.methods if support is not None else ()
+
+
+def expected_weight_dtypes(fmt: str) -> tuple[str, ...]:
+    """The torch dtypes a served layer's weight may have in ``fmt`` (:data:`NO_QUANT`: BF16/FP16)."""
+    if fmt == NO_QUANT:
+        return UNQUANTIZED_WEIGHT_DTYPES
+    support = FORMATS[fmt].vllm if fmt in FORMATS else None
+    return support.weight_dtypes if support is not None else ()
 
 
 def vllm_layer_name(member: str, lm_path: str = "model.language_model", vision_root: str = "model.visual") -> str:
@@ -75,7 +72,7 @@ def vllm_layer_name(member: str, lm_path: str = "model.language_model", vision_r
 
     hub = checkpoint_module_name(member, lm_path, vision_root)  # model.layers.0.self_attn.q_proj
     parent, _, leaf = hub.rpartition(".")
-    leaf = VLLM_FUSED.get(leaf, leaf)
+    leaf = FUSED_LAYER_OF.get(leaf, leaf)
     if hub == "lm_head":
         return "language_model.lm_head"
     if hub.startswith("model."):
@@ -102,7 +99,7 @@ def expected_lm_formats(*, manifest=None, checkpoint: str | os.PathLike | None =
         for i in range(layers):
             for parent, leaves in (("self_attn", ("qkv_proj", "o_proj")), ("mlp", ("gate_up_proj", "down_proj"))):
                 for leaf in leaves:
-                    shards = VLLM_SHARDS.get(leaf, (leaf,))
+                    shards = FUSED_GROUPS.get(leaf, (leaf,))
                     formats = {format_of_algo(config.algo_for(f"model.layers.{i}.{parent}.{s}")) for s in shards}
                     name = f"language_model.model.layers.{i}.{parent}.{leaf}"
                     if len(formats) != 1:
@@ -147,7 +144,7 @@ def check_vision_and_head_unquantized(source) -> Check:
     for layer in vision + heads:
         if not is_unquantized_method(layer.quant_method):
             problems.append(f"{layer.name} ({layer.layer_cls}) uses {layer.quant_method}, expected Unquantized*")
-        if layer.weight_dtype is not None and layer.weight_dtype not in EXPECTED_WEIGHT_DTYPES[NO_QUANT]:
+        if layer.weight_dtype is not None and layer.weight_dtype not in UNQUANTIZED_WEIGHT_DTYPES:
             problems.append(f"{layer.name} weight dtype {layer.weight_dtype}, expected bf16/fp16")
         if layer.unloaded_scales:
             problems.append(f"{layer.name} has never-loaded scales {list(layer.unloaded_scales)}")
@@ -168,11 +165,11 @@ def check_lm_layers(source, expected: dict[str, str]) -> Check:
         if fmt == NO_QUANT:
             ok_method = is_unquantized_method(layer.quant_method)
         else:
-            ok_method = layer.quant_method in EXPECTED_METHODS.get(fmt, ())
+            ok_method = layer.quant_method in expected_methods(fmt)
         if not ok_method:
-            want = "Unquantized*" if fmt == NO_QUANT else "/".join(EXPECTED_METHODS.get(fmt, ("?",)))
+            want = "Unquantized*" if fmt == NO_QUANT else "/".join(expected_methods(fmt) or ("?",))
             problems.append(f"{name}: expected {fmt} ({want}), vLLM uses {layer.quant_method}")
-        dtypes = EXPECTED_WEIGHT_DTYPES.get(fmt)
+        dtypes = expected_weight_dtypes(fmt)
         if layer.weight_dtype is not None and dtypes and layer.weight_dtype not in dtypes:
             problems.append(f"{name}: expected {fmt} weight dtype {'/'.join(dtypes)}, found {layer.weight_dtype}")
         if layer.unloaded_scales:
@@ -271,34 +268,15 @@ def check_vision_probe(report: ServingReport, reference: ServingReport | None = 
     return _result(VISION_PROBE_CHECK, problems, 1, detail)
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """How close a quantized model's greedy steps must stay to the BF16 reference's.
-
-    ``max_abs_logprob`` bounds |Δ logprob| of the reference's greedy token at every compared step.
-    With ``same_tokens`` the greedy tokens must agree, except at a near-tie: a step where the
-    reference itself ranks the quantized model's choice within ``2 * max_abs_logprob`` of its own
-    top-1 (random-weight models have nearly flat distributions).  Comparison stops at the first
-    differing token, since the contexts diverge after it.
-    """
-
-    same_tokens: bool
-    max_abs_logprob: float
+def reference_tolerance(fmt: str) -> LogprobTolerance:
+    """How close greedy outputs of ``fmt`` stay to the BF16 reference (:attr:`vlq.formats.spec.VllmSupport.reference`)."""
+    if fmt == NO_QUANT:
+        return UNQUANTIZED_REFERENCE
+    support = FORMATS[fmt].vllm if fmt in FORMATS else None
+    return support.reference if support is not None else UNKNOWN_FORMAT_REFERENCE
 
 
-#: Per format.  FP8 was measured on the tiny model with text-only calibration: |Δ| ≤ 0.03 on text
-#: prompts, up to 0.22 on image prompts (static activation scales calibrated on text only), and
-#: greedy flips only at near-ties (top-1/top-2 gaps of 0.05-0.33).  4-bit formats may flip tokens.
-TOLERANCES: dict[str, Tolerance] = {
-    NO_QUANT: Tolerance(True, 0.02),
-    "fp8": Tolerance(True, 0.25),
-    "mxfp8": Tolerance(True, 0.3),
-    "nvfp4": Tolerance(False, 0.6),
-    "w4a16_nvfp4": Tolerance(False, 0.6),
-}
-
-
-def tolerance_for(report: ServingReport) -> Tolerance:
+def tolerance_for(report: ServingReport) -> LogprobTolerance:
     from ..export.inspect import CheckpointQuantConfig
 
     formats = {NO_QUANT}
@@ -312,12 +290,12 @@ def tolerance_for(report: ServingReport) -> Tolerance:
             formats.add("fp8")
     except CheckpointError:
         pass
-    chosen = [TOLERANCES.get(f, Tolerance(False, 0.6)) for f in formats]
-    return Tolerance(all(t.same_tokens for t in chosen), max(t.max_abs_logprob for t in chosen))
+    chosen = [reference_tolerance(f) for f in formats]
+    return LogprobTolerance(all(t.same_tokens for t in chosen), max(t.max_abs_logprob for t in chosen))
 
 
-def check_against_reference(report: ServingReport, reference: ServingReport, tolerance: Tolerance | None = None) -> Check:
-    """Greedy steps agree with a BF16 reference within the format's :class:`Tolerance`."""
+def check_against_reference(report: ServingReport, reference: ServingReport, tolerance: LogprobTolerance | None = None) -> Check:
+    """Greedy steps agree with a BF16 reference within the format's :class:`vlq.formats.spec.LogprobTolerance`."""
     tol = tolerance or tolerance_for(report)
     problems = []
     worst = 0.0

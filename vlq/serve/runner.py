@@ -24,13 +24,10 @@ from typing import Any, Sequence
 
 from ..runtime import compat as _compat
 from ..runtime.errors import CheckpointError, ServingError
-from ..formats.registry import ALGO_TO_FORMAT, VLLM_SERVABLE_ALGOS, servability
+from ..formats.registry import ALGO_TO_FORMAT, VLLM_SERVABLE_ALGOS, runnable_devices, servability
 
 #: What ModelOpt writes for a never-loaded scale (vLLM's FP8 sentinel is -3.4e38).
 UNLOADED_SCALE = -1e38
-
-#: Algorithms with no CPU kernel in vLLM: they can only be resolved, not run, on CPU.
-NO_CPU_KERNEL_ALGOS = frozenset({"NVFP4", "W4A16_NVFP4", "MXFP8"})
 
 
 def is_unquantized_method(name: str | None) -> bool:
@@ -238,8 +235,7 @@ def preflight(path: str | os.PathLike) -> Preflight:
         verdict = servability(formats)
         if not verdict.servable:
             raise ServingError(f"{path} cannot be served by vLLM: {verdict.reason}")
-    runnable = ("cuda",) if any(a in NO_CPU_KERNEL_ALGOS for a in algos) else ("cpu", "cuda")
-    return Preflight(path, qc.quant_algo, algos, qc.kv_cache_quant_algo, runnable)
+    return Preflight(path, qc.quant_algo, algos, qc.kv_cache_quant_algo, runnable_devices(algos))
 
 
 # ------------------------------------------------------------------------------------------------
