@@ -92,7 +92,9 @@ def _raw_modelopt(pristine, scheme, rows):
     import modelopt.torch.quantization as mtq
     import torch
 
-    from vlq.search.search import causal_lm_loss, decisions_from_state, make_forward_step
+    from vlq.search.losses import causal_lm_loss
+    from vlq.search.decisions import decisions_from_state
+    from vlq.search.forward import make_forward_step
 
     loaded = pipeline.fresh_copy(pristine)
     try:

@@ -17,7 +17,7 @@ from vlq import pipeline
 from vlq.inputs.requests import TINY_TRAINED
 from vlq.data.models import load_vlm
 from vlq.pipeline import fresh_copy
-from vlq.search.search import PeakRss
+from vlq.search.accounting import PeakRss
 from vlq.search.scheme import Scheme
 
 TINY_SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)

@@ -14,7 +14,7 @@ from vlq import pipeline
 from vlq.data.calibration import synthetic_text_calibration
 from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
-from vlq.search.search import PeakRss
+from vlq.search.accounting import PeakRss
 from vlq.search.scheme import Scheme
 
 BASE_CPU = dict(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=64, batch_size=1)

@@ -49,7 +49,8 @@ def main() -> None:
     from vlq.data.models import load_vlm
     from vlq.search.scheme import Scheme
     from vlq.fidelity.metrics import FidelityAccumulator, hidden_logits_forward
-    from vlq.search.search import HostOriginals, apply_decisions, weights_quantized_once
+    from vlq.fidelity.quantized_weights import HostOriginals, weights_quantized_once
+    from vlq.search.search import apply_decisions
     from vlq.manifest.sweep import manifest_for_target
 
     pristine = load_vlm(args.model, device=args.device)

@@ -29,7 +29,10 @@ from vlq.fidelity.metrics import capture_reference, logits_forward
 from vlq.inputs.requests import RunFolder
 from vlq.formats.registry import NO_QUANT
 from vlq.search.scheme import Scheme
-from vlq.search.search import HostOriginals, apply_decisions, enabled_quantizers, lm_achieved_bits, weights_quantized_once
+from vlq.fidelity.quantized_weights import HostOriginals, weights_quantized_once
+from vlq.search.search import apply_decisions
+from vlq.search.decisions import lm_achieved_bits
+from vlq.search.guards import enabled_quantizers
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
 SWEEP_TARGETS = (16.0, 14.0, 12.0, 10.0, 8.0)

@@ -25,7 +25,10 @@ from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
 from vlq.formats.registry import NO_QUANT
 from vlq.search.scheme import Scheme
-from vlq.search.search import LmHeadGuard, PhaseTimes, VisionGuard, search_lm_only
+from vlq.checks.registry import CHECK_NAMES
+from vlq.search.guards import LmHeadGuard, VisionGuard
+from vlq.search.accounting import PhaseTimes
+from vlq.search.search import search_lm_only
 
 pytestmark = pytest.mark.gpu
 
@@ -90,10 +93,8 @@ def test_vision_and_lm_head_stay_unquantized(gpu_searched, record_property):
 
 
 def test_manifest_state_quantizers_export_agree(gpu_searched):
-    assert [c.name for c in gpu_searched.checks] == [
-        VisionGuard.name, LmHeadGuard.name, "manifest == searcher state == live quantizers",
-        "manifest == exported checkpoint", "checkpoint on disk (checkpoint)",
-    ]
+    assert [c.name for c in gpu_searched.checks] == [CHECK_NAMES[k].format(folder="checkpoint") for k in (
+        "vision_guard", "lm_head_guard", "manifest_vs_search", "checkpoint_on_disk", "manifest_vs_checkpoint")]
     for check in gpu_searched.checks:
         assert check.ok, (check.name, check.problems)
 
@@ -145,7 +146,7 @@ def test_cuda_extensions_load_before_calibration(gpu_pristine_vlm, record_proper
     import torch
 
     from vlq.runtime.cuda_extensions import FP8_EXT, loaded_in_process
-    from vlq.search.search import timing_summary
+    from vlq.search.accounting import timing_summary
 
     scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=1, num_score_steps=1, seq_len=512)
     results = []

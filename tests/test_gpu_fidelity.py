@@ -142,7 +142,7 @@ def _folded_against_live(loaded, batch, *, quantized: int) -> tuple[int, int, fl
     on the GPU kernels that must still give the live forward's logits, bit for bit."""
     import torch
 
-    from vlq.search.search import weights_quantized_once
+    from vlq.fidelity.quantized_weights import weights_quantized_once
 
     forward = logits_forward(loaded.vlm)
     with torch.no_grad():

@@ -38,11 +38,15 @@ from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
 from vlq.formats.registry import NO_QUANT
 from vlq.search.scheme import Scheme
-from vlq.serve.checks import (
-    IMAGE_SENSITIVITY_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, VISION_AND_HEAD_CHECK,
-    VISION_PROBE_CHECK, expected_lm_formats, expected_methods, expected_weight_dtypes,
-)
+from vlq.serve.checks import expected_lm_formats, expected_methods, expected_weight_dtypes
 from vlq.serve.runner import preflight
+from vlq.checks.registry import CHECK_NAMES
+
+VISION_AND_HEAD_CHECK = CHECK_NAMES["vllm_vision_and_head"]
+LM_LAYERS_CHECK = CHECK_NAMES["vllm_lm_layers"]
+OUTPUTS_CHECK = CHECK_NAMES["vllm_outputs"]
+IMAGE_SENSITIVITY_CHECK = CHECK_NAMES["vllm_image_sensitivity"]
+VISION_PROBE_CHECK = CHECK_NAMES["vllm_vision_probe"]
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 

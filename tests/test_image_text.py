@@ -27,7 +27,8 @@ from vlq.manifest.manifest import Manifest
 from vlq.data.models import fingerprint_parameters
 from vlq.pipeline import fresh_copy
 from vlq.search.scheme import Scheme
-from vlq.search.search import LmHeadGuard, VisionGuard, make_forward_step
+from vlq.search.guards import LmHeadGuard, VisionGuard
+from vlq.search.forward import make_forward_step
 
 SEQ_LEN = 64
 SEED = 0
@@ -211,7 +212,7 @@ def test_image_text_search_keeps_vision_and_lm_head_unquantized(image_searched):
 def test_image_text_manifest_verifies(image_searched):
     manifest = image_searched.manifest
     manifest.verify(state=image_searched.result.modelopt_state).require()
-    live = [c for c in image_searched.searched.checks if c.name == "manifest == searcher state == live quantizers"]
+    live = [c for c in image_searched.searched.checks if c.key == "manifest_vs_search"]
     assert len(live) == 1 and live[0].ok, live  # checked by the pipeline before the export rewrote the weights
     manifest.verify(checkpoint=image_searched.exported.path).require()
     report = image_searched.exported.export.report

@@ -20,7 +20,6 @@ MODULE_EXCEPTIONS: dict[str, str] = {
     "fidelity.metrics": "split in a later step",
     "data.models": "split in a later step",
     "pipeline.stages": "split in a later step",
-    "search.search": "split in a later step",
     "data.training": "split in a later step",
     "serve.runner": "split in a later step",
 }
@@ -28,7 +27,6 @@ FUNCTION_EXCEPTIONS: dict[str, str] = {
     "export.inspect.inspect_checkpoint": "split in a later step",
     "cli.commands.build_parser": "split in a later step",
     "report.tables.write_report": "split in a later step",
-    "search.search.search_lm_only": "split in a later step",
 }
 
 

@@ -76,7 +76,8 @@ def test_split_search_equals_the_one_device_search(split_request, pristine_vlm, 
 def test_guards_still_catch_a_vision_quantizer_on_a_split_model(split_request, calibration):
     """Negative control: the unguarded whole-VLM search quantizes the vision tower of the split model too."""
     from vlq import pipeline
-    from vlq.search.search import VisionGuard, search_lm_only
+    from vlq.search.guards import VisionGuard
+    from vlq.search.search import search_lm_only
 
     split = pipeline.load_model(split_request)
     result = search_lm_only(split, SPLIT_SCHEME.with_(strategy="mask"), calibration, disable_vision=False, exclude_cost=False)

@@ -96,7 +96,7 @@ def _quantize_copy(pristine, config, calibration):
 
 
 def _enabled(loaded, prefix):
-    from vlq.search.search import enabled_quantizers
+    from vlq.search.guards import enabled_quantizers
 
     return [q for q in enabled_quantizers(loaded.vlm) if q.startswith(prefix)]
 

@@ -21,7 +21,9 @@ from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
 from vlq.formats.registry import FORMATS, NO_QUANT
 from vlq.search.scheme import Scheme
-from vlq.search.search import LmHeadGuard, VisionGuard, search_lm_only
+from vlq.checks.registry import CHECK_NAMES
+from vlq.search.guards import LmHeadGuard, VisionGuard
+from vlq.search.search import search_lm_only
 
 
 Variant = SearchedExport  # one matrix variant's search and export
@@ -108,10 +110,9 @@ def test_matrix_refuses_a_malformed_entry(tmp_path):
 
 def test_pipeline_ran_every_check(variant):
     names = [c.name for c in variant.searched.checks + variant.exported.checks]
-    assert names == [
-        VisionGuard.name, LmHeadGuard.name, "manifest == searcher state == live quantizers",
-        "manifest == exported checkpoint", "checkpoint on disk (checkpoint)",
-    ]
+    # the search, manifest and inspect stages' registered checks, in registry order
+    assert names == [CHECK_NAMES[k].format(folder="checkpoint") for k in
+                     ("vision_guard", "lm_head_guard", "manifest_vs_search", "checkpoint_on_disk", "manifest_vs_checkpoint")]
     assert all(c.ok for c in variant.searched.checks + variant.exported.checks)
 
 
@@ -374,7 +375,8 @@ def test_search_leaves_no_gradient_on_an_untied_lm_head(tmp_path):
     from vlq import pipeline
     from vlq.data.calibration import text_batches
     from vlq.data.models import build_tiny_checkpoint, load_checkpoint
-    from vlq.search.search import causal_lm_loss, make_forward_step
+    from vlq.search.losses import causal_lm_loss
+    from vlq.search.forward import make_forward_step
 
     loaded = load_checkpoint(build_tiny_checkpoint(tmp_path / "untied", tie_word_embeddings=False))
     assert not loaded.tied_lm_head
@@ -409,7 +411,7 @@ def _trained_text_batch(trained_vlm, *, batch_size=2, seq_len=24):
 def _hidden_and_lm_head(trained_vlm, batch):
     import torch
 
-    from vlq.search.search import make_forward_step
+    from vlq.search.forward import make_forward_step
 
     with torch.no_grad():
         hidden = make_forward_step(trained_vlm, "extract", logits=False)(trained_vlm.language_model, batch)
@@ -423,7 +425,7 @@ def test_chunked_loss_equals_full_logits_loss(trained_vlm):
     position off (what a misaligned chunk would compute) differs, so the comparison can fail."""
     import torch
 
-    from vlq.search.search import causal_lm_loss, chunked_causal_lm_loss
+    from vlq.search.losses import causal_lm_loss, chunked_causal_lm_loss
 
     batch = _trained_text_batch(trained_vlm)
     hidden, lm_head = _hidden_and_lm_head(trained_vlm, batch)
@@ -445,7 +447,7 @@ def test_chunked_loss_keeps_no_whole_batch_logits_for_backward(trained_vlm):
     the full-logits loss keeps the whole batch's fp32 log-softmax (tokens x vocab x 4 bytes)."""
     import torch
 
-    from vlq.search.search import causal_lm_loss, chunked_causal_lm_loss
+    from vlq.search.losses import causal_lm_loss, chunked_causal_lm_loss
 
     batch = _trained_text_batch(trained_vlm, batch_size=4, seq_len=32)
     hidden, lm_head = _hidden_and_lm_head(trained_vlm, batch)  # bf16, as the search runs them
@@ -490,7 +492,7 @@ def test_search_with_chunked_loss_decides_as_with_full_logits(trained_vlm):
 def test_only_extract_can_hand_hidden_states_to_the_chunked_loss(trained_vlm):
     """``mask`` runs the VLM's own lm_head: asking it for hidden states is refused, not silently ignored.
     Control: ``extract`` returns the hidden size, not the vocabulary."""
-    from vlq.search.search import make_forward_step
+    from vlq.search.forward import make_forward_step
 
     with pytest.raises(ValueError, match="Only the extract strategy"):
         make_forward_step(trained_vlm, "mask", logits=False)
@@ -510,18 +512,18 @@ def _amax_by_quantizer(model) -> dict:
 def calibration_batching(trained_vlm):
     """fp8+int8_sq (max and SmoothQuant calibration) searched on the trained tiny model with its 4
     calibration batches merged into one forward per format (the default) and one forward per batch."""
-    from vlq.search import search as search_module
+    from vlq.search import calibration_feed
     from vlq.data.calibration import text_batches
 
     scheme = Scheme(formats=("fp8", "int8_sq"), target_bits=10.0, num_calib_steps=4, num_score_steps=2, seq_len=32)
     cal = text_batches(trained_vlm.tokenizer, vocab_size=trained_vlm.vocab_size, num_batches=4, batch_size=2, seq_len=32)
     merged = search_lm_only(fresh_copy(trained_vlm), scheme, cal)
-    saved = search_module.CALIBRATION_TOKENS_PER_FORWARD
-    search_module.CALIBRATION_TOKENS_PER_FORWARD = 1  # one batch per forward, as ModelOpt's examples calibrate
+    saved = calibration_feed.CALIBRATION_TOKENS_PER_FORWARD
+    calibration_feed.CALIBRATION_TOKENS_PER_FORWARD = 1  # one batch per forward, as ModelOpt's examples calibrate
     try:
-        per_batch = search_module.search_lm_only(fresh_copy(trained_vlm), scheme, cal)
+        per_batch = search_lm_only(fresh_copy(trained_vlm), scheme, cal)
     finally:
-        search_module.CALIBRATION_TOKENS_PER_FORWARD = saved
+        calibration_feed.CALIBRATION_TOKENS_PER_FORWARD = saved
     fewer_rows = search_lm_only(fresh_copy(trained_vlm), scheme.with_(num_calib_steps=1), cal)
     return scheme, cal, merged, per_batch, fewer_rows
 
@@ -546,7 +548,7 @@ def test_calibration_merges_batches_into_fewer_forwards_with_the_same_amax(calib
 def test_awq_keeps_one_calibration_forward_per_batch(calibration_batching):
     """AWQ searches its scales per batch (and ModelOpt feeds it a quarter of the steps), so a scheme with
     an AWQ format is calibrated batch by batch.  Control: the same batches without AWQ are merged."""
-    from vlq.search.search import calibration_forwards
+    from vlq.search.calibration_feed import calibration_forwards
 
     scheme, cal, *_ = calibration_batching
     batches = list(cal.batches)
@@ -580,12 +582,12 @@ def test_calibration_skips_the_lm_head_under_extract(trained_vlm):
     """Calibration discards its forwards' output and the lm_head is never searched under ``extract``, so
     calibration forwards stop at the hidden states.  Control: scoring does run the lm_head."""
     from vlq.data.calibration import text_batches
-    from vlq.search.search import _calibrating
+    from vlq.search.calibration_feed import calibrating
 
     calls = {"calibration": 0, "scoring": 0}
 
     def count(module, args, output):
-        calls["calibration" if _calibrating() else "scoring"] += 1
+        calls["calibration" if calibrating() else "scoring"] += 1
 
     loaded = fresh_copy(trained_vlm)
     handle = loaded.lm_head.register_forward_hook(count)
@@ -605,7 +607,7 @@ def test_phases_add_up_with_no_extension_phase_on_cpu(variant):
     phases add up to the total.  Control: the same result with a 52 s extension build names it in the
     timing line and counts it in the total, while calibrate stays what it was."""
     from vlq.runtime.cuda_extensions import FP8_EXT, ExtensionLoad
-    from vlq.search.search import timing_summary
+    from vlq.search.accounting import timing_summary
 
     result = variant.result
     times = result.times

@@ -23,13 +23,21 @@ from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
 from vlq.formats.registry import NO_QUANT
 from vlq.search.scheme import Scheme
-from vlq.search.search import make_forward_step
+from vlq.search.forward import make_forward_step
 from vlq.serve.checks import (
-    IMAGE_SENSITIVITY_CHECK, KV_CACHE_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, REFERENCE_CHECK, VISION_AND_HEAD_CHECK, VISION_PROBE_CHECK,
     check_against_reference, check_image_sensitivity, check_kv_cache, check_lm_layers, check_outputs, check_resolution,
     check_vision_and_head_unquantized, check_vision_probe, expected_lm_formats, run_checks, vllm_layer_name,
 )
 from vlq.serve.runner import GenerationResult, VllmRunner, preflight, resolve_quant_methods
+from vlq.checks.registry import CHECK_NAMES
+
+VISION_AND_HEAD_CHECK = CHECK_NAMES["vllm_vision_and_head"]
+LM_LAYERS_CHECK = CHECK_NAMES["vllm_lm_layers"]
+OUTPUTS_CHECK = CHECK_NAMES["vllm_outputs"]
+IMAGE_SENSITIVITY_CHECK = CHECK_NAMES["vllm_image_sensitivity"]
+VISION_PROBE_CHECK = CHECK_NAMES["vllm_vision_probe"]
+REFERENCE_CHECK = CHECK_NAMES["vllm_reference"]
+KV_CACHE_CHECK = CHECK_NAMES["vllm_kv_cache"]
 
 VLLM = pytest.mark.vllm
 
@@ -438,6 +446,23 @@ def test_mixed_shards_in_one_fused_layer_refused(tiny_checkpoint, tmp_path):
         expected_lm_formats(checkpoint=path)
 
 
+def test_resolution_names_a_fused_layer_with_mixed_formats(tiny_checkpoint, tmp_path):
+    """vLLM's own resolution refuses q/k/v in two formats; the registered resolution check reports it, naming the
+    fused layer (negative control: a consistent checkpoint's resolution has no errors and no such verdict)."""
+    from vlq.serve.checks import resolution_check
+
+    _needs_vllm()
+    config = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "ignore": EXCLUDES, "quantized_layers": {
+        "model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"}, "model.layers.0.self_attn.k_proj": {"quant_algo": "NVFP4"},
+        "model.layers.0.self_attn.v_proj": {"quant_algo": "FP8"}}}
+    resolution = resolve_quant_methods(_handmade(tiny_checkpoint, tmp_path / "mixed", config))
+    check = resolution_check(resolution=resolution)
+    assert check is not None and not check.ok and check.name == CHECK_NAMES["vllm_resolves"]
+    assert any("qkv_proj" in p for p in check.problems), check.problems
+    fine = resolve_quant_methods(_handmade(tiny_checkpoint, tmp_path / "fp8", RESOLVABLE["mxfp8"][0]))
+    assert not fine.errors and resolution_check(resolution=fine) is None
+
+
 # ---- the CLI ---------------------------------------------------------------------------------------
 
 
@@ -485,7 +510,7 @@ def test_fp8_3b_random_serves_on_cpu(tmp_path, tiny_checkpoint):
     from vlq.data.calibration import synthetic_text_calibration
     from vlq.runtime.capabilities import vllm_skip_reason
     from vlq.data.models import build_3b_random
-    from vlq.search.search import PeakRss
+    from vlq.search.accounting import PeakRss
 
     if vllm_skip_reason("cpu"):
         pytest.skip(vllm_skip_reason("cpu"))

@@ -26,6 +26,7 @@ class Check:
     checked: int = 0  # how many layers / groups / files the check looked at
     detail: str = ""  # one line for tables when the check passes
     error: type[VlqError] = field(default=VlqError, compare=False, repr=False)
+    key: str = field(default="", compare=False, repr=False)  # its entry in vlq.checks.registry ("" when not registered)
 
     def __post_init__(self):
         object.__setattr__(self, "problems", tuple(self.problems))

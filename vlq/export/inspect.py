@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks.check import Check
+from ..checks.registry import get_check, run_stage
 from ..formats.registry import FUSED_GROUPS, format_for_algo
 from ..runtime.errors import CheckpointError
 
@@ -259,7 +260,7 @@ def _checkpoint_check(path: Path, config: CheckpointQuantConfig, layers, unified
     quantized = sum(1 for layer in layers if layer.quant_algo is not None)
     detail = (f"{config.quant_algo or 'unquantized'}: {quantized} quantized layers, {unified} fused groups share scales, "
               "vision BF16 and excluded")
-    return Check(f"checkpoint on disk ({path.name})", tuple(problems), len(layers), detail, CheckpointError)
+    return get_check("checkpoint_on_disk").result(problems, len(layers), detail, folder=path.name)
 
 
 def read_tensor_index(path: Path) -> tuple[dict[str, TensorMeta], list[str]]:
@@ -456,8 +457,16 @@ def inspect_checkpoint(
 def checkpoint_verdict(path: str | os.PathLike, manifest=None) -> tuple[Check, ...]:
     """The pre-flight ``vlq check`` runs before vLLM starts: the on-disk check, and — given a
     :class:`vlq.manifest.manifest.Manifest` — the manifest against the checkpoint (every member present, in its
-    format).  Only a checkpoint that passes both reaches an engine."""
-    checks = [inspect_checkpoint(path).check]
-    if manifest is not None:
-        checks.append(manifest.verify(checkpoint=path))
-    return tuple(checks)
+    format): the inspect stage's registered checks.  Only a checkpoint that passes both reaches an engine."""
+    return run_stage("inspect", checkpoint=path, manifest=manifest)
+
+
+def on_disk_check(*, checkpoint=None, report: CheckpointReport | None = None, **_) -> Check:
+    """The inspect stage's on-disk check: ``report``'s when the export already inspected the files, else read now."""
+    return report.check if report is not None else inspect_checkpoint(checkpoint).check
+
+
+def manifest_check(*, checkpoint, manifest=None, **_) -> Check | None:
+    """The inspect stage's check of a :class:`vlq.manifest.manifest.Manifest` against the exported checkpoint (none
+    without a manifest); here, not in the manifest's module, so the pre-flight stays torch-free."""
+    return None if manifest is None else manifest.verify(checkpoint=checkpoint)

@@ -18,12 +18,14 @@ from typing import Any
 
 from ..formats.applicability import FormatExclusion
 from ..checks.check import Check
+from ..checks.registry import spec_named
 from ..runtime.errors import ManifestMismatch
 from ..fidelity.metrics import FidelityMetrics
 from ..formats.registry import FORMATS, NO_QUANT
 from ..search.scheme import Scheme
 from ..formats.signatures import live_signature
-from ..search.search import Candidate, GroupDecision, SearchResult, decisions_from_state, groups_within, lm_achieved_bits
+from ..search.decisions import Candidate, GroupDecision, decisions_from_state, groups_within, lm_achieved_bits
+from ..search.results import SearchResult
 
 MANIFEST_VERSION = 2  # 2: effective_bits renamed achieved_bits; scheme version 2
 
@@ -213,8 +215,11 @@ class Manifest:
         if not checked:
             raise ValueError("verify() needs at least one of state=, model=, checkpoint=.")
         members = sum(len(g.members) for g in self.groups)
-        return Check(f"manifest == {' == '.join(checked)}", tuple(problems), members,
-                     f"{len(self.groups)} groups, {members} modules", ManifestMismatch)
+        name, detail = f"manifest == {' == '.join(checked)}", f"{len(self.groups)} groups, {members} modules"
+        spec = spec_named(name)  # the registered comparisons; others (a state alone) are made by tests and refusals
+        if spec is not None:
+            return spec.result(problems, members, detail)
+        return Check(name, tuple(problems), members, detail, ManifestMismatch)
 
     def _self_consistency(self) -> list[str]:
         problems = []
@@ -293,3 +298,8 @@ class Manifest:
         if quantized_extra:
             problems.append(f"the checkpoint quantizes {len(quantized_extra)} layers the manifest does not list (first: {quantized_extra[0]})")
         return problems
+
+
+def verify_against_search(*, manifest: Manifest, result, **_) -> Check:
+    """The manifest stage's check: the manifest against ModelOpt's search state and the live quantizers."""
+    return manifest.verify(state=result.modelopt_state, model=result.loaded.vlm)

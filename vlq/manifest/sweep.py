@@ -21,7 +21,8 @@ from pathlib import Path
 from ..runtime.errors import ManifestMismatch
 from .manifest import Manifest, ManifestGroup
 from ..search.scheme import Scheme
-from ..search.search import SearchResult, groups_within, lm_achieved_bits, resolve_decisions
+from ..search.results import SearchResult
+from ..search.decisions import groups_within, lm_achieved_bits, resolve_decisions
 
 SWEEP_VERSION = 2  # 2: achieved_bits (was effective_bits), measured fidelity per target
 

@@ -30,6 +30,7 @@ from ..data.calibration import (
     text_batches,
 )
 from ..checks.check import Check
+from ..checks.registry import get_check, in_registry_order, run_stage
 from ..fidelity.comparison import CalibrationComparison, MethodComparison, compare_calibrations, compare_methods as compare_method_manifests
 from ..runtime.errors import (
     CalibrationDataError, CheckpointError, ManifestMismatch, ModelSourceError, SchemeError, SearchStateError, ServingError, stage_boundary,
@@ -47,9 +48,11 @@ from ..runtime.progress import SILENT, Progress
 from ..runtime.runlock import Staged, writing
 from ..formats.registry import FORMATS, NO_QUANT
 from ..search.scheme import Scheme
-from ..search.search import (
-    SearchResult, apply_decisions, check_guards, make_forward_step, plan_lm_formats, search_lm_only, HostOriginals, weights_quantized_once,
-)
+from ..search.results import SearchResult
+from ..search.search import apply_decisions
+from ..search.forward import make_forward_step
+from ..search.search import plan_lm_formats, search_lm_only
+from ..fidelity.quantized_weights import HostOriginals, weights_quantized_once
 from ..manifest.sweep import SweepPoint, SweepResult, manifest_for_target
 from ..serve.runner import QuantResolution, ServedLayer, ServingReport
 
@@ -111,13 +114,9 @@ class RunOutcome:
 
     @property
     def checks(self) -> tuple[Check, ...]:
-        """Every check of the run, each once: serving re-reads the checkpoint from disk before vLLM starts, and
-        that verdict is listed again only when it failed there (the files changed after the export)."""
-        earlier = self.searched.checks + self.exported.checks
-        if self.served is None:
-            return earlier
-        names = {c.name for c in earlier}
-        return earlier + tuple(c for c in self.served.checks if c.name not in names or not c.ok)
+        """Every check of the run, each once, in registry order (serving re-reads the checkpoint from disk before
+        vLLM starts: that verdict shows where it failed, if it did)."""
+        return in_registry_order(self.searched.checks + self.exported.checks + (self.served.checks if self.served else ()))
 
     @property
     def ok(self) -> bool:
@@ -345,18 +344,23 @@ def export_agreement(manifest: Manifest, fake_quant: FidelityReference, checkpoi
     chosen = {g.chosen for g in manifest.groups} - {NO_QUANT}
     factor = max((FORMATS[f].export_agreement.factor for f in chosen), default=0.0)
     allowed = factor * bf16_to_fake_quant.kld_mean
-    name = "checkpoint from disk == fake-quantized model (fidelity)"
+    spec = get_check("export_agreement")
     try:
         between = measure_checkpoint(checkpoint, [fake_quant])[0]
     except NonFiniteLogits as exc:  # e.g. an E4M3 scale that overflowed to NaN on disk: a verdict, not a crash
-        return Check(name, (f"checkpoint read back from disk gives non-finite logits ({exc}): scales or weights on disk "
-                            "are broken",), 0, "", CheckpointError)
+        return spec.result((f"checkpoint read back from disk gives non-finite logits ({exc}): scales or weights on disk "
+                            "are broken",), 0, "")
     problems = [] if between.kld_mean <= allowed else [
         f"checkpoint read back from disk is {between.kld_mean:.3g} nats/token from the fake-quantized model, more than "
         f"{factor:g} x its {bf16_to_fake_quant.kld_mean:.3g} from BF16 ({', '.join(sorted(chosen))}): scales or weights on "
         "disk do not encode what the search measured"]
-    return Check(name, tuple(problems), between.tokens,
-                 f"KLD {between.kld_mean:.3g} <= {allowed:.3g} ({factor:g} x KLD to BF16)", CheckpointError)
+    return spec.result(problems, between.tokens, f"KLD {between.kld_mean:.3g} <= {allowed:.3g} ({factor:g} x KLD to BF16)")
+
+
+def export_agreement_check(*, manifest: Manifest, fake_quant: FidelityReference, checkpoint: str | Path,
+                           bf16_to_fake_quant: FidelityMetrics, **_) -> Check:
+    """The fidelity stage's registered check (:func:`export_agreement`)."""
+    return export_agreement(manifest, fake_quant, checkpoint, bf16_to_fake_quant=bf16_to_fake_quant)
 
 
 def record_fidelity(searched: Searched, metrics: Sequence[FidelityMetrics], run: RunFolder | None = None) -> Searched:
@@ -406,10 +410,10 @@ def _search(loaded: LoadedVLM, scheme: Scheme, calibration: CalibrationSet, *, s
     """The guarded search, saving its state at ``state`` (resumed from ``resume_from`` while there is none)."""
     with stage_boundary(f"search {scheme.id}", SchemeError):
         result = search_lm_only(loaded, scheme, calibration, checkpoint=state, resume_from=resume_from, progress=progress)
-    guards = tuple(g.require() for g in check_guards(result))
+    guards = tuple(c.require() for c in run_stage("search", result=result))
     manifest = Manifest.from_search(result)
-    verified = manifest.verify(state=result.modelopt_state, model=loaded.vlm).require()
-    return Searched(loaded, calibration, result, manifest, guards + (verified,))
+    verified = tuple(c.require() for c in run_stage("manifest", manifest=manifest, result=result))
+    return Searched(loaded, calibration, result, manifest, guards + verified)
 
 
 def _refuse_orphaning(run: RunFolder, manifest: Manifest) -> None:
@@ -459,9 +463,10 @@ def _export(searched: Searched, path: Path, *, shown_as: Path | None = None, ove
         bar.update()
         exported = export_checkpoint(loaded, path, overwrite=overwrite, shown_as=shown_as)  # inspects before moving into place
         bar.update()
-        verified = searched.manifest.verify(checkpoint=exported.path).require()
+        checks = tuple(c.require() for c in run_stage("inspect", checkpoint=exported.path, manifest=searched.manifest,
+                                                           report=exported.report))
         bar.update()
-    return Exported(exported, (verified, exported.report.check))
+    return Exported(exported, checks)
 
 
 def _exported_at(exported: Exported, path: Path) -> Exported:
@@ -579,8 +584,9 @@ def _run_staged(loaded: LoadedVLM, scheme: Scheme, data: DataRequest, folder: Ru
                                           data_source=references[text].data_source, data_kind="text")
     exported = export(searched, folder, overwrite=overwrite, progress=progress)
     searched = record_fidelity(searched, measure_checkpoint(exported.path, references, progress=progress), folder)
-    agreement = export_agreement(searched.manifest, fake_quant_logits, exported.path, bf16_to_fake_quant=fake_quant[text])
-    exported = dataclasses.replace(exported, checks=exported.checks + (agreement,))
+    agreement = run_stage("fidelity", manifest=searched.manifest, fake_quant=fake_quant_logits, checkpoint=exported.path,
+                          bf16_to_fake_quant=fake_quant[text])
+    exported = dataclasses.replace(exported, checks=exported.checks + agreement)
     skipped = serving_skip_reason(scheme) if serve else "--no-serve"
     served = None
     if skipped is None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..checks.check import Check
+from ..checks.registry import get_check, run_stage
 from ..runtime.errors import CheckpointError, ServingError
 from ..formats.registry import (
     FORMATS, FUSED_GROUPS, FUSED_LAYER_OF, NO_QUANT, UNKNOWN_FORMAT_REFERENCE, UNQUANTIZED_REFERENCE, UNQUANTIZED_WEIGHT_DTYPES,
@@ -39,15 +40,6 @@ LM_LINEAR_RE = re.compile(r"^language_model\.model\.layers\.(\d+)\.(self_attn\.(
 VISION_PREFIX = "visual."
 LM_HEAD_NAMES = ("language_model.lm_head", "lm_head")
 
-#: The name of each served check (what tables print and tests pin to), in :func:`run_checks` order.
-VISION_AND_HEAD_CHECK = "vision tower and lm_head unquantized"
-LM_LAYERS_CHECK = "LM layers match the manifest"
-OUTPUTS_CHECK = "outputs finite and not degenerate"
-IMAGE_SENSITIVITY_CHECK = "image changes the output"
-VISION_PROBE_CHECK = "vision tower output (raw-pixel probe)"
-REFERENCE_CHECK = "agrees with the BF16 reference"
-KV_CACHE_CHECK = "FP8 KV cache with calibrated scales"
-RESOLUTION_CHECK = "quant config resolves"
 
 def expected_methods(fmt: str) -> tuple[str, ...]:
     """The quant-method class names a layer served in vlq format ``fmt`` may carry (none for an unserved format)."""
@@ -118,8 +110,8 @@ def _num_text_layers(path: Path) -> int:
     return int(text["num_hidden_layers"])
 
 
-def _result(name: str, problems: Sequence[str], checked: int, detail: str = "") -> Check:
-    return Check(name, tuple(problems), checked, detail, ServingError)
+def _result(key: str, problems: Sequence[str], checked: int, detail: str = "") -> Check:
+    return get_check(key).result(problems, checked, detail)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +140,7 @@ def check_vision_and_head_unquantized(source) -> Check:
             problems.append(f"{layer.name} weight dtype {layer.weight_dtype}, expected bf16/fp16")
         if layer.unloaded_scales:
             problems.append(f"{layer.name} has never-loaded scales {list(layer.unloaded_scales)}")
-    return _result(VISION_AND_HEAD_CHECK, problems, len(vision) + len(heads),
+    return _result("vllm_vision_and_head", problems, len(vision) + len(heads),
                    f"{len(vision)} vision layers, lm_head")
 
 
@@ -178,7 +170,7 @@ def check_lm_layers(source, expected: dict[str, str]) -> Check:
     for fmt in expected.values():
         counts[fmt] = counts.get(fmt, 0) + 1
     detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    return _result(LM_LAYERS_CHECK, problems, len(expected), detail)
+    return _result("vllm_lm_layers", problems, len(expected), detail)
 
 
 def _uniform(step: tuple[tuple[int, float], ...]) -> bool:
@@ -212,7 +204,7 @@ def check_outputs(generations: Iterable[GenerationResult] | ServingReport) -> Ch
                 f"{label} is degenerate: the top-{len(g.top_logprobs[0])} logprobs are equal at every step "
                 f"(tokens {list(g.token_ids)}, logprob {g.logprobs[0]:.4f})"
             )
-    return _result(OUTPUTS_CHECK, problems, len(generations))
+    return _result("vllm_outputs", problems, len(generations))
 
 
 def check_image_sensitivity(report: ServingReport, *, min_delta: float = 1e-6) -> Check:
@@ -232,7 +224,7 @@ def check_image_sensitivity(report: ServingReport, *, min_delta: float = 1e-6) -
                 f"step-0 logprobs are identical for two different images (max |Δ| {delta:.2e} <= {min_delta:g}): "
                 "the output does not depend on the image, so the vision tower is not working"
             )
-    return _result(IMAGE_SENSITIVITY_CHECK, problems, 1, f"max |Δ step-0 logprob| {delta:.4g}")
+    return _result("vllm_image_sensitivity", problems, 1, f"max |Δ step-0 logprob| {delta:.4g}")
 
 
 def check_vision_probe(report: ServingReport, reference: ServingReport | None = None, *, min_cos: float = 0.99) -> Check:
@@ -241,7 +233,7 @@ def check_vision_probe(report: ServingReport, reference: ServingReport | None = 
     probe = report.vision_probe
     problems = []
     if not probe.ran:
-        return _result(VISION_PROBE_CHECK, [], 0, f"not run: {probe.error}")
+        return _result("vllm_vision_probe", [], 0, f"not run: {probe.error}")
     if not probe.values:
         problems.append("the vision tower returned an empty output")
     elif not probe.finite:
@@ -265,7 +257,7 @@ def check_vision_probe(report: ServingReport, reference: ServingReport | None = 
             detail += f", cos vs reference {cos:.4f}"
             if cos < min_cos:
                 problems.append(f"vision output cos {cos:.4f} vs the BF16 reference < {min_cos}")
-    return _result(VISION_PROBE_CHECK, problems, 1, detail)
+    return _result("vllm_vision_probe", problems, 1, detail)
 
 
 def reference_tolerance(fmt: str) -> LogprobTolerance:
@@ -327,7 +319,7 @@ def check_against_reference(report: ServingReport, reference: ServingReport, tol
                         f"(the reference ranks it {gap:.3f} below its top-1)"
                     )
                 break  # contexts diverge from here
-    return _result(REFERENCE_CHECK, problems, len(pairs),
+    return _result("vllm_reference", problems, len(pairs),
                    f"max |Δ logprob| {worst:.4f} (tolerance {tol.max_abs_logprob}{', same tokens but near-ties' if tol.same_tokens else ''})")
 
 
@@ -351,7 +343,7 @@ def check_kv_cache(report: ServingReport, *, checkpoint: str | os.PathLike | Non
         for label, got, exp in (("k_scale", layer.k_scale, want[0]), ("v_scale", layer.v_scale, want[1])):
             if not (math.isfinite(got) and abs(got - exp) <= 1e-2 * abs(exp)):
                 problems.append(f"{layer.name}: served {label} {got:.6g} != checkpoint {exp:.6g} (scale not loaded)")
-    return _result(KV_CACHE_CHECK, problems, len(lm_kv),
+    return _result("vllm_kv_cache", problems, len(lm_kv),
                    f"{report.kv_cache_dtype}, {len(lm_kv)} attention layers")
 
 
@@ -369,26 +361,58 @@ def _stored_kv_scales(path: Path) -> dict[int, tuple[float, float]]:
 
 
 def run_checks(report: ServingReport, *, manifest=None, reference: ServingReport | None = None) -> tuple[Check, ...]:
-    """Every guarantee that applies to ``report`` (LM expectations from the manifest, else the config)."""
-    expected = expected_lm_formats(manifest=manifest) if manifest is not None else expected_lm_formats(checkpoint=report.checkpoint)
-    checks = [
-        check_vision_and_head_unquantized(report),
-        check_lm_layers(report, expected),
-        check_outputs(report),
-        check_image_sensitivity(report),
-        check_vision_probe(report, reference),
-    ]
-    if reference is not None:
-        checks.append(check_against_reference(report, reference))
-    if report.kv_layers and preflight(report.checkpoint).kv_cache_quant_algo is not None:
-        checks.append(check_kv_cache(report))
-    return tuple(checks)
+    """Every guarantee that applies to ``report`` (LM expectations from the manifest, else the config): the serve
+    stage's registered checks."""
+    return run_stage("serve", report=report, manifest=manifest, reference=reference)
 
 
 def check_resolution(resolution: QuantResolution, *, manifest=None) -> tuple[Check, ...]:
     """The guarantees that hold without kernels: per-layer methods only."""
-    expected = expected_lm_formats(manifest=manifest) if manifest is not None else expected_lm_formats(checkpoint=resolution.checkpoint)
-    checks = [check_vision_and_head_unquantized(resolution), check_lm_layers(resolution, expected)]
-    if resolution.errors:
-        checks.append(_result(RESOLUTION_CHECK, resolution.errors, len(resolution.layers)))
-    return tuple(checks)
+    return run_stage("serve", resolution=resolution, manifest=manifest)
+
+
+# ------------------------------------------------------------------------------------------------
+# The serve stage's registered checks (vlq.checks.registry): each on an engine's report, or on the per-layer
+# resolution made without kernels, where it applies
+# ------------------------------------------------------------------------------------------------
+
+
+def _expected(source, manifest) -> dict[str, str]:
+    return expected_lm_formats(manifest=manifest) if manifest is not None else expected_lm_formats(checkpoint=source.checkpoint)
+
+
+def vision_and_head_check(*, report: ServingReport | None = None, resolution: QuantResolution | None = None, **_) -> Check:
+    return check_vision_and_head_unquantized(report if report is not None else resolution)
+
+
+def lm_layers_check(*, report: ServingReport | None = None, resolution: QuantResolution | None = None, manifest=None, **_) -> Check:
+    source = report if report is not None else resolution
+    return check_lm_layers(source, _expected(source, manifest))
+
+
+def resolution_check(*, resolution: QuantResolution | None = None, **_) -> Check | None:
+    if resolution is None or not resolution.errors:
+        return None
+    return _result("vllm_resolves", resolution.errors, len(resolution.layers))
+
+
+def outputs_check(*, report: ServingReport | None = None, **_) -> Check | None:
+    return None if report is None else check_outputs(report)
+
+
+def image_sensitivity_check(*, report: ServingReport | None = None, **_) -> Check | None:
+    return None if report is None else check_image_sensitivity(report)
+
+
+def vision_probe_check(*, report: ServingReport | None = None, reference: ServingReport | None = None, **_) -> Check | None:
+    return None if report is None else check_vision_probe(report, reference)
+
+
+def reference_check(*, report: ServingReport | None = None, reference: ServingReport | None = None, **_) -> Check | None:
+    return None if report is None or reference is None else check_against_reference(report, reference)
+
+
+def kv_cache_check(*, report: ServingReport | None = None, **_) -> Check | None:
+    if report is None or not report.kv_layers or preflight(report.checkpoint).kv_cache_quant_algo is None:
+        return None
+    return check_kv_cache(report)
