@@ -74,7 +74,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """The tiny Qwen2.5-VL, built deterministically and saved with ``save_pretrained``."""
-    from vlq.data.models import build_tiny_checkpoint
+    from vlq.data.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl")
 

@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlq.data.models import TINY_TRAINED_DIR
+    from vlq.data.shipped import TINY_TRAINED_DIR
     from vlq.data.training import TRAINING_RECORD, TrainingRecipe, save_trained, train_tiny
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

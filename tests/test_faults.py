@@ -40,7 +40,7 @@ from vlq.runtime.errors import CheckpointError, SchemeError, stage_boundary
 from vlq.runtime.files import KILL_ENV
 from vlq.inputs.requests import ModelRequest, RunFolder
 from vlq.manifest.manifest import Manifest
-from vlq.data.models import build_tiny_checkpoint, odd_text_shape
+from vlq.data.tiny import build_tiny_checkpoint, odd_text_shape
 from vlq.pipeline import fresh_copy
 from vlq.formats.registry import FORMATS
 from vlq.search.scheme import Scheme

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from vlq.data.calibration import IGNORE_INDEX, image_text_calibration, load_text_samples, text_batches
 from vlq.runtime.errors import CalibrationDataError
 from vlq.fidelity.metrics import (
-    SUMMARY_HEADERS, FidelityAccumulator, FidelityMetrics, LazyLogits, capture_reference, group_rows, hidden_logits_forward,
-    logits_forward, measure_against, measure_fidelity,
+    SUMMARY_HEADERS, FidelityAccumulator, FidelityMetrics, LazyLogits, hidden_logits_forward, logits_forward, measure_fidelity,
 )
+from vlq.fidelity.reference import capture_reference, group_rows, measure_against
 from vlq.data.heldout import HELDOUT_SEED_BASE, find_overlap, heldout_image_text_batches, heldout_text_batches, require_disjoint
 
 POINT = "fake_quant"

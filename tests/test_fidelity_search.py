@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlq import pipeline
-from vlq.fidelity.metrics import capture_reference, logits_forward
+from vlq.fidelity.reference import capture_reference
+from vlq.fidelity.metrics import logits_forward
 from vlq.inputs.requests import RunFolder
 from vlq.formats.registry import NO_QUANT
 from vlq.search.scheme import Scheme

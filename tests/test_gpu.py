@@ -146,7 +146,7 @@ def test_cuda_extensions_load_before_calibration(gpu_pristine_vlm, record_proper
     import torch
 
     from vlq.runtime.cuda_extensions import FP8_EXT, loaded_in_process
-    from vlq.search.accounting import timing_summary
+    from vlq.search.results import timing_summary
 
     scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=1, num_score_steps=1, seq_len=512)
     results = []

@@ -34,7 +34,8 @@ import pytest
 from helpers import down_proj_tensor_scales, tampered_copy
 from vlq import pipeline
 from vlq.checks.check import Check
-from vlq.fidelity.metrics import FidelityMetrics, FidelityReference, capture_reference, logits_forward
+from vlq.fidelity.metrics import FidelityMetrics, logits_forward
+from vlq.fidelity.reference import FidelityReference, capture_reference
 from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
 from vlq.search.scheme import Scheme
@@ -160,7 +161,7 @@ def _weights_or_activations(path, layers: dict, fake_quant_logits: FidelityRefer
     import torch
 
     from vlq.export.dequant import dequantize_checkpoint
-    from vlq.fidelity.metrics import measure_against
+    from vlq.fidelity.reference import measure_against
 
     built = dequantize_checkpoint(path).build_model(device="cuda")
     try:

@@ -39,7 +39,7 @@ from vlq.pipeline import fresh_copy
 from vlq.formats.registry import NO_QUANT
 from vlq.search.scheme import Scheme
 from vlq.serve.checks import expected_lm_formats, expected_methods, expected_weight_dtypes
-from vlq.serve.runner import preflight
+from vlq.serve.resolution import preflight
 from vlq.checks.registry import CHECK_NAMES
 
 VISION_AND_HEAD_CHECK = CHECK_NAMES["vllm_vision_and_head"]

@@ -374,7 +374,8 @@ def test_search_leaves_no_gradient_on_an_untied_lm_head(tmp_path):
     through the same model does fill that gradient, so the check can see it."""
     from vlq import pipeline
     from vlq.data.calibration import text_batches
-    from vlq.data.models import build_tiny_checkpoint, load_checkpoint
+    from vlq.data.tiny import build_tiny_checkpoint
+    from vlq.data.models import load_checkpoint
     from vlq.search.losses import causal_lm_loss
     from vlq.search.forward import make_forward_step
 
@@ -607,7 +608,7 @@ def test_phases_add_up_with_no_extension_phase_on_cpu(variant):
     phases add up to the total.  Control: the same result with a 52 s extension build names it in the
     timing line and counts it in the total, while calibrate stays what it was."""
     from vlq.runtime.cuda_extensions import FP8_EXT, ExtensionLoad
-    from vlq.search.accounting import timing_summary
+    from vlq.search.results import timing_summary
 
     result = variant.result
     times = result.times

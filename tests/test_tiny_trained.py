@@ -15,12 +15,13 @@ from vlq.data.calibration import from_token_ids, generated_image_text_samples, l
 from vlq.fidelity.metrics import logits_forward, measure_fidelity
 from vlq.data.heldout import HELDOUT_SEED_BASE, find_overlap, heldout_image_text_batches, heldout_text_batches, require_disjoint
 from vlq.inputs.requests import TINY_TRAINED, ModelRequest, resolve_model_source
-from vlq.data.models import TINY_TRAINED_DIR, fingerprint_parameters, load_vlm
+from vlq.data.shipped import TINY_TRAINED_DIR
+from vlq.data.models import fingerprint_parameters, load_vlm
 from vlq.data.training import (
-    EVAL_IMAGES, EVAL_TEXT, HELDOUT_CORPUS_SAMPLES, TRAIN_IMAGE_SEED, TRAIN_TEXT_SEED, TRAINING_RECORD, TrainingRecipe,
-    generated_text_samples, heldout_generated_text_batches, image_conditioning, mean_nll, train_tiny, training_image_set,
-    training_text_set,
+    EVAL_IMAGES, EVAL_TEXT, HELDOUT_CORPUS_SAMPLES, TRAIN_IMAGE_SEED, TRAINING_RECORD, TrainingRecipe, image_conditioning, mean_nll,
+    train_tiny, training_image_set, training_text_set,
 )
+from vlq.data.generated_text import TRAIN_TEXT_SEED, generated_text_samples, heldout_generated_text_batches
 
 
 @pytest.fixture(scope="module")

@@ -563,7 +563,7 @@ def cmd_check(args) -> int:
 
     from ..export.inspect import checkpoint_verdict
     from ..checks.check import checks_table
-    from ..serve.runner import preflight
+    from ..serve.resolution import preflight
 
     path = Path(args.path).expanduser().resolve()
     pre = preflight(path)  # light: refuses what vLLM cannot serve before an engine starts

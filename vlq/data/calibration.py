@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.errors import CalibrationDataError
-from .models import CALIBRATION_CORPUS, DATA_DIR, LONG_TEXT_CORPUS
+from .shipped import CALIBRATION_CORPUS, DATA_DIR, LONG_TEXT_CORPUS
 
 IGNORE_INDEX = -100
 

@@ -1,7 +1,7 @@
 """Text-only versus image+text calibration: does the search decide differently when it sees images?
 
 The language model of Qwen2.5-VL reads visual tokens in deployment, but text-only calibration never
-shows it any.  :func:`compare_calibrations` takes two manifests of the same model, formats, target
+shows it any.  :func:`compare_calibration_manifests` takes two manifests of the same model, formats, target
 and method — one searched on text, one on image+text — and reports
 
 * per-group decision agreement (same chosen format, fraction of groups);
@@ -13,7 +13,7 @@ A group's *sensitivity* is its score for the most aggressive candidate format (l
 bits): that is the choice the bit budget presses on.  Scores of the two runs are on different
 scales (different losses), which is why only ranks are compared.
 
-:func:`compare_methods` does the same for two searches that differ in their sensitivity method
+:func:`compare_method_manifests` does the same for two searches that differ in their sensitivity method
 (``gradient`` vs ``kl_div``) on one calibration set.  Beside the decisions, both comparisons report
 what each resulting scheme does to the model's outputs (:class:`FidelityPair`): KL(BF16 || Q) mean
 and p99 and the same-top-token rate on held-out text and image+text, read from each manifest's
@@ -285,7 +285,7 @@ def _scores(group, formats: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
     return tuple((f, float(by_format[f])) for f in formats)
 
 
-def compare_calibrations(text: Manifest, image_text: Manifest) -> CalibrationComparison:
+def compare_calibration_manifests(text: Manifest, image_text: Manifest) -> CalibrationComparison:
     """Compare two manifests of one model, formats, target and method, calibrated differently.
 
     Refuses manifests of different models or schemes (the comparison would mean nothing) and
@@ -539,7 +539,7 @@ class MethodComparison:
                 "markdown": atomic_write_text(out / "comparison.md", self.markdown() + "\n")}
 
 
-def compare_methods(a: Manifest, b: Manifest) -> MethodComparison:
+def compare_method_manifests(a: Manifest, b: Manifest) -> MethodComparison:
     """Compare two searches of one model, formats, target and calibration data whose methods differ
     (or not: a search compared with itself agrees everywhere and measures the same KLD)."""
     problems = _same_search_problems(a, b, ("formats", "target_bits"))

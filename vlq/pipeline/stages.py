@@ -31,15 +31,14 @@ from ..data.calibration import (
 )
 from ..checks.check import Check
 from ..checks.registry import get_check, in_registry_order, run_stage
-from ..fidelity.comparison import CalibrationComparison, MethodComparison, compare_calibrations, compare_methods as compare_method_manifests
+from ..fidelity.comparison import CalibrationComparison, MethodComparison, compare_calibration_manifests, compare_method_manifests
 from ..runtime.errors import (
     CalibrationDataError, CheckpointError, ManifestMismatch, ModelSourceError, SchemeError, SearchStateError, ServingError, stage_boundary,
 )
 from ..export.export import ExportResult, add_fp8_kv_cache, export_checkpoint, unify_fused_scales
 from ..runtime.files import check_export_dir, kill_point
-from ..fidelity.metrics import (
-    FidelityMetrics, FidelityReference, NonFiniteLogits, capture_reference, hidden_logits_forward, logits_forward, measure_against,
-)
+from ..fidelity.metrics import FidelityMetrics, NonFiniteLogits, hidden_logits_forward, logits_forward
+from ..fidelity.reference import FidelityReference, capture_reference, measure_against
 from ..data.heldout import HELDOUT_PREFIX, HELDOUT_SEED_BASE, heldout_image_text_batches, heldout_text_batches
 from ..inputs.requests import POINT_NAMES, DataRequest, ModelRequest, RunFolder, describe_source
 from ..manifest.manifest import Manifest
@@ -54,7 +53,7 @@ from ..search.forward import make_forward_step
 from ..search.search import plan_lm_formats, search_lm_only
 from ..fidelity.quantized_weights import HostOriginals, weights_quantized_once
 from ..manifest.sweep import SweepPoint, SweepResult, manifest_for_target
-from ..serve.runner import QuantResolution, ServedLayer, ServingReport
+from ..serve.results import QuantResolution, ServedLayer, ServingReport
 
 # ------------------------------------------------------------------------------------------------
 # Stage results
@@ -490,7 +489,9 @@ def serve_check(
     """
     from ..export.inspect import checkpoint_verdict
     from ..serve.checks import check_resolution, expected_lm_formats, run_checks
-    from ..serve.runner import VllmRunner, default_device, preflight, resolve_quant_methods, serve_checkpoint
+    from ..serve.runner import VllmRunner, serve_checkpoint
+    from ..serve.environment import default_device
+    from ..serve.resolution import preflight, resolve_quant_methods
 
     path = Path(checkpoint).expanduser().resolve()
     pre = preflight(path)
@@ -834,7 +835,7 @@ def compare_calibration(
             manifests[label] = _search_and_measure(loaded, scheme, calibration, references, progress=progress)
             if staged is not None:
                 manifests[label].save(RunFolder(staged.root / label).manifest)
-        comparison = compare_calibrations(manifests["text"], manifests["image_text"])
+        comparison = compare_calibration_manifests(manifests["text"], manifests["image_text"])
         if staged is not None:
             comparison.write(staged.root)
     return ComparisonRun(comparison, manifests["text"], manifests["image_text"])
@@ -930,7 +931,8 @@ def measure_run(
         raise SearchStateError(f"{folder.root} has no {RunFolder.SEARCH_STATE} to restore the fake-quantized model from; "
                                "measure --point checkpoint instead.")
     if "vllm" in asked:
-        from ..serve.runner import default_device, preflight
+        from ..serve.environment import default_device
+        from ..serve.resolution import preflight
 
         pre = preflight(folder.checkpoint)
         if default_device() not in pre.runnable_on:

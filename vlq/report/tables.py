@@ -16,7 +16,7 @@ from ..fidelity.metrics import SUMMARY_HEADERS, FidelityMetrics
 from ..manifest.manifest import Manifest
 from ..formats.registry import NO_QUANT, color_of
 from ..serve.checks import LM_HEAD_NAMES, LM_LINEAR_RE, VISION_PREFIX
-from ..serve.runner import ServedLayer
+from ..serve.results import ServedLayer
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.(.+)$")
 

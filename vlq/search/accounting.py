@@ -6,13 +6,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..runtime.progress import Progress
 from .scheme import Scheme
 
-if TYPE_CHECKING:
-    from .results import SearchResult
 
 
 def _current_rss() -> int:
@@ -114,15 +111,6 @@ class PhaseBars:
         cm, self._cm = self._cm, None
         if cm is not None:
             cm.__exit__(None, None, None)
-
-
-def timing_summary(result: SearchResult) -> str:
-    """``12.3s (extension build 9.0s, calibrate 1.1s, score 2.0s, solve 0.2s)``; the extension phase is
-    named only when it loaded something in this search."""
-    t = result.times
-    phases = [f"{result.extensions.phase} {t.extension_build_s:.1f}s"] if result.extensions.phase != "none" else []
-    phases += [f"calibrate {t.calibrate_s:.1f}s", f"score {t.score_s:.1f}s", f"solve {t.solve_s:.1f}s"]
-    return f"{t.total_s:.1f}s ({', '.join(phases)})"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class CalibrationThenScoring:
 def calibration_forwards(scheme: Scheme, batches: list[dict]) -> list[dict]:
     """The first ``num_calib_steps`` batches as calibration forwards: merged up to
     :data:`CALIBRATION_TOKENS_PER_FORWARD` tokens unless a format's calibration depends on the batching."""
-    from ..fidelity.metrics import group_rows
+    from ..fidelity.reference import group_rows
 
     first = batches[: scheme.num_calib_steps]
     if any(f.calibration_by_batch for f in scheme.format_objects):

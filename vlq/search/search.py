@@ -37,12 +37,12 @@ from ..runtime.cuda_extensions import ExtensionLoad, load_for_formats, loaded_in
 from ..runtime.errors import ResourceError, SchemeError, SearchStateError
 from ..runtime.files import kill_point
 from ..runtime.progress import SILENT, Progress
-from .accounting import PeakRss, PhaseBars, PhaseClock, timing_summary
+from .accounting import PeakRss, PhaseBars, PhaseClock
 from .calibration_feed import CalibrationThenScoring, calibrating, calibration_forwards
 from .decisions import HPARAM_SUFFIX, decisions_from_state, lm_achieved_bits
 from .forward import make_forward_step
 from .losses import causal_lm_loss, chunked_causal_lm_loss
-from .results import SearchResult
+from .results import SearchResult, timing_summary
 from .scheme import LOSS_CHUNK_TOKENS, Scheme
 
 

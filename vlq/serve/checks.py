@@ -30,7 +30,8 @@ from ..formats.registry import (
     format_of_algo,
 )
 from ..formats.spec import LogprobTolerance
-from .runner import GenerationResult, QuantResolution, ServedLayer, ServingReport, is_unquantized_method, preflight, read_config
+from .results import GenerationResult, QuantResolution, ServedLayer, ServingReport, is_unquantized_method
+from .resolution import preflight, read_config
 
 # ------------------------------------------------------------------------------------------------
 # Names and expectations

@@ -1,4 +1,4 @@
-"""Stage 7a — the vLLM engine runner: start a real in-process ``vllm.LLM`` on a checkpoint, generate,
+"""The vLLM engine runner: start a real in-process ``vllm.LLM`` on a checkpoint, generate,
 look inside, and return plain typed data.
 
 :class:`VllmRunner` has test-friendly defaults (bfloat16, eager, short context, one image per
@@ -6,160 +6,26 @@ prompt), generates greedily with logprobs from a text prompt and from image+text
 inspects the loaded model with ``LLM.apply_model``.  Everything it returns
 (:class:`ServingReport`) stays valid after the engine is gone; :mod:`vlq.serve.checks` checks it.
 
-:func:`preflight` refuses formats vLLM cannot serve before an engine starts.  Formats without CPU
-kernels (NVFP4, MXFP8) are resolved layer by layer without kernels (:func:`resolve_quant_methods`).
+:func:`vlq.serve.resolution.preflight` refuses formats vLLM cannot serve before an engine starts; formats without
+kernels here are resolved layer by layer instead (:func:`vlq.serve.resolution.resolve_quant_methods`).
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import json
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..runtime import compat as _compat
-from ..runtime.errors import CheckpointError, ServingError
-from ..formats.registry import ALGO_TO_FORMAT, VLLM_SERVABLE_ALGOS, runnable_devices, servability
+from ..runtime.errors import ServingError
+from .environment import default_device, prepare_environment
+from .resolution import preflight, read_config
+from .results import GenerationResult, KvCacheLayer, PromptLogprobTable, ServedLayer, ServingReport, VisionProbe
 
 #: What ModelOpt writes for a never-loaded scale (vLLM's FP8 sentinel is -3.4e38).
 UNLOADED_SCALE = -1e38
-
-
-def is_unquantized_method(name: str | None) -> bool:
-    return bool(name) and name.startswith("Unquantized")
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ServingError(f"{path / 'config.json'} cannot be read: {exc}") from exc
-
-
-# ------------------------------------------------------------------------------------------------
-# Typed results
-# ------------------------------------------------------------------------------------------------
-
-
-def _layer_named(layers, name: str):
-    for layer in layers:
-        if layer.name == name:
-            return layer
-    raise KeyError(name)
-
-
-@dataclass(frozen=True)
-class ServedLayer:
-    """One module of the served (or resolved) model that carries a quant method."""
-
-    name: str  # vLLM naming, e.g. language_model.model.layers.0.self_attn.qkv_proj
-    layer_cls: str
-    quant_method: str | None
-    weight_dtype: str | None  # None when unknown (resolution without weights)
-    scale_params: tuple[str, ...] = ()
-    unloaded_scales: tuple[str, ...] = ()  # scale params still holding the never-loaded sentinel
-
-
-@dataclass(frozen=True)
-class KvCacheLayer:
-    name: str
-    kv_cache_dtype: str
-    k_scale: float
-    v_scale: float
-    quant_method: str | None
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """A greedy generation: tokens, the logprob of each chosen token, and the top-k per step."""
-
-    kind: str  # "text" or "image"
-    prompt_len: int
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
-
-    def top(self, step: int) -> dict[int, float]:
-        return dict(self.top_logprobs[step]) if step < len(self.top_logprobs) else {}
-
-
-@dataclass(frozen=True)
-class VisionProbe:
-    """``model.visual`` run directly on fixed raw pixels inside the engine."""
-
-    ran: bool
-    shape: tuple[int, ...] = ()
-    values: tuple[float, ...] = ()  # flattened output (small for probe-sized inputs)
-    values_alt: tuple[float, ...] = ()  # the output for other pixels
-    error: str = ""
-
-    @property
-    def finite(self) -> bool:
-        return all(math.isfinite(v) for v in self.values)
-
-    @property
-    def abs_mean(self) -> float:
-        return sum(abs(v) for v in self.values) / len(self.values) if self.values else 0.0
-
-
-@dataclass(frozen=True)
-class ServingReport:
-    """Everything a serving run observed; plain data, valid after the engine is shut down."""
-
-    checkpoint: str
-    device: str
-    model_cls: str
-    quant_algo: str | None
-    kv_cache_dtype: str
-    layers: tuple[ServedLayer, ...]
-    kv_layers: tuple[KvCacheLayer, ...]
-    text: GenerationResult
-    image: GenerationResult
-    image_alt: GenerationResult  # same prompt, a different image
-    vision_probe: VisionProbe
-    engine_start_s: float
-    generate_s: float
-    peak_rss_bytes: int = 0
-
-    def layer(self, name: str) -> ServedLayer:
-        return _layer_named(self.layers, name)
-
-
-@dataclass(frozen=True)
-class QuantResolution:
-    """Per-layer quant methods vLLM would build for a checkpoint, resolved without kernels."""
-
-    checkpoint: str
-    quantization: str | None  # vLLM's quantization name, e.g. modelopt_fp4
-    config_class: str | None
-    quant_algo: str | None
-    layers: tuple[ServedLayer, ...]
-    kv_method: str | None
-    errors: tuple[str, ...] = ()
-
-    def layer(self, name: str) -> ServedLayer:
-        return _layer_named(self.layers, name)
-
-
-@dataclass(frozen=True)
-class PromptLogprobTable:
-    """vLLM's log-probabilities of one prompt, aligned like logits: row ``t`` is the distribution of token ``t + 1``.
-
-    ``returned`` is None when vLLM returned the whole vocabulary; else it marks the entries vLLM returned (each
-    position's top k and the prompt's own next token), and the others hold -inf in ``logprobs``.
-    """
-
-    logprobs: "Any"  # torch.Tensor [T, V] float32
-    returned: "Any" = None  # torch.Tensor [T, V] bool, or None (every entry returned)
-
-    @property
-    def full(self) -> bool:
-        return self.returned is None
 
 
 def _flat_prompt_logprobs(prompt_logprobs):
@@ -184,58 +50,6 @@ def _flat_prompt_logprobs(prompt_logprobs):
             values.append(float(logprob.logprob))
     return (torch.tensor(positions, dtype=torch.long), torch.tensor(ids, dtype=torch.long),
             torch.tensor(values, dtype=torch.float32))
-
-
-# ------------------------------------------------------------------------------------------------
-# Preflight: refuse what cannot be served before an engine starts
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Preflight:
-    path: Path
-    quant_algo: str | None
-    algos: tuple[str, ...]  # every per-layer quant_algo in the checkpoint
-    kv_cache_quant_algo: str | None
-    runnable_on: tuple[str, ...]  # devices whose vLLM has kernels for every algo
-
-
-def preflight(path: str | os.PathLike) -> Preflight:
-    """Read a checkpoint's quant config and refuse formats vLLM cannot serve (ServingError)."""
-    from ..export.inspect import CheckpointQuantConfig
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ServingError(f"Checkpoint path {path} does not exist; pass an exported checkpoint folder.")
-    if not path.is_dir() or not (path / "config.json").exists():
-        raise ServingError(f"{path} is not a checkpoint folder (no config.json); pass the folder vlq exported.")
-    config = read_config(path)
-    if config.get("model_type") != "qwen2_5_vl":
-        raise ServingError(
-            f"{path} holds model_type={config.get('model_type')!r}; the serving check covers Qwen2.5-VL "
-            "(model_type='qwen2_5_vl') exports."
-        )
-    if not any(path.glob("*.safetensors")):
-        raise ServingError(f"{path} has config.json but no *.safetensors weights.")
-    try:
-        qc = CheckpointQuantConfig.read(path)
-    except CheckpointError as exc:
-        raise ServingError(f"Cannot read the quantization config of {path}: {exc}") from exc
-    if qc.quant_algo is None:
-        algos: tuple[str, ...] = ()
-    elif qc.quant_algo == "MIXED_PRECISION":
-        algos = tuple(sorted({a for a in qc.quantized_layers.values() if a}))
-    else:
-        algos = (qc.quant_algo,)
-    unknown = [a for a in algos if a not in ALGO_TO_FORMAT and a not in VLLM_SERVABLE_ALGOS]
-    if unknown:
-        raise ServingError(f"{path}: quant_algo {', '.join(unknown)} is unknown to vlq and vLLM's ModelOpt loader.")
-    formats = [ALGO_TO_FORMAT[a] for a in algos if a in ALGO_TO_FORMAT]
-    if formats:
-        verdict = servability(formats)
-        if not verdict.servable:
-            raise ServingError(f"{path} cannot be served by vLLM: {verdict.reason}")
-    return Preflight(path, qc.quant_algo, algos, qc.kv_cache_quant_algo, runnable_devices(algos))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,24 +148,6 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def default_device() -> str:
-    from ..runtime.capabilities import vllm_platform
-
-    return vllm_platform() or "cpu"
-
-
-def prepare_environment(device: str) -> None:
-    """Env vars and workarounds an in-process engine needs; all CPU workarounds live in _compat."""
-    _compat.apply_hf_offline()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: apply_model runs here, no pickling
-    if device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
-    _compat.apply_torchvision_schema_shim()
-    _compat.apply_vllm_registry_inprocess()
-    _compat.apply_vllm_cpu_disabled_kernels(device)
-    _compat.apply_vllm_cpu_fp8_emulated_scaled_mm(device)
-
-
 class VllmRunner:
     """A real in-process ``vllm.LLM`` with test-friendly defaults, closed cleanly on exit.
 
@@ -440,7 +236,7 @@ class VllmRunner:
     # -- prompts -------------------------------------------------------------------------------
     def chat_prompt(self, question: str, *, image: bool) -> str:
         """The checkpoint's own chat template applied to one user turn (with an image slot)."""
-        from ..data.models import QWEN_CHAT_TEMPLATE
+        from ..data.qwen import QWEN_CHAT_TEMPLATE
 
         tokenizer = self._require_llm().get_tokenizer()
         content: Any = [{"type": "image"}, {"type": "text", "text": question}] if image else question
@@ -568,117 +364,3 @@ def serve_checkpoint(path: str | os.PathLike, *, max_tokens: int = 4, **runner_k
     """Start an engine on ``path``, collect a :class:`ServingReport`, and shut the engine down."""
     with VllmRunner(path, **runner_kwargs) as runner:
         return runner.report(max_tokens=max_tokens)
-
-
-# ------------------------------------------------------------------------------------------------
-# Resolution without kernels (formats with no CPU kernels)
-# ------------------------------------------------------------------------------------------------
-
-_MODELOPT_QUANTIZATIONS = ("modelopt", "modelopt_fp4", "modelopt_mxfp8", "modelopt_mixed")
-
-
-def _vllm_layer_inventory(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """(vLLM name, vLLM layer class) of every linear Qwen2.5-VL builds, from its HF config."""
-    text = config.get("text_config") or config
-    vision = config.get("vision_config") or {}
-    rows = []
-    for i in range(int(vision.get("depth", 0))):
-        p = f"visual.blocks.{i}"
-        rows += [(f"{p}.attn.qkv", "QKVParallelLinear"), (f"{p}.attn.proj", "RowParallelLinear"),
-                 (f"{p}.mlp.gate_up_proj", "MergedColumnParallelLinear"), (f"{p}.mlp.down_proj", "RowParallelLinear")]
-    rows += [("visual.merger.mlp.0", "ColumnParallelLinear"), ("visual.merger.mlp.2", "RowParallelLinear")]
-    for i in range(int(text["num_hidden_layers"])):
-        p = f"language_model.model.layers.{i}"
-        rows += [(f"{p}.self_attn.qkv_proj", "QKVParallelLinear"), (f"{p}.self_attn.o_proj", "RowParallelLinear"),
-                 (f"{p}.mlp.gate_up_proj", "MergedColumnParallelLinear"), (f"{p}.mlp.down_proj", "RowParallelLinear")]
-    rows.append(("language_model.lm_head", "ParallelLMHead"))
-    return rows
-
-
-def _choose_quantization(quant_cfg: dict[str, Any]) -> str | None:
-    """vLLM's choice among its ModelOpt configs, as ``ModelConfig._verify_quantization`` makes it."""
-    from vllm.model_executor.layers.quantization import get_quantization_config
-
-    for name in _MODELOPT_QUANTIZATIONS:
-        cls = get_quantization_config(name)
-        try:
-            claimed = cls.override_quantization_method(quant_cfg, None, hf_config=None)
-        except TypeError:
-            claimed = cls.override_quantization_method(quant_cfg, None)
-        if claimed is not None:
-            return claimed
-    return quant_cfg.get("quant_method")
-
-
-def resolve_quant_methods(checkpoint_path: str | os.PathLike) -> QuantResolution:
-    """Per-layer quant methods vLLM would build for ``checkpoint_path``, without kernels or weights.
-
-    Parses the checkpoint's quantization config exactly as vLLM does (config.json first, then
-    hf_quant_config.json), maps names with Qwen2.5-VL's ``hf_to_vllm_mapper`` and asks
-    ``get_quant_method`` for each linear, using bare layer objects (kernels are chosen only later,
-    in ``create_weights``).  Works for NVFP4/MXFP8 on CPU, where no kernel exists.
-    """
-    path = Path(checkpoint_path).expanduser().resolve()
-    preflight(path)
-    prepare_environment(default_device())
-    from torch import nn
-    from vllm.model_executor.layers import linear as vllm_linear
-    from vllm.model_executor.layers.quantization import get_quantization_config
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as VllmQwen25VL
-
-    config = read_config(path)
-    quant_cfg = config.get("quantization_config")
-    hf_file = path / "hf_quant_config.json"
-    if quant_cfg is None and hf_file.exists():
-        quant_cfg = json.loads(hf_file.read_text())
-        quant_cfg.setdefault("quant_method", "modelopt")
-    inventory = _vllm_layer_inventory(config)
-    if quant_cfg is None:
-        layers = tuple(ServedLayer(n, c, "UnquantizedLinearMethod" if c != "ParallelLMHead" else "UnquantizedEmbeddingMethod", None)
-                       for n, c in inventory)
-        return QuantResolution(str(path), None, None, None, layers, None)
-
-    quantization = _choose_quantization(dict(quant_cfg))
-    cls = get_quantization_config(quantization)
-    qc = cls.from_config(quant_cfg)
-    qc.packed_modules_mapping = dict(getattr(VllmQwen25VL, "packed_modules_mapping", {}))
-    qc.apply_vllm_mapper(VllmQwen25VL.hf_to_vllm_mapper)
-
-    classes = {"ParallelLMHead": ParallelLMHead}
-    layers, errors = [], []
-    for name, cls_name in inventory:
-        layer_cls = classes.get(cls_name) or getattr(vllm_linear, cls_name)
-        layer = object.__new__(layer_cls)  # isinstance-compatible, no TP groups, no weights
-        nn.Module.__init__(layer)
-        try:
-            method = qc.get_quant_method(layer, name)
-        except Exception as exc:  # e.g. "Mixed quant_algo within fused layer"
-            errors.append(f"{name}: {type(exc).__name__}: {exc}")
-            layers.append(ServedLayer(name, cls_name, None, None))
-            continue
-        method_name = type(method).__name__ if method is not None else None
-        weight = getattr(getattr(method, "spec", None), "weight", None)
-        dtype = str(weight.dtype) if weight is not None and getattr(weight, "dtype", None) is not None else None
-        if is_unquantized_method(method_name):
-            dtype = None
-        layers.append(ServedLayer(name, cls_name, method_name, dtype))
-
-    kv_method = None
-    try:
-        from vllm.model_executor.layers.attention import Attention  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from vllm.attention.layer import Attention  # type: ignore[no-redef]
-        except ImportError:
-            Attention = None
-    if Attention is not None:
-        attn = object.__new__(Attention)
-        nn.Module.__init__(attn)
-        try:
-            method = qc.get_quant_method(attn, "language_model.model.layers.0.self_attn.attn")
-            kv_method = type(method).__name__ if method is not None else None
-        except Exception as exc:
-            errors.append(f"attention: {type(exc).__name__}: {exc}")
-    return QuantResolution(str(path), quantization, cls.__name__, quant_cfg.get("quant_algo") or
-                           (quant_cfg.get("quantization") or {}).get("quant_algo"), tuple(layers), kv_method, tuple(errors))
