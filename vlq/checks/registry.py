@@ -79,7 +79,7 @@ CHECKS: tuple[CheckSpec, ...] = (
               "the checkpoint rebuilt from its files by the independent dequantizer is within its formats' export "
               "agreement of the fake-quantized model (KLD)",
               "tests/test_fidelity_search.py::test_checkpoint_with_a_doubled_scale_disagrees", CheckpointError,
-              "pipeline.stages:export_agreement_check"),
+              "pipeline.measure:export_agreement_check"),
     CheckSpec("vllm_vision_and_head", "vision tower and lm_head unquantized", "serve",
               "vLLM built every vision linear and `lm_head` unquantized, BF16, with no never-loaded scales",
               "tests/test_serving.py::test_export_without_vision_in_ignore_fails", ServingError,
