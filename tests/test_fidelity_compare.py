@@ -48,7 +48,7 @@ def references(trained_vlm, calibration):
 def methods(trained_vlm, calibration, tmp_path_factory):
     """gradient vs kl_div on one model, budget and calibration, written to a folder."""
     out = tmp_path_factory.mktemp("compare-methods")
-    return pipeline.compare_method_manifests(trained_vlm, SCHEME, calibration, out_dir=out), out
+    return pipeline.compare_methods(trained_vlm, SCHEME, calibration, out_dir=out), out
 
 
 @pytest.fixture(scope="module")
