@@ -3,7 +3,7 @@ a live (ModelOpt-converted) layer, so the two can be compared (:meth:`vlq.manife
 
 A quantizer's signature is ``(num_bits, block along the input, block along the output, axis, dynamic)``:
 enough to tell every registered format apart (FP8 per tensor from FP8 per channel, 1-D from 2-D blocks,
-static from dynamic activations); ``None`` is a disabled quantizer.
+static from dynamic activations, per-tensor from per-token); ``None`` is a disabled quantizer.
 """
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ def _axis(axis) -> Any:
     return tuple(axis) if isinstance(axis, (list, tuple)) else axis
 
 
+#: The axis of a signature whose quantizer keeps one scale per row of the last dimension (per token for inputs).
+PER_ROW = "per-row"
+
+
+def _whole_rows(block_sizes) -> bool:
+    """A block of ``None`` along the last dimension (and no other): one scale per row."""
+    sizes = {str(k): v for k, v in dict(block_sizes or {}).items() if str(k).lstrip("-").isdigit()}
+    return sizes == {"-1": None}
+
+
 def _dynamic(block_sizes, type_: str | None = None) -> bool:
     return (type_ or dict(block_sizes or {}).get("type")) == "dynamic"
 
@@ -49,8 +59,11 @@ def cfg_signature(cfg) -> tuple | None:
     if cfg.get("enable") is False:
         return None
     blocks = cfg.get("block_sizes")
+    dynamic = _dynamic(blocks, cfg.get("type"))
+    if _whole_rows(blocks):  # one scale per row of the last dimension: per token when dynamic
+        return (_bits(cfg.get("num_bits")), None, None, PER_ROW, dynamic)
     return (_bits(cfg.get("num_bits")), _block(blocks, -1), _block(blocks, -2), None if blocks else _axis(cfg.get("axis")),
-            _dynamic(blocks, cfg.get("type")))
+            dynamic)
 
 
 def quantizer_signature(quantizer) -> tuple | None:
@@ -64,8 +77,12 @@ def quantizer_signature(quantizer) -> tuple | None:
     if not getattr(quantizer, "is_enabled", False):
         return None
     blocks = getattr(quantizer, "block_sizes", None)
-    return (_bits(quantizer.num_bits), _block(blocks, -1), _block(blocks, -2), None if blocks else _axis(getattr(quantizer, "axis", None)),
-            _dynamic(blocks))
+    dynamic = _dynamic(blocks) or bool(getattr(quantizer, "_dynamic", False))
+    axis = _axis(getattr(quantizer, "axis", None))
+    # ModelOpt turns a block over the whole last dimension into an axis over all the others at its first forward
+    if _whole_rows(blocks) or (not blocks and dynamic and isinstance(axis, tuple)):
+        return (_bits(quantizer.num_bits), None, None, PER_ROW, dynamic)
+    return (_bits(quantizer.num_bits), _block(blocks, -1), _block(blocks, -2), None if blocks else axis, dynamic)
 
 
 def live_signature(module) -> QuantizerSignature:
