@@ -70,7 +70,9 @@ AWQ_MIX = Variant("int4_awq+w4a8_awq", "int4_awq", (("mlp.", "w4a8_awq"),), (("W
 CUDA_MIX = Variant("nvfp4+w4a16_nvfp4+mxfp8", "nvfp4", (("mlp.gate_proj", "w4a16_nvfp4"), ("mlp.up_proj", "w4a16_nvfp4"),
                                                         ("mlp.down_proj", "mxfp8")),
                    (("MXFP8", 4), ("NVFP4", 16), ("W4A16_NVFP4", 8)))
-CPU_FAKE_QUANT = (FP8, INT8_SQ, AWQ_MIX)  # ModelOpt's fake quant runs on CPU for these
+FP8_PC_PB = Variant("fp8_pc_pt+fp8_pb_wo", "fp8_pc_pt", (("mlp.", "fp8_pb_wo"),),
+                    (("FP8_PER_CHANNEL_PER_TOKEN", 16), ("fp8_pb_wo", 12)))
+CPU_FAKE_QUANT = (FP8, INT8_SQ, AWQ_MIX, FP8_PC_PB)  # ModelOpt's fake quant runs on CPU for these
 
 
 def _quantized(pristine_vlm, batches, variant: Variant, device: str = "cpu"):
@@ -130,7 +132,8 @@ def _capture_and_export(loaded, dest: Path, *, fake_quant: bool = True) -> Captu
             raw[key] = module.weight.detach().cpu().clone()
             live_amax = getattr(module.weight_quantizer, "amax", None)
             amax[key] = None if live_amax is None else float(live_amax.float().max())
-            x = (torch.randn(4, module.in_features, generator=generator) * 3).to(module.weight.dtype)
+            # [batch, tokens, features] as the model feeds it: per-token quantizers reduce over the last dim only
+            x = (torch.randn(1, 4, module.in_features, generator=generator) * 3).to(module.weight.dtype)
             inputs[key] = x
             scale = module.input_quantizer.pre_quant_scale
             pqs[key] = None if scale is None else scale.detach().cpu().clone()
@@ -248,7 +251,7 @@ def test_fp8_codes_follow_the_export_rule(exports):
     assert f"{TAMPERED}.weight" in keys and not any(k.endswith(("_scale", "_scale_2")) for k in keys)
 
 
-@pytest.mark.parametrize("variant", [FP8, INT8_SQ], ids=lambda v: v.id)
+@pytest.mark.parametrize("variant", [FP8, INT8_SQ, FP8_PC_PB], ids=lambda v: v.id)
 def test_model_read_from_disk_is_the_fake_quant_model(exports, variant):
     """Everything but the quantized weights — names, norms, biases, vision tower, tied head, the
     activation hooks with their pre_quant_scales — rebuilds the fake-quantized model exactly: with

@@ -83,14 +83,22 @@ def test_block_sizes_are_modelopts(fmt):
     assert FORMATS[fmt].block_size == first[1]
 
 
-#: (in_features, out_features) -> the formats whose shape rules it meets.  Every format, CUDA-only ones too.
-SHAPE_TABLE = [
-    pytest.param((256, 256), {"fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="256x256-fits-all"),
-    pytest.param((192, 384), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="in192-not-128"),
-    pytest.param((208, 256), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4"}, id="in208-not-32"),
-    pytest.param((200, 256), {"fp8", "int8_sq"}, id="in200-not-16"),
-    pytest.param((256, 255), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="out255-odd-for-int4"),
-]
+def _shape_table() -> list:
+    """tests/matrix/format_shapes.yaml ``shapes``: (in_features, out_features) -> the formats whose shape rules it meets."""
+    import yaml
+
+    entries = yaml.safe_load((Path(__file__).parent / "matrix" / "format_shapes.yaml").read_text())["shapes"]
+    return [pytest.param((e["in"], e["out"]), set(e["fits"]), id=e["id"]) for e in entries]
+
+
+SHAPE_TABLE = _shape_table()
+
+
+def test_shape_table_names_only_registered_formats():
+    """A misspelt format in the shape table would read as "does not fit" and pass; every name must be registered."""
+    named = set().union(*(p.values[1] for p in SHAPE_TABLE), *(p.values[1] for p in ODD_SHAPES))
+    assert named <= set(FORMATS), named - set(FORMATS)
+    assert set(SHAPE_TABLE[0].values[1]) == set(FORMATS), "the first shape fits every format, so it lists them all"
 
 
 @pytest.mark.parametrize("shape, fits", SHAPE_TABLE)
@@ -182,12 +190,16 @@ def test_unreachable_target_is_refused_before_the_search_naming_the_layers(one_l
     plan_lm_formats(one_layer_192, Scheme(formats=SHAPE_FORMATS, target_bits=7.5))  # negative control: reachable
 
 
-ODD_SHAPES = [
-    pytest.param(dict(hidden_size=200, intermediate_size=344, num_hidden_layers=1), {"nvfp4", "w4a16_nvfp4", "mxfp8", "int4_awq", "w4a8_awq"},
-                 id="hidden200-not-16"),
-    pytest.param(dict(hidden_size=208, intermediate_size=400, num_hidden_layers=1), {"mxfp8", "int4_awq", "w4a8_awq"}, id="hidden208-not-32"),
-    pytest.param(dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1, tied=False), set(), id="untied-lm_head"),
-]
+def _odd_shapes() -> list:
+    """tests/matrix/format_shapes.yaml ``models``: a one-layer model's shape -> the formats its layers rule out."""
+    import yaml
+
+    entries = yaml.safe_load((Path(__file__).parent / "matrix" / "format_shapes.yaml").read_text())["models"]
+    return [pytest.param({k: v for k, v in e.items() if k not in ("id", "removed")} | {"num_hidden_layers": 1},
+                         set(e["removed"]), id=e["id"]) for e in entries]
+
+
+ODD_SHAPES = _odd_shapes()
 
 
 @pytest.mark.parametrize("shape, removed", ODD_SHAPES)

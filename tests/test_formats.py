@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,7 +108,8 @@ def test_servable_formats_are_vllms_linear_algos():
     """What the registry says vLLM serves is what vLLM's ModelOpt loader lists (its LINEAR_ALGOS table, which its
     MIXED_PRECISION config also routes per layer)."""
     linear = set(_vllm_linear_algos())
-    assert VLLM_SERVABLE_ALGOS <= linear, VLLM_SERVABLE_ALGOS - linear
+    served = {algo.upper() for algo in VLLM_SERVABLE_ALGOS}  # vLLM upper-cases quant_algo (ModelOpt writes fp8_pb_wo)
+    assert served <= linear, served - linear
     assert VLLM_SERVABLE_IN_MIXED <= VLLM_SERVABLE_ALGOS
 
 
@@ -130,3 +132,13 @@ def test_fused_groups_are_defined_once():
     assert fused_group_key("model.layers.3.self_attn.k_proj") == "model.layers.3.self_attn"
     assert fused_group_key("model.layers.3.mlp.up_proj") == "model.layers.3.mlp"
     assert fused_group_key("model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"  # not fused: its own group
+
+
+def test_guide_formats_table_is_the_registry():
+    """docs/guide.md's "Which formats serve where" is generated from the registry, so a new format shows up there."""
+    from vlq.formats.registry import formats_markdown
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    start = guide.index("| format | export `quant_algo` |")
+    end = guide.index("<!-- end of formats table -->")
+    assert guide[start:end].strip() == formats_markdown(), "regenerate the table with vlq.formats.registry.formats_markdown()"

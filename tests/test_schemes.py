@@ -43,7 +43,7 @@ def test_scheme_rejects_unknown_keys_and_versions():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"formats": ("fp9",)}, "Unknown format 'fp9'. Known formats: fp8, int4_awq"),
+        ({"formats": ("fp9",)}, "Unknown format 'fp9'. Known formats: " + ", ".join(FORMATS)),
         ({"formats": ()}, "at least one format"),
         ({"formats": ("fp8", "fp8")}, "repeat"),
         ({"method": "hessian"}, "Unknown method 'hessian'"),

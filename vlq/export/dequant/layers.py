@@ -43,6 +43,15 @@ def decode(algo: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
         code = w.to(torch.float32)
         scale = ws.float()
         return code * scale, e4m3_step(code) * scale
+    if algo == "FP8_PER_CHANNEL_PER_TOKEN":
+        code = w.to(torch.float32)
+        scale = ws.float().reshape(-1, 1)
+        return code * scale, e4m3_step(code) * scale
+    if algo == "fp8_pb_wo":
+        code = w.to(torch.float32)
+        blocks = ws.float().reshape(ws.shape[0], ws.shape[2]) if ws.dim() == 4 else ws.float()
+        scale = blocks.repeat_interleave(128, dim=0).repeat_interleave(128, dim=1)[: code.shape[0], : code.shape[1]]
+        return code * scale, e4m3_step(code) * scale
     if algo == "MXFP8":
         code = w.to(torch.float32)
         descale = _per_block(torch.exp2(ws.view(torch.uint8).float() - 127.0), w.shape[-1])
@@ -108,10 +117,9 @@ def read_scalar(store: TensorStore, meta: TensorMeta, path: Path) -> float:
     return float(value[0])
 
 
-def read_layer(path: Path, module: str, algo: str, tensors: dict[str, TensorMeta], config: QuantConfig,
-           store: TensorStore) -> DequantizedLayer:
-    spec = SPECS[algo]
-    weight = tensors["weight"]
+def _check_tensors(path: Path, module: str, algo: str, tensors: dict[str, TensorMeta]) -> None:
+    """The tensors next to the weight are the ones ``algo`` stores, and the weight has its dtype and rank."""
+    spec, weight = SPECS[algo], tensors["weight"]
     missing = [leaf for leaf in spec.required if leaf not in tensors]
     if missing:
         raise CheckpointError(
@@ -131,31 +139,51 @@ def read_layer(path: Path, module: str, algo: str, tensors: dict[str, TensorMeta
         )
     if len(weight.shape) != 2:
         raise CheckpointError(f"{path}: {module}.weight has shape {weight.shape}; only 2-D linear weights are read.")
-    rows, cols = weight.shape
-    out_f, in_f = (rows * 2, cols) if algo in ("W4A16_AWQ", "W4A8_AWQ") else (
-        (rows, cols * 2) if algo in ("NVFP4", "W4A16_NVFP4") else (rows, cols))
-    ws = tensors["weight_scale"].shape
-    block: int | None = spec.weight_block
-    if algo in ("FP8",) and ws not in ((), (1,)):
+
+
+def _features(algo: str, weight_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(out, in) of the layer from its packed weight: INT4 packs two rows per byte, E2M1 two columns."""
+    rows, cols = weight_shape
+    if algo in ("W4A16_AWQ", "W4A8_AWQ"):
+        return rows * 2, cols
+    if algo in ("NVFP4", "W4A16_NVFP4"):
+        return rows, cols * 2
+    return rows, cols
+
+
+def _weight_block(path: Path, module: str, algo: str, ws: tuple[int, ...], out_f: int, in_f: int,
+                  group_size: int | None) -> int | None:
+    """The block of the weight scales along ``in`` (None: per tensor or per channel), once their shape fits ``algo``."""
+    block = SPECS[algo].weight_block
+    if algo == "FP8" and ws not in ((), (1,)):
         raise CheckpointError(f"{path}: {module}.weight_scale has shape {ws}; FP8 here is per-tensor (shape []).")
-    elif algo == "W8A8_SQ_PER_CHANNEL" and ws not in ((out_f,), (out_f, 1)):
+    if algo in ("W8A8_SQ_PER_CHANNEL", "FP8_PER_CHANNEL_PER_TOKEN") and ws not in ((out_f,), (out_f, 1)):
         raise CheckpointError(f"{path}: {module}.weight_scale has shape {ws}, expected [{out_f}] (per output channel).")
-    elif algo in ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "W4A16_NVFP4", "MXFP8"):
+    if algo == "fp8_pb_wo":
+        grid = (-(-out_f // 128), -(-in_f // 128))
+        if ws not in ((grid[0], 1, grid[1], 1), grid):
+            raise CheckpointError(f"{path}: {module}.weight_scale has shape {ws}; {algo} needs [{grid[0]}, 1, {grid[1]}, 1] "
+                                  "(one scale per 128x128 block).")
+    if algo in ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "W4A16_NVFP4", "MXFP8"):
         if len(ws) != 2 or ws[0] != out_f or ws[1] == 0 or in_f % ws[1]:
-            raise CheckpointError(
-                f"{path}: {module}.weight_scale has shape {ws}; {algo} needs [{out_f}, {in_f}/block]."
-            )
+            raise CheckpointError(f"{path}: {module}.weight_scale has shape {ws}; {algo} needs [{out_f}, {in_f}/block].")
         found = in_f // ws[1]
-        expected = block or config.group_size_for(module)
+        expected = block or group_size
         if expected is not None and found != expected:
             raise CheckpointError(
                 f"{path}: {module}.weight_scale implies blocks of {found} but {algo} "
                 f"{'uses' if block else 'is configured with group_size'} {expected}; config and tensors disagree."
             )
         block = found
+    return block
+
+
+def _activation(path: Path, module: str, algo: str, tensors: dict[str, TensorMeta], store: TensorStore,
+                in_f: int) -> ActivationQuant:
+    """The input quantization ``algo`` prescribes, its scalar scales validated now (not mid-forward)."""
     for leaf in ("input_scale", "weight_scale_2"):
         if leaf in tensors:
-            read_scalar(store, tensors[leaf], path)  # validates now: a bad scale fails at read, not mid-forward
+            read_scalar(store, tensors[leaf], path)
     pqs = None
     if "pre_quant_scale" in tensors:
         pqs = store.get(tensors["pre_quant_scale"].key).reshape(-1)
@@ -163,10 +191,19 @@ def read_layer(path: Path, module: str, algo: str, tensors: dict[str, TensorMeta
             raise CheckpointError(
                 f"{path}: {module}.pre_quant_scale has {pqs.numel()} values but the layer has {in_f} inputs."
             )
-    kind = spec.activation
+    kind = SPECS[algo].activation
     scale = read_scalar(store, tensors["input_scale"], path) if kind in (ACT_FP8, ACT_INT8, ACT_NVFP4) else None
     act_block = 16 if kind == ACT_NVFP4 else (32 if kind == ACT_MXFP8 else None)
-    activation = ActivationQuant(kind, scale, act_block, pqs)
-    keys = tuple(tensors[leaf].key for leaf in ("weight", *spec.required) if leaf in tensors
+    return ActivationQuant(kind, scale, act_block, pqs)
+
+
+def read_layer(path: Path, module: str, algo: str, tensors: dict[str, TensorMeta], config: QuantConfig,
+               store: TensorStore) -> DequantizedLayer:
+    """One quantized layer of ``path``, its tensors checked against ``algo`` (CheckpointError in one line)."""
+    _check_tensors(path, module, algo, tensors)
+    out_f, in_f = _features(algo, tensors["weight"].shape)
+    block = _weight_block(path, module, algo, tensors["weight_scale"].shape, out_f, in_f, config.group_size_for(module))
+    activation = _activation(path, module, algo, tensors, store, in_f)
+    keys = tuple(tensors[leaf].key for leaf in ("weight", *SPECS[algo].required) if leaf in tensors
                  and leaf not in ("input_scale", "pre_quant_scale"))
     return DequantizedLayer(module, algo, out_f, in_f, block, activation, keys, store)
