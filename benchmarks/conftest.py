@@ -3,7 +3,7 @@
 pytest-benchmark's machine id ignores the GPU, so the hook below adds it and the versions.  Every
 benchmark records its ``extra_info`` through the :func:`record_benchmark` fixture, so saved runs
 share one set of keys (``vlq report`` reads them): what the measured action is (``measures``, one of
-``vlq.report.tables.MEASURED_ACTIONS``), the variant id, phase times (the CUDA-extension phase apart from
+``vlq.report.benchmarks.MEASURED_ACTIONS``), the variant id, phase times (the CUDA-extension phase apart from
 calibration), peak RSS / GPU memory, achieved bits and the scheme's settings.
 """
 
@@ -96,10 +96,10 @@ def record_benchmark(benchmark):
 
     With a ``SearchResult`` it records :func:`search_info` (its device is the model's; it measures a
     search); without one, say what the measured action is (``measures``, a key of
-    ``vlq.report.tables.MEASURED_ACTIONS``: the report names its time column by it) and the ``device`` it ran on
+    ``vlq.report.benchmarks.MEASURED_ACTIONS``: the report names its time column by it) and the ``device`` it ran on
     (a ``torch.device`` or ``cpu``/``cuda``).  ``extra`` adds keys (a sweep's ratios, a table of settings).
     """
-    from vlq.report.tables import MEASURED_ACTIONS
+    from vlq.report.benchmarks import MEASURED_ACTIONS
 
     def record(result=None, *, measures: str | None = None, device: Any = None, **extra: Any) -> dict[str, Any]:
         info = search_info(result) if result is not None else {}

@@ -25,7 +25,7 @@ from vlq.fidelity.comparison import CalibrationComparison, MethodComparison, com
 from vlq.runtime.errors import SchemeError
 from vlq.inputs.requests import DataRequest, RunFolder
 from vlq.manifest.manifest import Manifest
-from vlq.report.tables import write_report
+from vlq.report.document import write_report
 from vlq.formats.registry import NO_QUANT
 from vlq.search.scheme import Scheme
 from vlq.search.search import apply_decisions

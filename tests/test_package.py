@@ -17,8 +17,6 @@ MAX_FUNCTION_LINES = 80
 MODULE_EXCEPTIONS: dict[str, str] = {
 }
 FUNCTION_EXCEPTIONS: dict[str, str] = {
-    "export.inspect.inspect_checkpoint": "split in a later step",
-    "report.tables.write_report": "split in a later step",
 }
 
 

@@ -15,7 +15,8 @@ from vlq import pipeline
 from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
 from vlq.runtime.errors import VlqError
-from vlq.report.tables import benchmark_table, compare_runs, load_benchmarks, write_report
+from vlq.report.benchmarks import benchmark_table, compare_runs, load_benchmarks
+from vlq.report.document import write_report
 from vlq.search.scheme import Scheme
 
 REPO = Path(__file__).resolve().parent.parent

@@ -132,7 +132,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..report.tables import write_report
+    from ..report.document import write_report
 
     path = write_report(args.out, benchmarks=args.benchmarks or [], manifests=args.manifests or [],
                         sweeps=args.sweeps or [], baseline=args.baseline, comparisons=args.comparisons or [])

@@ -357,76 +357,107 @@ def inspect_checkpoint(
     path = Path(path)
     config = CheckpointQuantConfig.read(path)
     index, problems = read_tensor_index(path)
+    vprefix = vision_prefix + "."
+    by_layer = _layer_tensors(index)
+    problems += _vision_problems(index, vprefix, original_vision_dtype)
+    problems += _unheld_layer_problems(config, by_layer)
+    group_size = config.raw.get("group_size") if isinstance(config.raw.get("group_size"), int) else None
+    layers = []
+    for layer, tensors in sorted(by_layer.items()):
+        weight = tensors.get("weight")
+        if weight is None or len(weight.shape) < 2 or layer.endswith("embed_tokens"):
+            continue  # not a linear layer
+        algo = config.algo_for(layer)
+        layers.append(LayerReport(layer, algo, weight.dtype, tuple(sorted(tensors))))
+        problems += _layer_problems(layer, tensors, algo, group_size, in_vision=layer.startswith(vprefix), lm_head=lm_head)
+    problems += _lm_head_problems(config, lm_head)
+    unified, fused = _fused_group_problems(layers, index, vprefix)
+    problems += fused
+    return CheckpointReport(path, config, tuple(layers), unified, _checkpoint_check(path, config, layers, unified, problems))
 
-    layer_tensors: dict[str, dict[str, TensorMeta]] = {}
+
+def _layer_tensors(index: dict[str, TensorMeta]) -> dict[str, dict[str, TensorMeta]]:
+    """Layer -> its weight, bias and scale tensors, by leaf name."""
+    layers: dict[str, dict[str, TensorMeta]] = {}
     for key, meta in index.items():
         if key.endswith(".weight") or any(key.endswith("." + s) or key.endswith(s) for s in SCALE_SUFFIXES) or key.endswith(".bias"):
             layer, _, leaf = key.rpartition(".")
-            layer_tensors.setdefault(layer, {})[leaf] = meta
+            layers.setdefault(layer, {})[leaf] = meta
+    return layers
 
-    vprefix = vision_prefix + "."
+
+def _vision_problems(index: dict[str, TensorMeta], vprefix: str, original_dtype: str) -> list[str]:
+    """Every vision tensor keeps its dtype, and none is a quantization scale."""
+    problems = []
     for key, meta in index.items():
-        if key.startswith(vprefix):
-            leaf = key.rpartition(".")[2]
-            if any(leaf.endswith(s) for s in SCALE_SUFFIXES) or leaf in ("input_scale", "weight_scale"):
-                problems.append(f"vision tensor {key} is a quantization scale; the vision tower must stay unquantized")
-            elif meta.dtype != original_vision_dtype:
-                problems.append(f"vision tensor {key} has dtype {meta.dtype}, expected {original_vision_dtype}")
-
-    if config.quant_algo == "MIXED_PRECISION":
-        absent = sorted(name for name in config.quantized_layers if name not in layer_tensors)
-        if absent:
-            problems.append(f"quantization config quantizes {len(absent)} layers the checkpoint does not hold: {', '.join(absent[:5])}"
-                            + (" ..." if len(absent) > 5 else ""))
-    group_size = config.raw.get("group_size") if isinstance(config.raw.get("group_size"), int) else None
-
-    layers = []
-    for layer, tensors in sorted(layer_tensors.items()):
-        if "weight" not in tensors:
+        if not key.startswith(vprefix):
             continue
-        weight = tensors["weight"]
-        is_linear_like = len(weight.shape) >= 2 and not layer.endswith("embed_tokens")
-        if not is_linear_like:
-            continue
-        algo = config.algo_for(layer)
-        layers.append(LayerReport(layer, algo, weight.dtype, tuple(sorted(tensors))))
-        in_vision = layer.startswith(vprefix)
-        if (in_vision or layer == lm_head) and algo is not None:
-            problems.append(
-                f"quantization config applies {algo} to {layer}: its ignore list does not exclude "
+        leaf = key.rpartition(".")[2]
+        if any(leaf.endswith(s) for s in SCALE_SUFFIXES) or leaf in ("input_scale", "weight_scale"):
+            problems.append(f"vision tensor {key} is a quantization scale; the vision tower must stay unquantized")
+        elif meta.dtype != original_dtype:
+            problems.append(f"vision tensor {key} has dtype {meta.dtype}, expected {original_dtype}")
+    return problems
+
+
+def _unheld_layer_problems(config: CheckpointQuantConfig, layers: dict[str, dict[str, TensorMeta]]) -> list[str]:
+    """Every layer a MIXED_PRECISION config quantizes is in the files."""
+    if config.quant_algo != "MIXED_PRECISION":
+        return []
+    absent = sorted(name for name in config.quantized_layers if name not in layers)
+    if not absent:
+        return []
+    return [f"quantization config quantizes {len(absent)} layers the checkpoint does not hold: {', '.join(absent[:5])}"
+            + (" ..." if len(absent) > 5 else "")]
+
+
+def _layer_problems(layer: str, tensors: dict[str, TensorMeta], algo: str | None, group_size: int | None, *,
+                    in_vision: bool, lm_head: str) -> list[str]:
+    """One linear layer against what its quant_algo stores (dtype, tensors, scale shapes and values)."""
+    weight = tensors["weight"]
+    if (in_vision or layer == lm_head) and algo is not None:
+        return [f"quantization config applies {algo} to {layer}: its ignore list does not exclude "
                 f"{'the vision tower' if in_vision else 'lm_head'}, so vLLM would quantize it"
-                + (f" (on disk it is {weight.dtype} without scales)" if weight.dtype in ("BF16", "F16", "F32") else "")
-            )
-            continue
-        scales = sorted(leaf for leaf in tensors if leaf not in ("weight", "bias"))
-        if algo is None:
-            if weight.dtype not in ("BF16", "F16", "F32"):
-                problems.append(f"{layer} is unquantized in the config but its weight is {weight.dtype}")
-            elif set(scales) - KV_CACHE_SCALES and not in_vision:  # k/v cache scales may sit on unquantized k/v_proj
-                problems.append(f"{layer} is unquantized in the config but carries scales {', '.join(scales)}")
-            continue
-        fmt = format_for_algo(algo)
-        allowed = fmt.on_disk.weight_dtypes if fmt is not None else None
-        if allowed and weight.dtype not in allowed:
-            problems.append(f"{layer}: the config says {algo}, which stores weights as {'/'.join(allowed)}, but the weight on disk is {weight.dtype}")
-        for needed in (fmt.on_disk.required if fmt is not None else ()):
-            if needed not in tensors:
-                problems.append(f"{layer}: {algo} needs tensor {layer}.{needed}, missing")
-        shapes = expected_scale_shapes(algo, weight.shape, group_size) if not allowed or weight.dtype in allowed else None
-        for leaf in scales:
-            meta = tensors[leaf]
-            want = (shapes or {}).get(leaf)
-            if want is not None and meta.shape != want and not (want == () and meta.numel == 1):
-                problems.append(f"{layer}.{leaf} has shape {list(meta.shape)}; {algo} with weight {list(weight.shape)} exports {list(want)}")
-            problems += _scale_problems(layer, leaf, meta)
+                + (f" (on disk it is {weight.dtype} without scales)" if weight.dtype in ("BF16", "F16", "F32") else "")]
+    scales = sorted(leaf for leaf in tensors if leaf not in ("weight", "bias"))
+    if algo is None:
+        if weight.dtype not in ("BF16", "F16", "F32"):
+            return [f"{layer} is unquantized in the config but its weight is {weight.dtype}"]
+        if set(scales) - KV_CACHE_SCALES and not in_vision:  # k/v cache scales may sit on unquantized k/v_proj
+            return [f"{layer} is unquantized in the config but carries scales {', '.join(scales)}"]
+        return []
+    problems = []
+    fmt = format_for_algo(algo)
+    allowed = fmt.on_disk.weight_dtypes if fmt is not None else None
+    if allowed and weight.dtype not in allowed:
+        problems.append(f"{layer}: the config says {algo}, which stores weights as {'/'.join(allowed)}, but the weight on disk is {weight.dtype}")
+    for needed in (fmt.on_disk.required if fmt is not None else ()):
+        if needed not in tensors:
+            problems.append(f"{layer}: {algo} needs tensor {layer}.{needed}, missing")
+    shapes = expected_scale_shapes(algo, weight.shape, group_size) if not allowed or weight.dtype in allowed else None
+    for leaf in scales:
+        meta = tensors[leaf]
+        want = (shapes or {}).get(leaf)
+        if want is not None and meta.shape != want and not (want == () and meta.numel == 1):
+            problems.append(f"{layer}.{leaf} has shape {list(meta.shape)}; {algo} with weight {list(weight.shape)} exports {list(want)}")
+        problems += _scale_problems(layer, leaf, meta)
+    return problems
 
-    # lm_head must be excluded even when tied (vLLM skips tied lm_head weights but still builds the
-    # layer with the checkpoint's quant method when it is not excluded).
+
+def _lm_head_problems(config: CheckpointQuantConfig, lm_head: str) -> list[str]:
+    # lm_head must be excluded even when tied: vLLM skips tied lm_head weights but still builds the layer with the
+    # checkpoint's quant method when it is not excluded
     if config.quant_algo not in (None, "MIXED_PRECISION") and not config.is_excluded(lm_head):
-        problems.append(f"quantization config does not exclude {lm_head}; vLLM would quantize it")
+        return [f"quantization config does not exclude {lm_head}; vLLM would quantize it"]
     if config.quant_algo == "MIXED_PRECISION" and lm_head in config.quantized_layers:
-        problems.append(f"quantization config quantizes {lm_head} ({config.quantized_layers[lm_head]})")
+        return [f"quantization config quantizes {lm_head} ({config.quantized_layers[lm_head]})"]
+    return []
 
+
+def _fused_group_problems(layers: list[LayerReport], index: dict[str, TensorMeta], vprefix: str) -> tuple[int, list[str]]:
+    """(fused groups checked, problems): the members of each q/k/v and gate/up group share one format and equal
+    per-tensor scales, since vLLM serves them as one layer with one scale."""
+    problems: list[str] = []
     unified = 0
     by_layer = {l.name: l for l in layers}
     for parent in sorted({l.name.rpartition(".")[0] for l in layers}):
@@ -446,12 +477,10 @@ def inspect_checkpoint(
                     continue  # per-channel / block scales are not fused into one value
                 values = [float(tensor_values(meta)[0]) for meta in metas]
                 if len(set(values)) != 1 and all(math.isfinite(v) for v in values):
-                    problems.append(
-                        f"fused group {parent}.{{{','.join(names)}}} has different {scale} values {values}; "
-                        "vLLM fuses them into one layer with one scale"
-                    )
+                    problems.append(f"fused group {parent}.{{{','.join(names)}}} has different {scale} values {values}; "
+                                    "vLLM fuses them into one layer with one scale")
             unified += 1
-    return CheckpointReport(path, config, tuple(layers), unified, _checkpoint_check(path, config, layers, unified, problems))
+    return unified, problems
 
 
 def checkpoint_verdict(path: str | os.PathLike, manifest=None) -> tuple[Check, ...]:
