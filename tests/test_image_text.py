@@ -21,7 +21,7 @@ from vlq.data.calibration import (
     IGNORE_INDEX, CalibrationSet, image_text_batches, load_image_text_samples, synthetic_image_text_batches, text_batches,
 )
 from vlq import pipeline
-from vlq.fidelity.comparison import CalibrationComparison, compare_calibrations, spearman
+from vlq.fidelity.comparison import CalibrationComparison, compare_calibration_manifests, spearman
 from vlq.runtime.errors import CalibrationDataError, SchemeError
 from vlq.manifest.manifest import Manifest
 from vlq.data.models import fingerprint_parameters
@@ -245,7 +245,7 @@ def text_manifest(pristine_vlm, text_calibration) -> Manifest:
 
 @pytest.fixture(scope="module")
 def comparison(text_manifest, image_searches) -> CalibrationComparison:
-    return compare_calibrations(text_manifest, image_searches(_scheme("gradient", "extract")).manifest)
+    return compare_calibration_manifests(text_manifest, image_searches(_scheme("gradient", "extract")).manifest)
 
 
 def test_comparison_reports_agreement_correlation_and_moves(comparison, text_manifest):
@@ -277,7 +277,7 @@ def test_comparison_is_deterministic_for_a_fixed_seed(pristine_vlm, comparison, 
 
 
 def test_identical_searches_compare_as_identical(text_manifest):
-    same = compare_calibrations(text_manifest, text_manifest)
+    same = compare_calibration_manifests(text_manifest, text_manifest)
     assert same.agreement == 1.0 and not same.moved and same.spearman == pytest.approx(1.0)
     assert all(g.rank_shift == 0 for g in same.groups)
 
@@ -287,7 +287,7 @@ def test_comparison_detects_a_tampered_result(text_manifest):
     first = text_manifest.groups[0]
     other = next(c.format for c in first.candidates if c.format != first.chosen)
     flipped = text_manifest.with_groups([dataclasses.replace(first, chosen=other), *text_manifest.groups[1:]])
-    moved = compare_calibrations(text_manifest, flipped)
+    moved = compare_calibration_manifests(text_manifest, flipped)
     assert [g.name for g in moved.moved] == [first.name] and moved.agreement == pytest.approx(15 / 16)
     assert "Groups whose decision moves" in moved.markdown()
 
@@ -298,7 +298,7 @@ def test_comparison_detects_a_tampered_result(text_manifest):
                                                 for c in g.candidates))
         for g in text_manifest.groups
     ]
-    reversed_scores = compare_calibrations(text_manifest, text_manifest.with_groups(reversed_groups))
+    reversed_scores = compare_calibration_manifests(text_manifest, text_manifest.with_groups(reversed_groups))
     assert reversed_scores.spearman == pytest.approx(-1.0)
     assert max(abs(g.rank_shift) for g in reversed_scores.groups) > 0
 
@@ -306,7 +306,7 @@ def test_comparison_detects_a_tampered_result(text_manifest):
 def test_comparison_refuses_different_budgets(text_manifest):
     other = dataclasses.replace(text_manifest, scheme=text_manifest.scheme.with_(target_bits=10.0))
     with pytest.raises(SchemeError, match="target_bits"):
-        compare_calibrations(text_manifest, other)
+        compare_calibration_manifests(text_manifest, other)
 
 
 def test_spearman_matches_the_definition():
@@ -415,7 +415,7 @@ def test_3b_image_text_search_both_strategies_and_comparison(gpu_pristine_vlm, t
     assert agree >= 0.95 * len(decisions["extract"]), f"strategies agree on only {agree}/{len(decisions['extract'])} groups"
     assert fingerprint_parameters(loaded.vlm.get_submodule(loaded.vision.root)) == fingerprint
 
-    comparison = compare_calibrations(manifests["text"], manifests["mask"])
+    comparison = compare_calibration_manifests(manifests["text"], manifests["mask"])
     assert len(comparison.groups) == len(manifests["text"].groups) > 0
     assert comparison.spearman is not None
     comparison.write(tmp_path / "compare")
