@@ -134,8 +134,8 @@ class ActivationQuant:
 
 
 # ``x / scale`` is computed as ModelOpt does, ``x * (maxbound / amax)`` with ``amax = scale * maxbound``
-# in float32: the same value, and the same rounding at ties.  Plain ``x / scale`` moves ties in
-# 0.3-1 % of BF16 inputs (their few mantissa bits cluster on the grid's midpoints), one step each.
+# in float32: the same value, and the same rounding at ties (plain ``x / scale`` moves ties: BF16 inputs'
+# few mantissa bits cluster on the grid's midpoints).
 
 
 def fp8_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

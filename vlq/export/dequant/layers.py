@@ -68,7 +68,7 @@ def decode(algo: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
             return weight, scale
         ws2 = tensors["weight_scale_2"].float()
         # the int4 result is rounded to the model dtype (BF16) before its FP8 rounding, as in a BF16
-        # model's fake quant; in float32 1-2 % of the FP8 codes land one step away
+        # model's fake quant (in float32 some FP8 codes would land one step away)
         result, fp8_step = fp8_per_tensor(weight.to(torch.bfloat16).float(), ws2)
         # a moved int4 tie moves the result by one int4 step plus the two FP8 roundings (<= 1.5 steps here)
         return result, scale + 1.5 * fp8_step
