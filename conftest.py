@@ -17,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-from vlq import _compat
-from vlq.hardware import pin_xdist_worker_to_gpu, visible_gpus
+from vlq.runtime import compat as _compat
+from vlq.runtime.hardware import pin_xdist_worker_to_gpu, visible_gpus
 
 # `pytest -n N`: each xdist worker gets one GPU (round-robin), set before anything starts CUDA.
 pin_xdist_worker_to_gpu()
@@ -57,7 +57,7 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_collection_modifyitems(config, items):
     """Skip at collection, before any fixture builds a model, with the product's own reasons."""
-    from vlq.capabilities import cuda_skip_reason, fp8_kv_cache_skip_reason, vllm_skip_reason
+    from vlq.runtime.capabilities import cuda_skip_reason, fp8_kv_cache_skip_reason, vllm_skip_reason
 
     cuda_reason = cuda_skip_reason()
     for item in items:
@@ -74,14 +74,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """The tiny Qwen2.5-VL, built deterministically and saved with ``save_pretrained``."""
-    from vlq.models import build_tiny_checkpoint
+    from vlq.data.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl")
 
 
 def _read_only(loaded, label: str):
     """Yield a session's shared model, then fail the run if any test quantized it or changed its weights."""
-    from vlq.models import fingerprint_parameters
+    from vlq.data.models import fingerprint_parameters
 
     before = fingerprint_parameters(loaded.vlm)
     yield loaded
@@ -93,7 +93,7 @@ def _read_only(loaded, label: str):
 @pytest.fixture(scope="session")
 def pristine_vlm(tiny_checkpoint):
     """The tiny model loaded back through the local-checkpoint path. Read-only."""
-    from vlq.models import load_vlm
+    from vlq.data.models import load_vlm
 
     yield from _read_only(load_vlm(tiny_checkpoint), "tiny")
 
@@ -102,8 +102,8 @@ def pristine_vlm(tiny_checkpoint):
 def trained_vlm():
     """The tiny Qwen2.5-VL with learned weights (``tiny-trained``), BF16, read-only: fidelity tests
     quantize ``vlq.pipeline.fresh_copy`` of it.  The same teardown guard as ``pristine_vlm``."""
-    from vlq.inputs import TINY_TRAINED
-    from vlq.models import load_vlm
+    from vlq.inputs.requests import TINY_TRAINED
+    from vlq.data.models import load_vlm
 
     yield from _read_only(load_vlm(TINY_TRAINED), "tiny-trained")
 
@@ -135,7 +135,7 @@ def vision_modules(pristine_vlm):
 @pytest.fixture(scope="session")
 def calibration(pristine_vlm):
     """Packed text batches from the shipped corpus, read through ``datasets``."""
-    from vlq.calibration import text_batches
+    from vlq.data.calibration import text_batches
 
     return text_batches(pristine_vlm.tokenizer, vocab_size=pristine_vlm.vocab_size, num_batches=4, seq_len=32)
 
@@ -145,7 +145,7 @@ def calibration(pristine_vlm):
 
 @pytest.fixture(scope="session")
 def gpu_model_source(request):
-    from vlq.models import QWEN25_VL_3B_RANDOM
+    from vlq.data.models import QWEN25_VL_3B_RANDOM
 
     return request.config.getoption("--vlq-model") or QWEN25_VL_3B_RANDOM
 
@@ -155,7 +155,7 @@ def gpu_pristine_vlm(gpu_model_source):
     """The full-size model on the GPU, built or loaded once per run. Searches work on copies."""
     import torch
 
-    from vlq.models import load_vlm
+    from vlq.data.models import load_vlm
 
     loaded = load_vlm(gpu_model_source, device="cuda")
     yield loaded
@@ -184,11 +184,11 @@ def vllm_runner(vllm_device):
     """
     import functools
 
-    from vlq.capabilities import vllm_skip_reason
+    from vlq.runtime.capabilities import vllm_skip_reason
 
     reason = vllm_skip_reason(vllm_device)
     if reason is not None:
         pytest.skip(reason)
-    from vlq.vllm_runner import VllmRunner
+    from vlq.serve.runner import VllmRunner
 
     return functools.partial(VllmRunner, device=vllm_device)

@@ -3,7 +3,7 @@
 pytest-benchmark's machine id ignores the GPU, so the hook below adds it and the versions.  Every
 benchmark records its ``extra_info`` through the :func:`record_benchmark` fixture, so saved runs
 share one set of keys (``vlq report`` reads them): what the measured action is (``measures``, one of
-``vlq.report.MEASURED_ACTIONS``), the variant id, phase times (the CUDA-extension phase apart from
+``vlq.report.benchmarks.MEASURED_ACTIONS``), the variant id, phase times (the CUDA-extension phase apart from
 calibration), peak RSS / GPU memory, achieved bits and the scheme's settings.
 """
 
@@ -41,7 +41,7 @@ class RowPool:
 
     def take(self, *, vocab_size: int, batch_size: int, num_calib_steps: int, num_score_steps: int, **_):
         """The first ``max(steps) x batch_size`` rows, batched (keyword arguments as a scheme's fields)."""
-        from vlq.calibration import from_token_ids
+        from vlq.data.calibration import from_token_ids
 
         n = max(num_calib_steps, num_score_steps) * batch_size
         return from_token_ids(self.rows[:n], vocab_size=vocab_size, batch_size=batch_size, source=self.source)
@@ -62,7 +62,7 @@ def device_name(device: Any = None) -> str:
 
 
 def search_info(result) -> dict[str, Any]:
-    """The ``extra_info`` of one search (a :class:`vlq.search.SearchResult`)."""
+    """The ``extra_info`` of one search (a :class:`vlq.search.search.SearchResult`)."""
     scheme, times = result.scheme, result.times
     return dict(
         measures="search",
@@ -96,10 +96,10 @@ def record_benchmark(benchmark):
 
     With a ``SearchResult`` it records :func:`search_info` (its device is the model's; it measures a
     search); without one, say what the measured action is (``measures``, a key of
-    ``vlq.report.MEASURED_ACTIONS``: the report names its time column by it) and the ``device`` it ran on
+    ``vlq.report.benchmarks.MEASURED_ACTIONS``: the report names its time column by it) and the ``device`` it ran on
     (a ``torch.device`` or ``cpu``/``cuda``).  ``extra`` adds keys (a sweep's ratios, a table of settings).
     """
-    from vlq.report import MEASURED_ACTIONS
+    from vlq.report.benchmarks import MEASURED_ACTIONS
 
     def record(result=None, *, measures: str | None = None, device: Any = None, **extra: Any) -> dict[str, Any]:
         info = search_info(result) if result is not None else {}

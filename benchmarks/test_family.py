@@ -1,7 +1,7 @@
 """The Qwen2.5-VL family on one GPU: search memory against ``vlq plan``, and the faster default search.
 
 * ``test_search_memory_grid_3b_gpu`` — measured peak of the 3B search over batch x gradient checkpointing,
-  beside the plan's estimate (the points ``vlq.plan``'s two coefficients are fitted to).
+  beside the plan's estimate (the points ``vlq.search.plan``'s two coefficients are fitted to).
 * ``test_family_default_search_gpu[7b|32b]`` — the default search (``--batch-size auto``) of the bigger shapes:
   time, measured peak, planned peak.
 * ``test_faster_default_3b_gpu`` — one run, one process: the 128+128-row reference, vlq's default
@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from vlq import pipeline
-from vlq.hardware import visible_gpus
-from vlq.inputs import random_shape_config
-from vlq.plan import GIB, plan_search
-from vlq.schemes import Scheme
+from vlq.runtime.hardware import visible_gpus
+from vlq.inputs.requests import random_shape_config
+from vlq.search.plan import GIB, plan_search
+from vlq.search.scheme import Scheme
 
 from .conftest import RowPool
 
@@ -53,7 +53,7 @@ def _free():
 
 
 def _rows(loaded, n, seq_len=512, seed=0) -> RowPool:
-    from vlq.calibration import synthetic_text_calibration
+    from vlq.data.calibration import synthetic_text_calibration
 
     return RowPool(synthetic_text_calibration(loaded.config, vocab_size=loaded.vocab_size, num_batches=n, seq_len=seq_len, seed=seed))
 
@@ -67,7 +67,7 @@ def _vlq_search(pristine, scheme, rows, *, copy: bool = True, references=(), pha
     shapes, whose second copy would not fit: 32B is 62 GiB); plain results only, so the copy is freed — also
     when it fails: the error is re-raised as its text alone, since a traceback's frames would keep the copy
     on the GPU for the rest of the session (the 2026-12-01 run lost three benchmarks to one 32B OOM that way).
-    ``phases``, when given, gets the search's :class:`vlq.search.PhaseTimes` appended."""
+    ``phases``, when given, gets the search's :class:`vlq.search.search.PhaseTimes` appended."""
     loaded, searched, error = (pipeline.fresh_copy(pristine) if copy else pristine), None, None
     try:
         searched = pipeline.search(loaded, scheme, _calibration(pristine, rows, scheme))
@@ -92,7 +92,9 @@ def _raw_modelopt(pristine, scheme, rows):
     import modelopt.torch.quantization as mtq
     import torch
 
-    from vlq.search import causal_lm_loss, decisions_from_state, make_forward_step
+    from vlq.search.losses import causal_lm_loss
+    from vlq.search.decisions import decisions_from_state
+    from vlq.search.forward import make_forward_step
 
     loaded = pipeline.fresh_copy(pristine)
     try:
@@ -153,7 +155,7 @@ def test_search_memory_grid_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm
 def test_family_default_search_gpu(benchmark, record_benchmark, shape):
     import torch
 
-    from vlq.models import build_random_shape
+    from vlq.data.models import build_random_shape
 
     _free()
     # searched in place: a private copy doubled the weights, which is what ran 32B out of memory on an H200

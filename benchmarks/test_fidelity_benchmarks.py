@@ -14,11 +14,11 @@ import time
 import pytest
 
 from vlq import pipeline
-from vlq.inputs import TINY_TRAINED
-from vlq.models import load_vlm
+from vlq.inputs.requests import TINY_TRAINED
+from vlq.data.models import load_vlm
 from vlq.pipeline import fresh_copy
-from vlq.search import PeakRss
-from vlq.schemes import Scheme
+from vlq.search.accounting import PeakRss
+from vlq.search.scheme import Scheme
 
 TINY_SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
 GPU_SCHEME = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=16, num_score_steps=16, seq_len=512)

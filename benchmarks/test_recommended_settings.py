@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 
 from vlq import pipeline
-from vlq.inputs import TINY_TRAINED
-from vlq.models import load_vlm
+from vlq.inputs.requests import TINY_TRAINED
+from vlq.data.models import load_vlm
 from vlq.pipeline import fresh_copy
-from vlq.schemes import Scheme
-from vlq.sweep import decision_agreement
+from vlq.search.scheme import Scheme
+from vlq.manifest.sweep import decision_agreement
 
 from .conftest import RowPool
 from .test_scaling_and_sweep import _synthetic_for

@@ -11,11 +11,11 @@ import gc
 import pytest
 
 from vlq import pipeline
-from vlq.calibration import synthetic_text_calibration
-from vlq.inputs import RunFolder
+from vlq.data.calibration import synthetic_text_calibration
+from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
-from vlq.search import PeakRss
-from vlq.schemes import Scheme
+from vlq.search.accounting import PeakRss
+from vlq.search.scheme import Scheme
 
 BASE_CPU = dict(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=64, batch_size=1)
 CPU_GRID = (

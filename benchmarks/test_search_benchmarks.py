@@ -14,9 +14,9 @@ import gc
 import pytest
 
 from vlq import pipeline
-from vlq.calibration import synthetic_text_calibration
+from vlq.data.calibration import synthetic_text_calibration
 from vlq.pipeline import fresh_copy
-from vlq.schemes import Scheme
+from vlq.search.scheme import Scheme
 
 CPU_VARIANTS = [
     Scheme(formats=f, target_bits=b, method=m, strategy=s, num_calib_steps=4, num_score_steps=4, seq_len=64)

@@ -12,7 +12,7 @@ the order a runs them; the first modules that differ are printed.
 On the tiny model every output is identical (the swap gives KLD 0).  On the random 3B shape (H200,
 2026-12-01) the swap left KLD(a||b) = 0.057 and this script found the first differing output at
 ``rotary_emb`` (cos/sin 4.9% apart), before any quantized linear: the random-shape builder had cast RoPE's
-inv_freq to bf16, which from_pretrained and the rebuilt checkpoint keep in float32 (fixed in vlq.models).
+inv_freq to bf16, which from_pretrained and the rebuilt checkpoint keep in float32 (fixed in vlq.data.models).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlq import pipeline
-    from vlq.dequant import dequantize_checkpoint
-    from vlq.export import unify_fused_scales
-    from vlq.models import load_vlm
-    from vlq.schemes import Scheme
+    from vlq.export.dequant import dequantize_checkpoint
+    from vlq.export.export import unify_fused_scales
+    from vlq.data.models import load_vlm
+    from vlq.search.scheme import Scheme
 
     loaded = load_vlm(args.model, device=args.device)
     scheme = Scheme(formats=tuple(args.formats.split(",")), target_bits=args.bits, num_calib_steps=args.steps,

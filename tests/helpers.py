@@ -6,7 +6,7 @@
 * :func:`search_variants` / :func:`variant_params` — the variant matrix (``tests/matrix/search_variants.yaml``).
 
 The model copy and the calibration helpers are the product's own: ``vlq.pipeline.fresh_copy`` and
-``vlq.calibration.synthetic_text_calibration`` (capped below the vision markers).
+``vlq.data.calibration.synthetic_text_calibration`` (capped below the vision markers).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from vlq.schemes import Scheme
+from vlq.search.scheme import SCHEME_FIELDS, Scheme
 
 # ------------------------------------------------------------------------------------------------
 # The CLI in a subprocess
@@ -83,7 +83,7 @@ def vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = None, k
             env: dict[str, str] | None = None, file_size_limit: int | None = None, timeout: float = 600) -> CliRun:
     """Run ``vlq ARGS`` in a fresh interpreter in ``cwd``.
 
-    ``kill_after`` names a :func:`vlq.files.kill_point` at which the process interrupts itself with
+    ``kill_after`` names a :func:`vlq.runtime.files.kill_point` at which the process interrupts itself with
     ``kill_signal`` (``KILL``, ``TERM``, or ``RAISE`` for an unexpected exception).  ``file_size_limit``
     caps every file the process writes (``RLIMIT_FSIZE``, with SIGXFSZ ignored so writes fail with EFBIG,
     as on a full disk).  The tiny model's build cache goes to ``cwd/.vlq-cache`` unless ``VLQ_CACHE_DIR``
@@ -154,7 +154,7 @@ def start_vlq_cli(*args: str, cwd: str | os.PathLike, kill_after: str | None = N
                   env: dict[str, str] | None = None, file_size_limit: int | None = None) -> StartedCli:
     """Start ``vlq ARGS`` like :func:`vlq_cli` without waiting for it; ``kill_signal="STOP"`` pauses it at
     ``kill_after`` (:meth:`StartedCli.wait_until_stopped`, then :meth:`StartedCli.resume`)."""
-    from vlq.files import KILL_ENV, KILL_SIGNAL_ENV
+    from vlq.runtime.files import KILL_ENV, KILL_SIGNAL_ENV
 
     args = tuple(str(a) for a in args)
     full_env = dict(os.environ)
@@ -219,8 +219,10 @@ def down_proj_tensor_scales(tensors) -> list[str]:
 
 MATRIX = Path(__file__).resolve().parent / "matrix" / "search_variants.yaml"
 LANES = ("cpu", "gpu")
-_REQUIRED = {"lane", "formats", "bits", "method", "strategy", "calib_steps", "score_steps", "seq_len"}
-_OPTIONAL = {"batch_size"}
+#: Keys every entry names: its lane and the scheme's own YAML keys (vlq.search.scheme.SCHEME_FIELDS) but these,
+#: which keep their scheme defaults unless given.
+_OPTIONAL = {"batch_size", "kv_cache_fp8"}
+_REQUIRED = {"lane", *SCHEME_FIELDS} - _OPTIONAL
 
 
 @dataclass(frozen=True)
@@ -271,10 +273,7 @@ def variant_from_entry(entry: dict) -> MatrixVariant:
                           f"keys are {sorted(_REQUIRED | _OPTIONAL)}.")
     if entry["lane"] not in LANES:
         raise MatrixError(f"Variant {entry}: lane must be one of {LANES}, got {entry['lane']!r}.")
-    scheme = Scheme(formats=str(entry["formats"]), target_bits=float(entry["bits"]), method=entry["method"],
-                    strategy=entry["strategy"], num_calib_steps=int(entry["calib_steps"]),
-                    num_score_steps=int(entry["score_steps"]), seq_len=int(entry["seq_len"]),
-                    batch_size=int(entry.get("batch_size", 1)))
+    scheme = Scheme.from_dict({key: value for key, value in entry.items() if key != "lane"})
     return MatrixVariant(scheme, entry["lane"])
 
 

@@ -7,15 +7,8 @@ import json
 import pytest
 import torch
 
-from vlq.calibration import (
-    IGNORE_INDEX,
-    from_token_ids,
-    synthetic_batches,
-    synthetic_text_calibration,
-    text_batches,
-    vision_token_cap,
-)
-from vlq.errors import CalibrationDataError
+from vlq.data.calibration import IGNORE_INDEX, from_token_ids, synthetic_batches, synthetic_text_calibration, text_batches, vision_token_cap
+from vlq.runtime.errors import CalibrationDataError
 
 
 def test_text_batches_shape_and_labels(calibration, pristine_vlm):

@@ -1,4 +1,4 @@
-"""What this machine can do (vlq.capabilities): CPU instruction sets read from /proc/cpuinfo, and the
+"""What this machine can do (vlq.runtime.capabilities): CPU instruction sets read from /proc/cpuinfo, and the
 FP8 KV cache that vLLM's CPU build runs only on x86 with AVX-512 or AMX — skipped in the test lanes and
 refused by ``vlq run --kv-cache-fp8`` before the search, with one "needs X, found Y" line.
 
@@ -16,14 +16,8 @@ from pathlib import Path
 import pytest
 
 from helpers import vlq_cli
-from vlq.capabilities import (
-    AVX512_FLAGS,
-    CPUINFO_ENV,
-    cpu_fp8_kv_cache_reason,
-    fp8_kv_cache_skip_reason,
-    read_cpuinfo,
-    vllm_build_is_cpu,
-    vllm_platform,
+from vlq.runtime.capabilities import (
+    AVX512_FLAGS, CPUINFO_ENV, cpu_fp8_kv_cache_reason, fp8_kv_cache_skip_reason, read_cpuinfo, vllm_build_is_cpu, vllm_platform,
 )
 
 _X86_BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall nx lm"

@@ -16,7 +16,7 @@ import shutil
 import pytest
 
 from helpers import vlq_cli
-from vlq.models import CHAT_TEMPLATE_PLACES, build_published_layout_checkpoint
+from vlq.data.tiny import CHAT_TEMPLATE_PLACES, build_published_layout_checkpoint
 
 #: Held-out rows per kind for the end-to-end runs: one 512-token row keeps vLLM-CPU's FP8 path (torch's
 #: _scaled_mm fallback) to tens of seconds; the row length is the full-size default.
@@ -81,8 +81,8 @@ def test_an_engine_sized_to_the_row_alone_refuses_it_and_one_more_token_serves_i
     """The sizing behind the fix, on the BF16 folder itself: max_model_len = the row's length (the old
     sizing) is refused by vlq with the context it needs before vLLM sees the request; context_length_for
     serves the row and scores every position but the last."""
-    from vlq.errors import ServingError
-    from vlq.vllm_runner import VllmRunner, context_length_for
+    from vlq.runtime.errors import ServingError
+    from vlq.serve.runner import VllmRunner, context_length_for
 
     row = [int(t) for t in range(10, 10 + 512)]
     with VllmRunner(folders["published"], device="cpu", max_logprobs=-1, max_model_len=512) as runner:
@@ -117,8 +117,8 @@ def test_transformers_refuses_the_template_the_fallback_supplies(folders):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     with pytest.raises(ValueError, match="does not have a chat template"):
         processor.apply_chat_template(messages, tokenize=False)
-    from vlq.models import load_vlm
-    from vlq.prerequisites import TEMPLATE_TOKENIZER
+    from vlq.data.models import load_vlm
+    from vlq.inputs.prerequisites import TEMPLATE_TOKENIZER
 
     loaded = load_vlm(folders["template-in-tokenizer"])
     assert loaded.info["chat_template"] == TEMPLATE_TOKENIZER
@@ -144,7 +144,7 @@ def test_no_image_processor_config_is_refused_before_loading_and_runs_without_se
 def test_a_head_size_vllm_cpu_cannot_run_is_refused_before_the_search(folders, tmp_path):
     """vLLM-CPU once refused a head size of 16 after the whole search: now the pre-flight reads it from
     config.json (the plain 32-wide folder passes the same pre-flight: it served above)."""
-    from vlq.prerequisites import installed_vllm_build
+    from vlq.inputs.prerequisites import installed_vllm_build
 
     if installed_vllm_build() != "cpu":
         pytest.skip(f"needs vLLM built for cpu, found {installed_vllm_build()}")
@@ -158,7 +158,7 @@ def test_a_head_size_vllm_cpu_cannot_run_is_refused_before_the_search(folders, t
 def test_the_cpu_head_sizes_are_vllms_own():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    from vlq.prerequisites import VLLM_CPU_HEAD_SIZES
+    from vlq.inputs.prerequisites import VLLM_CPU_HEAD_SIZES
 
     assert tuple(CPUAttentionBackend.get_supported_head_sizes()) == VLLM_CPU_HEAD_SIZES
 
@@ -184,10 +184,11 @@ def test_folders_a_later_stage_would_fail_on_are_refused_before_torch(folders, t
 def test_the_long_corpus_is_the_generators_output_and_holds_full_size_rows():
     """The default text of every non-tiny model: reproducible, and long enough for 16 + 32 rows of 512 tokens
     (the tiny corpus is not: the control)."""
-    from vlq.calibration import default_text_path, load_text_samples
-    from vlq.inputs import TINY, TINY_TRAINED
-    from vlq.models import CALIBRATION_CORPUS, LONG_TEXT_CORPUS, build_tiny_tokenizer
-    from vlq.training import generated_text_samples
+    from vlq.data.calibration import default_text_path, load_text_samples
+    from vlq.inputs.requests import TINY, TINY_TRAINED
+    from vlq.data.shipped import CALIBRATION_CORPUS, LONG_TEXT_CORPUS
+    from vlq.data.tiny import build_tiny_tokenizer
+    from vlq.data.generated_text import generated_text_samples
 
     assert load_text_samples(LONG_TEXT_CORPUS) == generated_text_samples(2400, seed=2)
     assert default_text_path(TINY) == default_text_path(TINY_TRAINED) == CALIBRATION_CORPUS

@@ -12,8 +12,12 @@ import math
 import pytest
 
 from helpers import vlq_cli
-from vlq.search import VisionGuard
-from vlq.serving import LM_LAYERS_CHECK, OUTPUTS_CHECK, VISION_AND_HEAD_CHECK
+from vlq.search.guards import VisionGuard
+from vlq.checks.registry import CHECK_NAMES, CHECKS
+
+VISION_AND_HEAD_CHECK = CHECK_NAMES["vllm_vision_and_head"]
+LM_LAYERS_CHECK = CHECK_NAMES["vllm_lm_layers"]
+OUTPUTS_CHECK = CHECK_NAMES["vllm_outputs"]
 
 STEPS = ("--calib-steps", "2", "--score-steps", "2", "--seq-len", "32")
 #: ModelOpt prints this while inserting quantizers ("Inserted 903 quantizers"): third-party output.
@@ -39,6 +43,10 @@ def test_run_defaults_end_with_vllms_per_layer_table(tmp_path):
     for check in (VISION_AND_HEAD_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, VisionGuard.name, "manifest == exported checkpoint"):
         assert rows.get(check) == "PASS", f"{check}: {rows.get(check)}\n{run.tail()}"
     assert "FAIL" not in stdout, run.tail()
+    # each check once, in registry order (the on-disk checks run again before vLLM starts)
+    names = [name for name, _ in run.check_results]
+    registered = [spec.name.format(folder="checkpoint") for spec in CHECKS]
+    assert names == [n for n in registered if n in names] and len(names) == len(set(names)) >= 10, names
     # it ends with vLLM's per-layer table (then the engine note and where the run folder is)
     table = stdout[stdout.index("| layer (vLLM)"):]
     assert "visual.blocks.0.attn.qkv" in table and "language_model.model.layers.0.self_attn.qkv_proj" in table
@@ -151,7 +159,7 @@ def test_log_handlers_made_during_a_session_write_to_stderr_after_it(tmp_path, c
     import logging
     import sys
 
-    from vlq.console import third_party_to_log
+    from vlq.runtime.console import third_party_to_log
 
     logger = logging.getLogger("vlq-test-late-handler")
     with third_party_to_log(tmp_path / "log.txt"):

@@ -1,16 +1,16 @@
-"""vlq.dequant: an exported checkpoint read back from disk equals the fake-quantized model it came from.
+"""vlq.export.dequant: an exported checkpoint read back from disk equals the fake-quantized model it came from.
 
 For every format: quantize the tiny model's language model with ModelOpt (the format's ModelOpt
-config from ``vlq.schemes``), let vlq's export prepare it (``unify_fused_scales``, the step export
+config from ``vlq.formats.registry``), let vlq's export prepare it (``unify_fused_scales``, the step export
 runs before ModelOpt writes, done first so the capture is what is exported), capture ModelOpt's fake
 quant of the live model (``weight_quantizer(weight)``, ``input_quantizer(x)``, norm weights, logits),
-export with vlq, re-read with :func:`vlq.dequant.dequantize_checkpoint` and compare under the
-per-format tolerances of :data:`vlq.dequant.WEIGHT_TOLERANCES`.
+export with vlq, re-read with :func:`vlq.export.dequant.dequantize_checkpoint` and compare under the
+per-format tolerances of :data:`vlq.export.dequant.WEIGHT_TOLERANCES`.
 
 * CPU lane: FP8, INT8 SmoothQuant, and a MIXED_PRECISION of INT4 AWQ (attention) and W4A8 AWQ (MLP)
   calibrated with AWQ; NVFP4, W4A16_NVFP4 and MXFP8, whose fake quant needs CUDA, are calibrated on
   CPU (ModelOpt only collects amax there) as one MIXED_PRECISION checkpoint and compared with
-  vlq.dequant's own NVFP4/MXFP8 rule applied to the live weights.
+  vlq.export.dequant's own NVFP4/MXFP8 rule applied to the live weights.
 * gpu lane: NVFP4, W4A16_NVFP4, MXFP8 and an FP8+NVFP4 mix against ModelOpt's CUDA fake quant.
 
 Plain PTQ (``mtq.quantize``) rather than the AutoQuant search keeps the lane fast: the per-layer
@@ -29,14 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlq.dequant import (
-    WEIGHT_TOLERANCES,
-    ActivationQuant,
-    compare_activation,
-    compare_weight,
-    dequantize_checkpoint,
-)
-from vlq.errors import CheckpointError
+from vlq.export.dequant import WEIGHT_TOLERANCES, ActivationQuant, compare_activation, compare_weight, dequantize_checkpoint
+from vlq.runtime.errors import CheckpointError
 
 N_LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
@@ -54,7 +48,7 @@ class Variant:
     expected: tuple[tuple[str, int], ...] = ()  # quant_algo -> number of layers, on the tiny model (4 layers)
 
     def config(self) -> dict:
-        from vlq.schemes import get_format
+        from vlq.formats.registry import get_format
 
         base = get_format(self.default).config
         entries = list(base["quant_cfg"])
@@ -76,7 +70,9 @@ AWQ_MIX = Variant("int4_awq+w4a8_awq", "int4_awq", (("mlp.", "w4a8_awq"),), (("W
 CUDA_MIX = Variant("nvfp4+w4a16_nvfp4+mxfp8", "nvfp4", (("mlp.gate_proj", "w4a16_nvfp4"), ("mlp.up_proj", "w4a16_nvfp4"),
                                                         ("mlp.down_proj", "mxfp8")),
                    (("MXFP8", 4), ("NVFP4", 16), ("W4A16_NVFP4", 8)))
-CPU_FAKE_QUANT = (FP8, INT8_SQ, AWQ_MIX)  # ModelOpt's fake quant runs on CPU for these
+FP8_PC_PB = Variant("fp8_pc_pt+fp8_pb_wo", "fp8_pc_pt", (("mlp.", "fp8_pb_wo"),),
+                    (("FP8_PER_CHANNEL_PER_TOKEN", 16), ("fp8_pb_wo", 12)))
+CPU_FAKE_QUANT = (FP8, INT8_SQ, AWQ_MIX, FP8_PC_PB)  # ModelOpt's fake quant runs on CPU for these
 
 
 def _quantized(pristine_vlm, batches, variant: Variant, device: str = "cpu"):
@@ -121,7 +117,7 @@ def _checkpoint_name(lm_relative: str) -> str:
 
 
 def _capture_and_export(loaded, dest: Path, *, fake_quant: bool = True) -> Captured:
-    from vlq.export import export_checkpoint, unify_fused_scales
+    from vlq.export.export import export_checkpoint, unify_fused_scales
 
     lm = loaded.language_model
     unify_fused_scales(lm)
@@ -136,7 +132,8 @@ def _capture_and_export(loaded, dest: Path, *, fake_quant: bool = True) -> Captu
             raw[key] = module.weight.detach().cpu().clone()
             live_amax = getattr(module.weight_quantizer, "amax", None)
             amax[key] = None if live_amax is None else float(live_amax.float().max())
-            x = (torch.randn(4, module.in_features, generator=generator) * 3).to(module.weight.dtype)
+            # [batch, tokens, features] as the model feeds it: per-token quantizers reduce over the last dim only
+            x = (torch.randn(1, 4, module.in_features, generator=generator) * 3).to(module.weight.dtype)
             inputs[key] = x
             scale = module.input_quantizer.pre_quant_scale
             pqs[key] = None if scale is None else scale.detach().cpu().clone()
@@ -197,7 +194,7 @@ def test_dequantized_weights_equal_fake_quant(variant_export):
 
 def test_activation_quantization_equals_input_quantizer(variant_export):
     """Each layer's prescribed input quantization reproduces ModelOpt's input quantizer (exactly but
-    for ties moved by an ulp in ``input_scale``: :data:`vlq.dequant.ACTIVATION_TOLERANCES`).
+    for ties moved by an ulp in ``input_scale``: :data:`vlq.export.dequant.ACTIVATION_TOLERANCES`).
 
     Where the export folded an AWQ pre_quant_scale into the preceding RMSNorm, the layer carries
     none; the norm weight on disk must then hold ``norm * pre_quant_scale`` (BF16), and the layer's
@@ -254,7 +251,7 @@ def test_fp8_codes_follow_the_export_rule(exports):
     assert f"{TAMPERED}.weight" in keys and not any(k.endswith(("_scale", "_scale_2")) for k in keys)
 
 
-@pytest.mark.parametrize("variant", [FP8, INT8_SQ], ids=lambda v: v.id)
+@pytest.mark.parametrize("variant", [FP8, INT8_SQ, FP8_PC_PB], ids=lambda v: v.id)
 def test_model_read_from_disk_is_the_fake_quant_model(exports, variant):
     """Everything but the quantized weights — names, norms, biases, vision tower, tied head, the
     activation hooks with their pre_quant_scales — rebuilds the fake-quantized model exactly: with
@@ -382,7 +379,7 @@ def test_unknown_quant_algo_is_one_line_error(fp8_copy, where):
             section["quantized_layers"] = {TAMPERED: {"quant_algo": "FP4_MAGIC"}}
 
     _edit_configs(path, edit)
-    with pytest.raises(CheckpointError, match=r"quant_algo 'FP4_MAGIC' .* is not one vlq\.dequant reads; known: FP8, ") as info:
+    with pytest.raises(CheckpointError, match=r"quant_algo 'FP4_MAGIC' .* is not one vlq\.export\.dequant reads; known: FP8, ") as info:
         dequantize_checkpoint(path)
     assert "\n" not in str(info.value)
 
@@ -423,7 +420,7 @@ def test_foreign_quantization_method_is_refused(fp8_copy):
     data = json.loads((path / "config.json").read_text())
     data["quantization_config"]["quant_method"] = "compressed-tensors"
     (path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=r"quant_method='compressed-tensors'; vlq.dequant reads ModelOpt exports"):
+    with pytest.raises(CheckpointError, match=r"quant_method='compressed-tensors'; vlq.export.dequant reads ModelOpt exports"):
         dequantize_checkpoint(path)
 
 
@@ -456,7 +453,7 @@ GPU_VARIANTS = (
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", GPU_VARIANTS, ids=lambda v: v.id)
 def test_cuda_formats_equal_modelopt_fake_quant(variant, pristine_vlm, tmp_path):
-    from vlq.calibration import synthetic_text_calibration
+    from vlq.data.calibration import synthetic_text_calibration
 
     batches = list(synthetic_text_calibration(pristine_vlm.config, vocab_size=pristine_vlm.vocab_size, num_batches=1,
                                               seq_len=32).batches)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from vlq import pipeline
-from vlq.errors import CheckpointError
-from vlq.checkpoint import CheckpointQuantConfig, checkpoint_module_name, inspect_checkpoint
-from vlq.export import export_checkpoint
-from vlq.schemes import Scheme
-from vlq.search import search_lm_only
+from vlq.runtime.errors import CheckpointError
+from vlq.export.inspect import CheckpointQuantConfig, checkpoint_module_name, inspect_checkpoint
+from vlq.export.export import export_checkpoint
+from vlq.search.scheme import Scheme
+from vlq.search.search import search_lm_only
 
 FP8 = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
 
@@ -104,12 +104,12 @@ def test_inspector_catches_quantized_vision_tensor(searched_fp8, tmp_path):
 def test_export_of_a_search_that_quantized_vision_and_lm_head_is_refused(fresh_vlm, calibration, tmp_path, monkeypatch):
     """Negative control: the unguarded mask search quantizes the tied lm_head and the vision tower;
     the export's on-disk check refuses it and leaves nothing behind."""
-    import vlq.checks
+    import vlq.checks.check
 
     scheme = Scheme(formats=("fp8",), target_bits=8.0, strategy="mask", num_calib_steps=1, num_score_steps=1, seq_len=32)
     search_lm_only(fresh_vlm, scheme, calibration, disable_vision=False, exclude_cost=False)
     # the message lists the first SHOWN_PROBLEMS problems; list them all here to pin both causes
-    monkeypatch.setattr(vlq.checks, "SHOWN_PROBLEMS", 1000)
+    monkeypatch.setattr(vlq.checks.check, "SHOWN_PROBLEMS", 1000)
     with pytest.raises(CheckpointError, match=r"(?s)checkpoint on disk \(ckpt\) failed \(\d+ problems\).*vision tensor "
                        r"visual\.blocks\.0\.attn\.qkv\.weight has dtype F8_E4M3.*does not exclude lm_head"):
         export_checkpoint(fresh_vlm, tmp_path / "ckpt")

@@ -33,16 +33,18 @@ import pytest
 
 from helpers import start_vlq_cli, vlq_cli
 from vlq import pipeline
-from vlq.applicability import LayerShape, fused_group_key, lm_layer_shapes, lm_shapes_from_config, plan_formats
-from vlq.checkpoint import SHARD_INDEX, checkpoint_verdict, expected_scale_shapes, inspect_checkpoint
-from vlq.errors import CheckpointError, SchemeError, stage_boundary
-from vlq.files import KILL_ENV
-from vlq.inputs import ModelRequest, RunFolder
-from vlq.manifest import Manifest
-from vlq.models import build_tiny_checkpoint, odd_text_shape
+from vlq.formats.applicability import LayerShape, lm_layer_shapes, lm_shapes_from_config, plan_formats
+from vlq.formats.registry import fused_group_key
+from vlq.export.inspect import SHARD_INDEX, checkpoint_verdict, expected_scale_shapes, inspect_checkpoint
+from vlq.runtime.errors import CheckpointError, SchemeError, stage_boundary
+from vlq.runtime.files import KILL_ENV
+from vlq.inputs.requests import ModelRequest, RunFolder
+from vlq.manifest.manifest import Manifest
+from vlq.data.tiny import build_tiny_checkpoint, odd_text_shape
 from vlq.pipeline import fresh_copy
-from vlq.schemes import FORMATS, Scheme
-from vlq.search import modelopt_group_key, plan_lm_formats
+from vlq.formats.registry import FORMATS
+from vlq.search.scheme import Scheme
+from vlq.search.search import modelopt_group_key, plan_lm_formats
 
 FP8 = Scheme(formats=("fp8",), target_bits=8.0, num_calib_steps=1, num_score_steps=1, seq_len=32)
 # what `vlq export RUN` restores for FP8 (the CLI's step flags of the search that wrote RUN)
@@ -81,14 +83,22 @@ def test_block_sizes_are_modelopts(fmt):
     assert FORMATS[fmt].block_size == first[1]
 
 
-#: (in_features, out_features) -> the formats whose shape rules it meets.  Every format, CUDA-only ones too.
-SHAPE_TABLE = [
-    pytest.param((256, 256), {"fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="256x256-fits-all"),
-    pytest.param((192, 384), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="in192-not-128"),
-    pytest.param((208, 256), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4"}, id="in208-not-32"),
-    pytest.param((200, 256), {"fp8", "int8_sq"}, id="in200-not-16"),
-    pytest.param((256, 255), {"fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8"}, id="out255-odd-for-int4"),
-]
+def _shape_table() -> list:
+    """tests/matrix/format_shapes.yaml ``shapes``: (in_features, out_features) -> the formats whose shape rules it meets."""
+    import yaml
+
+    entries = yaml.safe_load((Path(__file__).parent / "matrix" / "format_shapes.yaml").read_text())["shapes"]
+    return [pytest.param((e["in"], e["out"]), set(e["fits"]), id=e["id"]) for e in entries]
+
+
+SHAPE_TABLE = _shape_table()
+
+
+def test_shape_table_names_only_registered_formats():
+    """A misspelt format in the shape table would read as "does not fit" and pass; every name must be registered."""
+    named = set().union(*(p.values[1] for p in SHAPE_TABLE), *(p.values[1] for p in ODD_SHAPES))
+    assert named <= set(FORMATS), named - set(FORMATS)
+    assert set(SHAPE_TABLE[0].values[1]) == set(FORMATS), "the first shape fits every format, so it lists them all"
 
 
 @pytest.mark.parametrize("shape, fits", SHAPE_TABLE)
@@ -159,7 +169,7 @@ def test_without_the_rule_modelopts_export_crashes_and_the_stage_names_it(one_la
     import modelopt.torch.quantization as mtq
     import torch
 
-    from vlq.export import export_checkpoint
+    from vlq.export.export import export_checkpoint
 
     loaded = fresh_copy(one_layer_192)
     batch = pipeline.calibrate(loaded, FP8).batches[0]["input_ids"]
@@ -180,12 +190,16 @@ def test_unreachable_target_is_refused_before_the_search_naming_the_layers(one_l
     plan_lm_formats(one_layer_192, Scheme(formats=SHAPE_FORMATS, target_bits=7.5))  # negative control: reachable
 
 
-ODD_SHAPES = [
-    pytest.param(dict(hidden_size=200, intermediate_size=344, num_hidden_layers=1), {"nvfp4", "w4a16_nvfp4", "mxfp8", "int4_awq", "w4a8_awq"},
-                 id="hidden200-not-16"),
-    pytest.param(dict(hidden_size=208, intermediate_size=400, num_hidden_layers=1), {"mxfp8", "int4_awq", "w4a8_awq"}, id="hidden208-not-32"),
-    pytest.param(dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1, tied=False), set(), id="untied-lm_head"),
-]
+def _odd_shapes() -> list:
+    """tests/matrix/format_shapes.yaml ``models``: a one-layer model's shape -> the formats its layers rule out."""
+    import yaml
+
+    entries = yaml.safe_load((Path(__file__).parent / "matrix" / "format_shapes.yaml").read_text())["models"]
+    return [pytest.param({k: v for k, v in e.items() if k not in ("id", "removed")} | {"num_hidden_layers": 1},
+                         set(e["removed"]), id=e["id"]) for e in entries]
+
+
+ODD_SHAPES = _odd_shapes()
 
 
 @pytest.mark.parametrize("shape, removed", ODD_SHAPES)
@@ -618,8 +632,8 @@ def fp8_run_10_bits(pristine_vlm, tmp_path_factory) -> RunFolder:
 _COMMIT_OTHER_SET = (
     "import shutil, sys\n"
     "from pathlib import Path\n"
-    "from vlq.inputs import RunFolder\n"
-    "from vlq.runlock import writing\n"
+    "from vlq.inputs.requests import RunFolder\n"
+    "from vlq.runtime.runlock import writing\n"
     "new = Path(sys.argv[1])\n"
     "with writing(RunFolder(sys.argv[2])) as staged:\n"
     "    shutil.copytree(new / 'checkpoint', staged.checkpoint)\n"

@@ -14,27 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlq.calibration import IGNORE_INDEX, image_text_calibration, load_text_samples, text_batches
-from vlq.errors import CalibrationDataError
-from vlq.fidelity import (
-    SUMMARY_HEADERS,
-    FidelityAccumulator,
-    FidelityMetrics,
-    LazyLogits,
-    capture_reference,
-    group_rows,
-    hidden_logits_forward,
-    logits_forward,
-    measure_against,
-    measure_fidelity,
+from vlq.data.calibration import IGNORE_INDEX, image_text_calibration, load_text_samples, text_batches
+from vlq.runtime.errors import CalibrationDataError
+from vlq.fidelity.metrics import (
+    SUMMARY_HEADERS, FidelityAccumulator, FidelityMetrics, LazyLogits, hidden_logits_forward, logits_forward, measure_fidelity,
 )
-from vlq.heldout import (
-    HELDOUT_SEED_BASE,
-    find_overlap,
-    heldout_image_text_batches,
-    heldout_text_batches,
-    require_disjoint,
-)
+from vlq.fidelity.reference import capture_reference, group_rows, measure_against
+from vlq.data.heldout import HELDOUT_SEED_BASE, find_overlap, heldout_image_text_batches, heldout_text_batches, require_disjoint
 
 POINT = "fake_quant"
 
@@ -430,7 +416,7 @@ def test_fidelity_module_imports_no_heavy_stack():
     import subprocess
     import sys
 
-    code = ("import sys, vlq.fidelity; "
+    code = ("import sys, vlq.fidelity.metrics; "
             "print(sorted(m for m in ('transformers', 'modelopt', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -21,13 +21,14 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from vlq import pipeline
-from vlq.compare import CalibrationComparison, MethodComparison, compare_calibrations, compare_methods, load_comparison
-from vlq.errors import SchemeError
-from vlq.inputs import DataRequest, RunFolder
-from vlq.manifest import Manifest
-from vlq.report import write_report
-from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import apply_decisions
+from vlq.fidelity.comparison import CalibrationComparison, MethodComparison, compare_calibration_manifests, compare_method_manifests, load_comparison
+from vlq.runtime.errors import SchemeError
+from vlq.inputs.requests import DataRequest, RunFolder
+from vlq.manifest.manifest import Manifest
+from vlq.report.document import write_report
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
+from vlq.search.search import apply_decisions
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
 KINDS = ("text", "image_text")
@@ -104,7 +105,7 @@ def test_method_comparison_files_round_trip(methods):
 def test_a_method_compared_with_itself_agrees_with_identical_kld(methods, searched_and_worse):
     """Negative control: two independent gradient searches (the method comparison's and the worse-scheme
     fixture's), each measured on its own copy against its own BF16 reference of the same held-out data."""
-    comparison = compare_methods(methods[0].manifests[0], searched_and_worse[0])
+    comparison = compare_method_manifests(methods[0].manifests[0], searched_and_worse[0])
     assert comparison.methods == ("gradient", "gradient") and comparison.labels == ("gradient (1)", "gradient (2)")
     assert comparison.agreement == 1.0 and not comparison.moved
     assert comparison.spearman == pytest.approx(1.0)
@@ -142,7 +143,7 @@ def test_cli_compare_methods_searches_both(tmp_path, monkeypatch):
 def test_method_comparison_refuses_different_budgets(methods):
     gradient, kl_div = methods[0].manifests
     with pytest.raises(SchemeError, match="target_bits 12.0 != 10.0"):
-        compare_methods(gradient, dataclasses.replace(kl_div, scheme=kl_div.scheme.with_(target_bits=10.0)))
+        compare_method_manifests(gradient, dataclasses.replace(kl_div, scheme=kl_div.scheme.with_(target_bits=10.0)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_calibration_comparison_reports_kld_on_text_and_image_text(calibrations)
 
 def test_calibration_comparison_of_a_search_with_itself_is_identical(calibrations):
     text = calibrations[0].text_manifest
-    same = compare_calibrations(text, text)
+    same = compare_calibration_manifests(text, text)
     assert same.agreement == 1.0 and tuple(p.data_kind for p in same.fidelity) == KINDS
     assert all(p.a == p.b and p.kld_mean_ratio == 1.0 for p in same.fidelity)
 
@@ -179,9 +180,9 @@ def test_fidelity_is_paired_only_on_the_same_heldout_data(calibrations):
     run = calibrations[0]
     other = tuple(dataclasses.replace(m, data_source="heldout:elsewhere") if m.data_kind == "text" else m
                   for m in run.image_text_manifest.fidelity)
-    comparison = compare_calibrations(run.text_manifest, dataclasses.replace(run.image_text_manifest, fidelity=other))
+    comparison = compare_calibration_manifests(run.text_manifest, dataclasses.replace(run.image_text_manifest, fidelity=other))
     assert tuple(p.data_kind for p in comparison.fidelity) == ("image_text",)
-    bare = compare_calibrations(run.text_manifest, dataclasses.replace(run.image_text_manifest, fidelity=()))
+    bare = compare_calibration_manifests(run.text_manifest, dataclasses.replace(run.image_text_manifest, fidelity=()))
     assert bare.fidelity == () and "Not measured" in bare.markdown()
 
 
@@ -204,7 +205,7 @@ def searched_and_worse(trained_vlm, calibration, references):
     return manifest, worse
 
 
-@pytest.mark.parametrize("compare", [compare_calibrations, compare_methods], ids=["compare-calibration", "compare-methods"])
+@pytest.mark.parametrize("compare", [compare_calibration_manifests, compare_method_manifests], ids=["compare-calibration", "compare-methods"])
 def test_a_worse_scheme_measures_higher_kld_than_the_search(searched_and_worse, compare):
     searched, worse = searched_and_worse
     comparison = compare(searched, worse)

@@ -25,10 +25,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlq import pipeline
-from vlq.fidelity import capture_reference, logits_forward
-from vlq.inputs import RunFolder
-from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import HostOriginals, apply_decisions, enabled_quantizers, lm_achieved_bits, weights_quantized_once
+from vlq.fidelity.reference import capture_reference
+from vlq.fidelity.metrics import logits_forward
+from vlq.inputs.requests import RunFolder
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
+from vlq.fidelity.quantized_weights import HostOriginals, weights_quantized_once
+from vlq.search.search import apply_decisions
+from vlq.search.decisions import lm_achieved_bits
+from vlq.search.guards import enabled_quantizers
 
 SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_score_steps=4, seq_len=64)
 SWEEP_TARGETS = (16.0, 14.0, 12.0, 10.0, 8.0)
@@ -200,7 +205,7 @@ def exported(trained, references, tmp_path_factory):
     """A fresh search exported; a's own logits captured first (the export packs the live weights)."""
     copy_ = pipeline.fresh_copy(trained)
     searched = pipeline.search(copy_, SCHEME, pipeline.calibrate(copy_, SCHEME))
-    from vlq.export import unify_fused_scales
+    from vlq.export.export import unify_fused_scales
 
     unify_fused_scales(copy_.language_model)
     to_bf16 = pipeline.measure_fake_quant(copy_, references)[0]
@@ -252,7 +257,7 @@ def test_checkpoint_with_a_nan_scale_is_a_failed_check_not_a_crash(exported, tmp
 
 #: vLLM's CPU FP8 path (torch _scaled_mm, static per-tensor scales) against the fake-quantized model,
 #: as a multiple of the fake-quantized model's KLD to BF16 (export rounding included; see
-#: pipeline.EXPORT_AGREEMENT_FACTOR, whose FP8 factor is 1.5 for the checkpoint alone).
+#: the format registry's export agreement, whose FP8 factor is 1.5 for the checkpoint alone).
 SERVED_AGREEMENT_FACTOR = 1.5
 
 
@@ -277,7 +282,7 @@ def test_vllm_top_k_prompt_logprobs_bound_the_whole_vocabulary_kld(exported):
     """Qwen-sized vocabularies are measured from each position's top k (the rest in the reference tail's
     shape): a lower bound on the whole-vocabulary KLD, close to it at k=256 here; k=4 is looser (the control:
     the comparison sees a truncation that leaves mass out)."""
-    from vlq.vllm_runner import VllmRunner
+    from vlq.serve.runner import VllmRunner
 
     manifest, fake_quant, to_bf16, path = exported
     first, logits = fake_quant.batches[0], fake_quant.logits[0]

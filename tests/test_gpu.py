@@ -3,7 +3,7 @@
 Model: ``--vlq-model PATH`` / ``VLQ_MODEL`` (a local checkpoint), else the published 3B architecture
 with random bf16 weights built on the GPU.  Variants: every ``lane: gpu`` entry of
 ``tests/matrix/search_variants.yaml``.  Calibration: seeded synthetic rows below the vision markers
-(``vlq.calibration.synthetic_text_calibration``), so the whole-VLM forward of the mask strategy is
+(``vlq.data.calibration.synthetic_text_calibration``), so the whole-VLM forward of the mask strategy is
 text-only.  The model is built once; each variant searches and exports a private copy through
 :mod:`vlq.pipeline` that is freed afterwards, keeping only plain results.
 """
@@ -18,13 +18,17 @@ import pytest
 
 from helpers import variant_params
 from vlq import pipeline
-from vlq.calibration import synthetic_text_calibration
-from vlq.checks import Check
-from vlq.export import export_checkpoint
-from vlq.manifest import Manifest
+from vlq.data.calibration import synthetic_text_calibration
+from vlq.checks.check import Check
+from vlq.export.export import export_checkpoint
+from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import LmHeadGuard, PhaseTimes, VisionGuard, search_lm_only
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
+from vlq.checks.registry import CHECK_NAMES
+from vlq.search.guards import LmHeadGuard, VisionGuard
+from vlq.search.accounting import PhaseTimes
+from vlq.search.search import search_lm_only
 
 pytestmark = pytest.mark.gpu
 
@@ -89,10 +93,8 @@ def test_vision_and_lm_head_stay_unquantized(gpu_searched, record_property):
 
 
 def test_manifest_state_quantizers_export_agree(gpu_searched):
-    assert [c.name for c in gpu_searched.checks] == [
-        VisionGuard.name, LmHeadGuard.name, "manifest == searcher state == live quantizers",
-        "manifest == exported checkpoint", "checkpoint on disk (checkpoint)",
-    ]
+    assert [c.name for c in gpu_searched.checks] == [CHECK_NAMES[k].format(folder="checkpoint") for k in (
+        "vision_guard", "lm_head_guard", "manifest_vs_search", "checkpoint_on_disk", "manifest_vs_checkpoint")]
     for check in gpu_searched.checks:
         assert check.ok, (check.name, check.problems)
 
@@ -126,7 +128,7 @@ def test_tied_lm_head_never_reaches_an_export_quantized(gpu_pristine_vlm, tmp_pa
         result = search_lm_only(loaded, scheme, _calibration(loaded, scheme), disable_vision=False, exclude_cost=False)
         assert not LmHeadGuard(loaded).check(result).ok
         assert not VisionGuard(loaded).check(result).ok
-        from vlq.errors import CheckpointError
+        from vlq.runtime.errors import CheckpointError
 
         with pytest.raises(CheckpointError, match="lm_head|vision"):
             export_checkpoint(loaded, tmp_path / "ckpt")
@@ -143,8 +145,8 @@ def test_cuda_extensions_load_before_calibration(gpu_pristine_vlm, record_proper
     second search in the process loads nothing again (its extension phase is "none")."""
     import torch
 
-    from vlq.cuda_extensions import FP8_EXT, loaded_in_process
-    from vlq.search import timing_summary
+    from vlq.runtime.cuda_extensions import FP8_EXT, loaded_in_process
+    from vlq.search.results import timing_summary
 
     scheme = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=1, num_score_steps=1, seq_len=512)
     results = []

@@ -10,7 +10,7 @@ The published 3B shape (random weights, or ``--vlq-model``) searched at the reco
   down_proj weight scales were doubled does not (the control: the agreement check can fail); an E4M3
   block scale doubled past its range (NaN on disk) is a failed check too, not a crash;
 * layer by layer, every linear read from disk equals ModelOpt's fake quant of its weight and of the
-  activations it really sees on held-out text (``vlq.dequant`` tolerances), so a model-level
+  activations it really sees on held-out text (``vlq.export.dequant`` tolerances), so a model-level
   disagreement can be traced to a layer.
 
 Measured on an H200 (2026-12-01): KLD(BF16||a) 0.0547, KLD(a||b) 0.059 (1.08x, within FP8's derived 1.5x),
@@ -33,11 +33,12 @@ import pytest
 
 from helpers import down_proj_tensor_scales, tampered_copy
 from vlq import pipeline
-from vlq.checks import Check
-from vlq.fidelity import FidelityMetrics, FidelityReference, capture_reference, logits_forward
-from vlq.manifest import Manifest
+from vlq.checks.check import Check
+from vlq.fidelity.metrics import FidelityMetrics, logits_forward
+from vlq.fidelity.reference import FidelityReference, capture_reference
+from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.schemes import Scheme
+from vlq.search.scheme import Scheme
 
 pytestmark = pytest.mark.gpu
 
@@ -65,7 +66,7 @@ class Measured3B:
 def measured_3b(gpu_pristine_vlm, tmp_path_factory):
     import torch
 
-    from vlq.export import unify_fused_scales
+    from vlq.export.export import unify_fused_scales
 
     loaded = fresh_copy(gpu_pristine_vlm)
     folder = tmp_path_factory.mktemp("fidelity-3b")
@@ -142,7 +143,7 @@ def _folded_against_live(loaded, batch, *, quantized: int) -> tuple[int, int, fl
     on the GPU kernels that must still give the live forward's logits, bit for bit."""
     import torch
 
-    from vlq.search import weights_quantized_once
+    from vlq.fidelity.quantized_weights import weights_quantized_once
 
     forward = logits_forward(loaded.vlm)
     with torch.no_grad():
@@ -159,8 +160,8 @@ def _weights_or_activations(path, layers: dict, fake_quant_logits: FidelityRefer
     fake-quantized weights in b's model (what is left is activation quantization and the model build)."""
     import torch
 
-    from vlq.dequant import dequantize_checkpoint
-    from vlq.fidelity import measure_against
+    from vlq.export.dequant import dequantize_checkpoint
+    from vlq.fidelity.reference import measure_against
 
     built = dequantize_checkpoint(path).build_model(device="cuda")
     try:
@@ -236,7 +237,7 @@ def test_checkpoint_with_doubled_scales_disagrees(measured_3b, tmp_path, tamper)
 
 
 def test_every_layer_from_disk_equals_fake_quant_on_held_out_activations(measured_3b):
-    from vlq.dequant import compare_activation, compare_weight, dequantize_checkpoint
+    from vlq.export.dequant import compare_activation, compare_weight, dequantize_checkpoint
 
     ckpt = dequantize_checkpoint(measured_3b.path)
     assert sorted(layer.name for layer in ckpt.layers) == sorted(measured_3b.layers)

@@ -2,11 +2,11 @@
 search, export and verify; a deliberate CUDA OOM is caught and freed.  One file, so under
 ``pytest -n N`` (``--dist loadfile``, conftest.py) they never run beside each other on a shared GPU.
 
-Each shape is built on the GPU, planned by ``vlq.plan`` (batch 1 with ModelOpt's gradient checkpointing: the
+Each shape is built on the GPU, planned by ``vlq.search.plan`` (batch 1 with ModelOpt's gradient checkpointing: the
 setting measured on every size; auto batching of the big shapes is benchmarked, not yet gated), searched through
 :mod:`vlq.pipeline` (guards and manifest checks required), exported and checked on disk; then the model
 is freed.  72B needs at least two H200-class GPUs (``vlq plan``): with fewer it skips with that reason, with
-them it is split over the GPUs (``vlq.placement``; random weights built in host memory, then dispatched).
+them it is split over the GPUs (``vlq.search.placement``; random weights built in host memory, then dispatched).
 The measured peak is recorded beside the planned one (``record_property``), never asserted.
 """
 
@@ -19,12 +19,12 @@ import shutil
 import pytest
 
 from vlq import pipeline
-from vlq.calibration import synthetic_text_calibration
-from vlq.hardware import visible_gpus
-from vlq.inputs import random_shape_config
+from vlq.data.calibration import synthetic_text_calibration
+from vlq.runtime.hardware import visible_gpus
+from vlq.inputs.requests import random_shape_config
 from vlq.pipeline import fresh_copy
-from vlq.plan import GIB, plan_search
-from vlq.schemes import Scheme
+from vlq.search.plan import GIB, plan_search
+from vlq.search.scheme import Scheme
 
 pytestmark = pytest.mark.gpu
 
@@ -37,14 +37,14 @@ SHAPES = [pytest.param(name, id=name.split("-")[2])
 def test_family_shape_searches_exports_and_verifies(shape, tmp_path, record_property):
     import torch
 
-    from vlq.models import load_vlm
-    from vlq.placement import place
+    from vlq.data.models import load_vlm
+    from vlq.search.placement import place
 
     plan = plan_search(random_shape_config(shape), ROWS, name=shape, gpus=visible_gpus())
     if not plan.fits:
         pytest.skip(f"{shape} needs {plan.devices_needed} GPUs of {plan.budget_bytes / GIB:.0f} GiB "
                     f"(planned peak {plan.memory.peak / GIB:.0f} GiB); {len(plan.devices)} visible")
-    # several GPUs needed and visible: split (vlq.placement; 72B over two H200s); one GPU: all on it
+    # several GPUs needed and visible: split (vlq.search.placement; 72B over two H200s); one GPU: all on it
     placement = place(plan.shape, [f"cuda:{i}" for i in range(plan.devices_needed)], budget_bytes=plan.budget_bytes)
     gc.collect()
     torch.cuda.empty_cache()
@@ -81,9 +81,9 @@ def test_gpu_oom_names_the_setting_and_frees_the_memory(gpu_pristine_vlm):
     """A real CUDA OOM on the 3B model (64 rows x 32k tokens) -> ResourceError; memory comes back."""
     import torch
 
-    from vlq.calibration import synthetic_text_calibration
-    from vlq.errors import ResourceError
-    from vlq.schemes import Scheme
+    from vlq.data.calibration import synthetic_text_calibration
+    from vlq.runtime.errors import ResourceError
+    from vlq.search.scheme import Scheme
 
     torch.cuda.synchronize()
     gc.collect()

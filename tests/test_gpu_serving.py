@@ -16,7 +16,7 @@ siblings inheriting another layer's format, #47318; NVFP4 variants misrouted and
 unquantized, #47215 and #55496); only a CUDA vLLM runs NVFP4, so
 the CPU lane checks those exports up to per-layer resolution only.  Without a CUDA vLLM every test here skips
 with "needs vLLM built for cuda, found ... (scripts/gpu_vllm_env.sh makes a venv with a CUDA build)"
-(conftest.py, from vlq.capabilities).
+(conftest.py, from vlq.runtime.capabilities).
 """
 
 from __future__ import annotations
@@ -30,24 +30,23 @@ import pytest
 
 from helpers import down_proj_tensor_scales, tampered_copy
 from vlq import pipeline
-from vlq.checkpoint import checkpoint_verdict
-from vlq.export import PROCESSOR_FILES
-from vlq.fidelity import FidelityMetrics
-from vlq.inputs import RunFolder
-from vlq.manifest import Manifest
+from vlq.export.inspect import checkpoint_verdict
+from vlq.export.export import PROCESSOR_FILES
+from vlq.fidelity.metrics import FidelityMetrics
+from vlq.inputs.requests import RunFolder
+from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.schemes import NO_QUANT, Scheme
-from vlq.serving import (
-    EXPECTED_METHODS,
-    EXPECTED_WEIGHT_DTYPES,
-    IMAGE_SENSITIVITY_CHECK,
-    LM_LAYERS_CHECK,
-    OUTPUTS_CHECK,
-    VISION_AND_HEAD_CHECK,
-    VISION_PROBE_CHECK,
-    expected_lm_formats,
-)
-from vlq.vllm_runner import preflight
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
+from vlq.serve.checks import expected_lm_formats, expected_methods, expected_weight_dtypes
+from vlq.serve.resolution import preflight
+from vlq.checks.registry import CHECK_NAMES
+
+VISION_AND_HEAD_CHECK = CHECK_NAMES["vllm_vision_and_head"]
+LM_LAYERS_CHECK = CHECK_NAMES["vllm_lm_layers"]
+OUTPUTS_CHECK = CHECK_NAMES["vllm_outputs"]
+IMAGE_SENSITIVITY_CHECK = CHECK_NAMES["vllm_image_sensitivity"]
+VISION_PROBE_CHECK = CHECK_NAMES["vllm_vision_probe"]
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 
@@ -64,7 +63,7 @@ POINT_C_ROWS, POINT_C_SEQ_LEN = 2, 32
 #: Point c against point b on the same rows.  H200s run FP8 as W8A8 with the checkpoint's static scales (as b
 #: simulates) and NVFP4 as weight-only W4A16 Marlin (b also quantizes activations, so c sits nearer BF16).
 SERVED_VS_CHECKPOINT = 1.5
-#: The checks every served checkpoint gets after the on-disk pre-flight, in vlq.serving.run_checks order.
+#: The checks every served checkpoint gets after the on-disk pre-flight, in vlq.serve.checks.run_checks order.
 SERVED_CHECKS = (VISION_AND_HEAD_CHECK, LM_LAYERS_CHECK, OUTPUTS_CHECK, IMAGE_SENSITIVITY_CHECK, VISION_PROBE_CHECK)
 
 
@@ -164,8 +163,8 @@ def test_every_lm_layer_served_in_its_manifest_format(served_exports, quant_algo
         if fmt == NO_QUANT:
             wrong = [n for n in names if not served[n].quant_method.startswith("Unquantized")]
         else:
-            wrong = [n for n in names if served[n].quant_method not in EXPECTED_METHODS[fmt]
-                     or served[n].weight_dtype not in EXPECTED_WEIGHT_DTYPES[fmt]]
+            wrong = [n for n in names if served[n].quant_method not in expected_methods(fmt)
+                     or served[n].weight_dtype not in expected_weight_dtypes(fmt)]
         assert not wrong, [(n, served[n].quant_method, served[n].weight_dtype) for n in wrong[:5]]
 
 

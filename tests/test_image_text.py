@@ -17,22 +17,18 @@ import torch
 
 from helpers import SearchedExport
 
-from vlq.calibration import (
-    IGNORE_INDEX,
-    CalibrationSet,
-    image_text_batches,
-    load_image_text_samples,
-    synthetic_image_text_batches,
-    text_batches,
+from vlq.data.calibration import (
+    IGNORE_INDEX, CalibrationSet, image_text_batches, load_image_text_samples, synthetic_image_text_batches, text_batches,
 )
 from vlq import pipeline
-from vlq.compare import CalibrationComparison, compare_calibrations, spearman
-from vlq.errors import CalibrationDataError, SchemeError
-from vlq.manifest import Manifest
-from vlq.models import fingerprint_parameters
+from vlq.fidelity.comparison import CalibrationComparison, compare_calibration_manifests, spearman
+from vlq.runtime.errors import CalibrationDataError, SchemeError
+from vlq.manifest.manifest import Manifest
+from vlq.data.models import fingerprint_parameters
 from vlq.pipeline import fresh_copy
-from vlq.schemes import Scheme
-from vlq.search import LmHeadGuard, VisionGuard, make_forward_step
+from vlq.search.scheme import Scheme
+from vlq.search.guards import LmHeadGuard, VisionGuard
+from vlq.search.forward import make_forward_step
 
 SEQ_LEN = 64
 SEED = 0
@@ -95,7 +91,7 @@ def test_sample_longer_than_seq_len_is_refused(pristine_vlm):
 
 
 def _write_images(folder: Path, n: int) -> list[str]:
-    from vlq.calibration import generated_image_text_samples
+    from vlq.data.calibration import generated_image_text_samples
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -216,7 +212,7 @@ def test_image_text_search_keeps_vision_and_lm_head_unquantized(image_searched):
 def test_image_text_manifest_verifies(image_searched):
     manifest = image_searched.manifest
     manifest.verify(state=image_searched.result.modelopt_state).require()
-    live = [c for c in image_searched.searched.checks if c.name == "manifest == searcher state == live quantizers"]
+    live = [c for c in image_searched.searched.checks if c.key == "manifest_vs_search"]
     assert len(live) == 1 and live[0].ok, live  # checked by the pipeline before the export rewrote the weights
     manifest.verify(checkpoint=image_searched.exported.path).require()
     report = image_searched.exported.export.report
@@ -249,7 +245,7 @@ def text_manifest(pristine_vlm, text_calibration) -> Manifest:
 
 @pytest.fixture(scope="module")
 def comparison(text_manifest, image_searches) -> CalibrationComparison:
-    return compare_calibrations(text_manifest, image_searches(_scheme("gradient", "extract")).manifest)
+    return compare_calibration_manifests(text_manifest, image_searches(_scheme("gradient", "extract")).manifest)
 
 
 def test_comparison_reports_agreement_correlation_and_moves(comparison, text_manifest):
@@ -281,7 +277,7 @@ def test_comparison_is_deterministic_for_a_fixed_seed(pristine_vlm, comparison, 
 
 
 def test_identical_searches_compare_as_identical(text_manifest):
-    same = compare_calibrations(text_manifest, text_manifest)
+    same = compare_calibration_manifests(text_manifest, text_manifest)
     assert same.agreement == 1.0 and not same.moved and same.spearman == pytest.approx(1.0)
     assert all(g.rank_shift == 0 for g in same.groups)
 
@@ -291,7 +287,7 @@ def test_comparison_detects_a_tampered_result(text_manifest):
     first = text_manifest.groups[0]
     other = next(c.format for c in first.candidates if c.format != first.chosen)
     flipped = text_manifest.with_groups([dataclasses.replace(first, chosen=other), *text_manifest.groups[1:]])
-    moved = compare_calibrations(text_manifest, flipped)
+    moved = compare_calibration_manifests(text_manifest, flipped)
     assert [g.name for g in moved.moved] == [first.name] and moved.agreement == pytest.approx(15 / 16)
     assert "Groups whose decision moves" in moved.markdown()
 
@@ -302,7 +298,7 @@ def test_comparison_detects_a_tampered_result(text_manifest):
                                                 for c in g.candidates))
         for g in text_manifest.groups
     ]
-    reversed_scores = compare_calibrations(text_manifest, text_manifest.with_groups(reversed_groups))
+    reversed_scores = compare_calibration_manifests(text_manifest, text_manifest.with_groups(reversed_groups))
     assert reversed_scores.spearman == pytest.approx(-1.0)
     assert max(abs(g.rank_shift) for g in reversed_scores.groups) > 0
 
@@ -310,7 +306,7 @@ def test_comparison_detects_a_tampered_result(text_manifest):
 def test_comparison_refuses_different_budgets(text_manifest):
     other = dataclasses.replace(text_manifest, scheme=text_manifest.scheme.with_(target_bits=10.0))
     with pytest.raises(SchemeError, match="target_bits"):
-        compare_calibrations(text_manifest, other)
+        compare_calibration_manifests(text_manifest, other)
 
 
 def test_spearman_matches_the_definition():
@@ -376,7 +372,7 @@ def test_3b_image_text_search_both_strategies_and_comparison(gpu_pristine_vlm, t
     tower BF16, verify their manifests and agree; then the comparison with text-only runs."""
     import gc
 
-    from vlq.calibration import synthetic_text_calibration
+    from vlq.data.calibration import synthetic_text_calibration
 
     loaded = gpu_pristine_vlm
     seq_len, steps = 512, 4
@@ -419,7 +415,7 @@ def test_3b_image_text_search_both_strategies_and_comparison(gpu_pristine_vlm, t
     assert agree >= 0.95 * len(decisions["extract"]), f"strategies agree on only {agree}/{len(decisions['extract'])} groups"
     assert fingerprint_parameters(loaded.vlm.get_submodule(loaded.vision.root)) == fingerprint
 
-    comparison = compare_calibrations(manifests["text"], manifests["mask"])
+    comparison = compare_calibration_manifests(manifests["text"], manifests["mask"])
     assert len(comparison.groups) == len(manifests["text"].groups) > 0
     assert comparison.spearman is not None
     comparison.write(tmp_path / "compare")

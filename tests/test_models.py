@@ -9,15 +9,11 @@ import shutil
 import pytest
 import torch
 
-from vlq.errors import ModelSourceError
-from vlq.models import (
-    QWEN25_VL_3B_CONFIG,
-    build_3b_random,
-    build_tiny_checkpoint,
-    fingerprint_parameters,
-    load_vlm,
-)
-from vlq.inputs import resolve_model_source
+from vlq.runtime.errors import ModelSourceError
+from vlq.data.shipped import QWEN25_VL_3B_CONFIG
+from vlq.data.models import build_3b_random, fingerprint_parameters, load_vlm
+from vlq.data.tiny import build_tiny_checkpoint
+from vlq.inputs.requests import resolve_model_source
 
 
 def _sha(path):

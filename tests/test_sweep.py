@@ -7,11 +7,11 @@ import json
 import pytest
 
 from vlq import pipeline
-from vlq.errors import SchemeError
-from vlq.inputs import RunFolder
+from vlq.runtime.errors import SchemeError
+from vlq.inputs.requests import RunFolder
 from vlq.pipeline import fresh_copy
-from vlq.schemes import Scheme
-from vlq.sweep import decision_agreement
+from vlq.search.scheme import Scheme
+from vlq.manifest.sweep import decision_agreement
 
 SCHEME = Scheme(formats=("fp8", "int4_awq"), target_bits=7.0, num_calib_steps=2, num_score_steps=2, seq_len=32)
 TARGETS = (7.0, 5.0, 4.5, 10.0)

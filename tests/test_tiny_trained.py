@@ -11,27 +11,17 @@ import math
 import pytest
 import torch
 
-from vlq.calibration import from_token_ids, generated_image_text_samples, load_text_samples, text_batches
-from vlq.fidelity import logits_forward, measure_fidelity
-from vlq.heldout import HELDOUT_SEED_BASE, find_overlap, heldout_image_text_batches, heldout_text_batches, require_disjoint
-from vlq.inputs import TINY_TRAINED, ModelRequest, resolve_model_source
-from vlq.models import TINY_TRAINED_DIR, fingerprint_parameters, load_vlm
-from vlq.training import (
-    EVAL_IMAGES,
-    EVAL_TEXT,
-    HELDOUT_CORPUS_SAMPLES,
-    TRAIN_IMAGE_SEED,
-    TRAIN_TEXT_SEED,
-    TRAINING_RECORD,
-    TrainingRecipe,
-    generated_text_samples,
-    heldout_generated_text_batches,
-    image_conditioning,
-    mean_nll,
-    train_tiny,
-    training_image_set,
-    training_text_set,
+from vlq.data.calibration import from_token_ids, generated_image_text_samples, load_text_samples, text_batches
+from vlq.fidelity.metrics import logits_forward, measure_fidelity
+from vlq.data.heldout import HELDOUT_SEED_BASE, find_overlap, heldout_image_text_batches, heldout_text_batches, require_disjoint
+from vlq.inputs.requests import TINY_TRAINED, ModelRequest, resolve_model_source
+from vlq.data.shipped import TINY_TRAINED_DIR
+from vlq.data.models import fingerprint_parameters, load_vlm
+from vlq.data.training import (
+    EVAL_IMAGES, EVAL_TEXT, HELDOUT_CORPUS_SAMPLES, TRAIN_IMAGE_SEED, TRAINING_RECORD, TrainingRecipe, image_conditioning, mean_nll,
+    train_tiny, training_image_set, training_text_set,
 )
+from vlq.data.generated_text import TRAIN_TEXT_SEED, generated_text_samples, heldout_generated_text_batches
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +96,7 @@ def test_heldout_text_nll_is_below_half_of_uniform(trained, pristine_vlm, record
     assert tokens == EVAL_TEXT["num_batches"] * EVAL_TEXT["batch_size"] * (EVAL_TEXT["seq_len"] - 1)
     assert nll <= 0.5 * uniform, f"{data}: held-out NLL {nll:.3f} > {0.5 * uniform:.3f}"
     assert nll == pytest.approx(record["heldout"][data]["nll"], rel=0.02)  # the record tells the truth
-    # vlq.fidelity scores the same positions and finds the same NLL
+    # vlq.fidelity.metrics scores the same positions and finds the same NLL
     forward = logits_forward(trained.vlm)
     same = measure_fidelity(forward, forward, batches, measurement_point="fake_quant")
     assert same.tokens == tokens and same.kld_max == 0.0 and same.nll_base == pytest.approx(nll, rel=1e-4)

@@ -1,0 +1,2 @@
+"""The one result type of every guarantee vlq checks (check).
+"""

@@ -1,0 +1,2 @@
+"""What a search decided, as JSON (manifest), and a sweep's decisions per target (sweep).
+"""
