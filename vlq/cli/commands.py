@@ -22,6 +22,7 @@ from typing import IO, Callable, Iterator
 from ..runtime.errors import SchemeError, VlqError
 from ..inputs.requests import POINT_NAMES, TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
 from ..search.scheme import METHODS, SCHEME_FIELDS, STRATEGIES, Scheme, default_scheme
+from . import study as study_command
 
 
 # ------------------------------------------------------------------------------------------------
@@ -643,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_sweep)
+
+    study_command.add_parser(sub, _model_args, _scheme_args, _common, func=lambda a: study_command.run(a, _prepared, _session))
 
     p = sub.add_parser("report", help="Markdown tables and PNG plots from saved benchmarks, manifests and sweeps")
     p.add_argument("--out", default="runs/report", help="output folder (default runs/report; reports/README.md is hand-written)")

@@ -30,7 +30,7 @@ from ..search.scheme import Scheme
 from ..search.search import apply_decisions, plan_lm_formats
 from ..study import analysis
 from ..study.records import Additivity, Correlation, FormatSetStudy, StrategyCost, StudyPoint, StudyResult
-from ..study.registry import DEFAULT_STRATEGIES, KL_DIV_MODELOPT, StrategyName, get_strategy, require_study_formats
+from ..study.registry import DEFAULT_STRATEGIES, KL_DIV_MODELOPT, StrategyName, get_strategy, require_arguments_in, require_study_formats
 from ..study.solve import LP, solve
 from ..study.strategy import Allocation, GroupScores, ModelOptSearch, StudyContext, with_choices
 from .measure import FIDELITY_TOKENS_PER_FORWARD, fidelity_references, measure_fake_quant, text_path
@@ -101,10 +101,7 @@ def _validated(pristine: LoadedVLM, scheme: Scheme, sets, targets, strategies) -
         for t in targets:
             plan_lm_formats(pristine, set_scheme.with_(target_bits=t))  # validates range, feasibility, shapes
         schemes.append(set_scheme)
-    for name in strategies:
-        arg = StrategyName.parse(name).argument
-        if arg and not any(arg in s for s in sets):
-            raise SchemeError(f"{name}: {arg} is in none of the format sets {['+'.join(s) for s in sets]}.")
+    require_arguments_in(strategies, sets)
     return schemes
 
 

@@ -83,5 +83,14 @@ def require_study_formats(formats) -> None:
     folding = [f for f in formats if FORMATS[f].folds_weights]
     if folding:
         raise SchemeError(f"vlq study measures every allocation in place on one searched model; {', '.join(folding)} "
-                          f"fold scales into the weights and cannot be switched back. Drop {', '.join(folding)} from "
+                          f"fold{'s' if len(folding) == 1 else ''} scales into the weights and cannot be switched back. Drop {', '.join(folding)} from "
                           "--formats (compare them with `vlq sweep`, which restores a fresh copy per target).")
+
+
+def require_arguments_in(strategies, format_sets) -> None:
+    """``uniform:<format>`` names a format of at least one format set."""
+    for name in strategies:
+        argument = StrategyName.parse(name).argument
+        if argument and not any(argument in s for s in format_sets):
+            raise SchemeError(f"{name}: {argument} is in none of the format sets {['+'.join(s) for s in format_sets]}; "
+                              "add it to --formats or drop the strategy.")
