@@ -144,6 +144,19 @@ def test_records_read_back_and_the_tables_show_every_strategy(studied, study_fol
     assert all(p.metrics("text") and p.metrics("image_text") for p in studied.points)
 
 
+def test_report_draws_the_three_plots(studied, study_folder, tmp_path):
+    from vlq.report.tables import write_report
+    from vlq.runtime.errors import VlqError
+
+    readme = write_report(tmp_path / "report", studies=[study_folder.root]).read_text()
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("study_*.png"))
+    assert [n.split("_" + study_folder.root.name)[0] for n in pngs] == ["study_cost", "study_frontiers", "study_proxy_vs_oracle"]
+    assert all(f"]({n})" in readme for n in pngs) and "Rank correlation with the oracle" in readme
+    (tmp_path / "sweep.json").write_text('{"points": []}')  # negative control: not a study
+    with pytest.raises(VlqError, match="is not a vlq study"):
+        write_report(tmp_path / "bad", studies=[tmp_path / "sweep.json"])
+
+
 def test_a_rerun_scores_nothing_again(trained_vlm, calibration, studied, study_folder):
     progress = Recorded()
     again = pipeline.study(trained_vlm, SCHEME, calibration, TARGETS[:1], study_folder,

@@ -412,7 +412,8 @@ def cmd_report(args) -> int:
     from ..report.tables import write_report
 
     path = write_report(args.out, benchmarks=args.benchmarks or [], manifests=args.manifests or [],
-                        sweeps=args.sweeps or [], baseline=args.baseline, comparisons=args.comparisons or [])
+                        sweeps=args.sweeps or [], baseline=args.baseline, comparisons=args.comparisons or [],
+                        studies=args.studies or [])
     print(f"report written to {path}")
     return 0
 
@@ -655,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweeps", nargs="*", help="sweep.json files (Pareto curves)")
     p.add_argument("--comparisons", nargs="*", help="comparison.json files of compare-calibration / compare-methods "
                    "(decision agreement beside each scheme's KLD to BF16)")
+    p.add_argument("--studies", nargs="*", help="study folders or study.json files of `vlq study` (frontiers, proxy vs oracle, cost)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare-calibration", help="search text-only and image+text on one model and budget; compare the decisions")

@@ -32,6 +32,7 @@ from ..study import analysis
 from ..study.records import Additivity, Correlation, FormatSetStudy, StrategyCost, StudyPoint, StudyResult
 from ..study.registry import DEFAULT_STRATEGIES, KL_DIV_MODELOPT, StrategyName, get_strategy, require_arguments_in, require_study_formats
 from ..study.solve import LP, solve
+from ..study.tables import save_study
 from ..study.strategy import Allocation, GroupScores, ModelOptSearch, StudyContext, with_choices
 from .measure import FIDELITY_TOKENS_PER_FORWARD, fidelity_references, measure_fake_quant, text_path
 from .stages import fresh_copy, guarded_search, release_model
@@ -81,7 +82,7 @@ def study(
                                          evaluation, scoring, progress))
     result = StudyResult(str(pristine.source), tuple(targets), tuple(strategies), random_seeds, evaluation[0].rows,
                          sum(int(b["input_ids"].shape[0]) for b in scoring), tuple(studied), time.perf_counter() - start)
-    result.save(folder.root)
+    save_study(result, folder.root)
     progress.stage(f"study written to {folder.root}")
     return result
 

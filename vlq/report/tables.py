@@ -505,6 +505,7 @@ def write_report(
     sweeps: list[str | _os.PathLike] = (),
     baseline: str | _os.PathLike | None = None,
     comparisons: list[str | _os.PathLike] = (),
+    studies: list[str | _os.PathLike] = (),
 ) -> _Path:
     """Write ``out_dir/README.md`` with tables and the PNG plots next to it. Returns the Markdown path.
 
@@ -592,4 +593,8 @@ def write_report(
             plot = comparison.plot(out / f"comparison_{_Path(path).parent.name or 'calibration'}.png").name
         text = comparison.markdown(plot_path=plot) if plot else comparison.markdown()
         sections.append(("## Comparison: " + text.removeprefix("## ")).rstrip())
+    if studies:
+        from .studies import study_sections
+
+        sections += study_sections(studies, out)
     return atomic_write_text(out / "README.md", "\n\n".join(sections) + "\n")

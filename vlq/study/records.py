@@ -159,15 +159,6 @@ class StudyResult:
                    int(data["evaluation_rows"]), int(data["scoring_rows"]),
                    tuple(FormatSetStudy.from_dict(s) for s in data["sets"]), float(data["total_s"]))
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """``study.json`` and ``study.md`` into ``folder`` (each written whole)."""
-        from ..runtime.files import atomic_write_text
-        from .tables import study_markdown
-
-        folder = Path(folder)
-        atomic_write_text(folder / STUDY_MD, study_markdown(self))
-        return atomic_write_text(folder / STUDY_JSON, json.dumps(self.to_dict(), indent=2) + "\n")
-
 
 def load_study(path: str | os.PathLike) -> StudyResult:
     """A saved ``study.json`` (or the folder holding one)."""

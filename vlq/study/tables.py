@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from .records import FormatSetStudy, StudyResult
+import json
+import os
+from pathlib import Path
+
+from .records import STUDY_JSON, STUDY_MD, FormatSetStudy, StudyResult
 
 
 def _g(value: float | None, digits: int = 4) -> str:
@@ -95,3 +99,12 @@ def study_markdown(result: StudyResult) -> str:
         parts += [f"## {study.label}", frontier_table(study, result.targets), points_table(study), cost_table(study),
                   *conclusions_tables(study)]
     return "\n\n".join(parts) + "\n"
+
+
+def save_study(result: StudyResult, folder: str | os.PathLike) -> Path:
+    """``study.json`` and ``study.md`` into ``folder`` (each written whole); the JSON's path."""
+    from ..runtime.files import atomic_write_text
+
+    folder = Path(folder)
+    atomic_write_text(folder / STUDY_MD, study_markdown(result))
+    return atomic_write_text(folder / STUDY_JSON, json.dumps(result.to_dict(), indent=2) + "\n")
