@@ -29,7 +29,7 @@ def add_parser(subparsers, model_args: Callable, scheme_args: Callable, common: 
     p.add_argument("--fidelity-rows", help="held-out rows per data kind every point is measured on "
                    "(default: 32 for full-size models, 8 for tiny ones)")
     p.add_argument("--scoring-rows", help="held-out text rows the ablation oracle scores on, disjoint from the "
-                   "fidelity rows and calibration (default: as many as --fidelity-rows)")
+                   "fidelity rows and calibration (default: as many as --fidelity-rows, at most 16)")
     p.add_argument("--out", help="study folder (default runs/study-<format sets>)")
     p.add_argument("--overwrite", action="store_true", help="discard saved scores and search states in the folder")
     common(p)

@@ -39,6 +39,9 @@ from .stages import fresh_copy, guarded_search, release_model
 
 #: Random allocations per target unless asked otherwise.
 RANDOM_SEEDS = 8
+#: The oracle's scoring rows by default: as many as the evaluation rows, at most this many (3B: 16 x 512 tokens,
+#: one forward).
+SCORING_ROWS_MAX = 16
 #: The scoring split's generated-token rows (models without a tokenizer) come from this seed offset: never the
 #: evaluation rows' seeds.
 SCORING_SEED_OFFSET = 2**31
@@ -63,7 +66,7 @@ def study(
     """Every (format set, strategy) frontier at ``targets``, measured the same way; ``study.json`` / ``.md`` in ``folder``.
 
     ``rows``: held-out evaluation rows per data kind (the sweep's default); ``scoring_rows``: the oracle's held-out
-    text rows (default: as many).  ``pristine`` is never modified.  With ``overwrite`` saved scores are discarded.
+    text rows (default: as many, at most :data:`SCORING_ROWS_MAX`).  ``pristine`` is never modified.  With ``overwrite`` saved scores are discarded.
     """
     start = time.perf_counter()
     targets = [float(t) for t in targets]
@@ -74,7 +77,7 @@ def study(
             shutil.rmtree(folder.root / "+".join(s), ignore_errors=True)
     first = schemes[0].with_(target_bits=targets[0])
     evaluation = fidelity_references(pristine, first, data, calibration=calibration, rows=rows, progress=progress)
-    scoring = scoring_batches(pristine, first, data, calibration, evaluation, scoring_rows or evaluation[0].rows)
+    scoring = scoring_batches(pristine, first, data, calibration, evaluation, scoring_rows or min(evaluation[0].rows, SCORING_ROWS_MAX))
     studied = []
     for set_scheme in schemes:
         progress.stage(f"study {'+'.join(set_scheme.formats)}: {', '.join(strategies)} at {', '.join(f'{t:g}' for t in targets)} bits")

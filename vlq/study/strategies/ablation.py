@@ -7,6 +7,7 @@ from its own onward are re-run.  A (group, format) costs ``(layers - L) / layers
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -37,8 +38,10 @@ def ablation_scores(context: StudyContext, *, include_none: bool = False) -> dic
                     if fmt == NO_QUANT and not include_none:
                         continue
                     for group in (g for g in by_layer[layer] if fmt in candidate_formats(g)):
-                        apply_decisions(context.search_result, with_choices(groups, {**everything_off, group.name: fmt}))
+                        # only this group switches (everything else stays off): one hparam, not every group's
+                        apply_decisions(context.search_result, [dataclasses.replace(group, chosen=fmt)])
                         scores[group.name][fmt] = kld_from_layer(context.model, captured, layer)
+                        apply_decisions(context.search_result, [dataclasses.replace(group, chosen=NO_QUANT)])
                         bar.update()
     finally:
         apply_decisions(context.search_result, context.search_result.groups)  # back to the search's own choice

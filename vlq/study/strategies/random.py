@@ -11,20 +11,24 @@ from __future__ import annotations
 import random as _random
 from typing import Sequence
 
-from ...search.decisions import lm_achieved_bits
-from ..strategy import Allocation, BaselineStrategy, StudyContext, candidate_formats, with_choices
+from ...formats.registry import NO_QUANT
+from ..strategy import Allocation, BaselineStrategy, StudyContext, candidate_formats
 
 
 def random_choices(groups, target: float, rng: _random.Random) -> dict[str, str]:
     chosen = {g.name: candidate_formats(g)[0] for g in groups}
+    full = sum(g.candidate(NO_QUANT).cost for g in groups)
+    spent = sum(g.candidate(chosen[g.name]).cost for g in groups)  # bits = spent / full * 16, as lm_achieved_bits
     order = list(groups)
     rng.shuffle(order)
     for group in order:
         formats = candidate_formats(group)
+        here = group.candidate(chosen[group.name]).cost
         upgrades = [f for f in formats[formats.index(chosen[group.name]) + 1:]
-                    if lm_achieved_bits(with_choices(groups, {**chosen, group.name: f})) <= target + 1e-9]
+                    if (spent - here + group.candidate(f).cost) / full * 16 <= target + 1e-9]
         if upgrades:
             chosen[group.name] = rng.choice(upgrades)
+            spent += group.candidate(chosen[group.name]).cost - here
     return chosen
 
 

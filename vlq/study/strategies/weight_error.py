@@ -8,13 +8,14 @@ weights it applies to: a relative error on a small projection weighs less than t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from ...formats.registry import NO_QUANT
 from ...search.search import apply_decisions
-from ..strategy import GroupScores, MemoryMeter, ScoredStrategy, StudyContext, candidate_formats, with_choices
+from ..strategy import GroupScores, MemoryMeter, ScoredStrategy, StudyContext, candidate_formats
 
 
 @torch.no_grad()
@@ -37,7 +38,6 @@ class WeightError(ScoredStrategy):
     def scores(self, context: StudyContext) -> GroupScores:
         start = time.perf_counter()
         groups = context.groups
-        off = {g.name: NO_QUANT for g in groups}
         scores: dict[str, dict[str, float]] = {}
         try:
             with MemoryMeter(context.model.device) as meter:
@@ -47,7 +47,7 @@ class WeightError(ScoredStrategy):
                     for fmt in candidate_formats(group):
                         if fmt == NO_QUANT:
                             continue
-                        apply_decisions(context.search_result, with_choices(groups, {**off, group.name: fmt}))
+                        apply_decisions(context.search_result, [dataclasses.replace(group, chosen=fmt)])
                         scores[group.name][fmt] = relative_weight_error(context.model.vlm, group.members) * full
         finally:
             apply_decisions(context.search_result, context.search_result.groups)
