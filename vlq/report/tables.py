@@ -17,6 +17,7 @@ from ..manifest.manifest import Manifest
 from ..formats.registry import NO_QUANT, color_of
 from ..serve.checks import LM_HEAD_NAMES, LM_LINEAR_RE, VISION_PREFIX
 from ..serve.results import ServedLayer
+from .studies import study_sections
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.(.+)$")
 
@@ -105,8 +106,7 @@ MEASURED_ACTIONS = {
     "sweep": "sweep s",
     "search grid": "search grid s",
     "search and fidelity": "search + fidelity s",
-    "ablation scores": "ablation scores s",
-    "study": "study s",
+    "ablation scores": "ablation scores s", "study": "study s",
 }
 #: Runs saved before benchmarks said what they measure, whose keys do not tell either.
 UNKNOWN_ACTION = "benchmark"
@@ -595,8 +595,5 @@ def write_report(
             plot = comparison.plot(out / f"comparison_{_Path(path).parent.name or 'calibration'}.png").name
         text = comparison.markdown(plot_path=plot) if plot else comparison.markdown()
         sections.append(("## Comparison: " + text.removeprefix("## ")).rstrip())
-    if studies:
-        from .studies import study_sections
-
-        sections += study_sections(studies, out)
+    sections += study_sections(studies, out) if studies else []
     return atomic_write_text(out / "README.md", "\n\n".join(sections) + "\n")
