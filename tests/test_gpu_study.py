@@ -1,6 +1,6 @@
 """`pytest -m gpu`: ``vlq study`` on the full-size 3B architecture (random weights: timing and memory, not fidelity).
 
-fp8+nvfp4 (144 groups x 2 formats) at two targets with the oracle, the data-free score and the baselines, on a
+fp8+nvfp4 (144 groups x 2 formats) and fp8+w4a16_nvfp4 at two targets with the oracle, the data-free score and the baselines, on a
 few held-out rows: every point meets its target and is measured on text and image+text, the oracle scores every
 (group, format) pair, its shared work reproduces a full forward on the GPU (bf16 tolerance) and gives exactly 0
 with nothing quantized.  The time and memory a study costs are printed here and recorded by
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.gpu
 
 SCHEME = Scheme(formats=("fp8", "nvfp4"), target_bits=8.0, num_calib_steps=4, num_score_steps=4, seq_len=512)
 TARGETS = (8.0, 6.0)
+FORMAT_SETS = (("fp8", "nvfp4"), ("fp8", "w4a16_nvfp4"))
 STRATEGIES = ("gradient", "ablation", "weight_error", "uniform", "position", "random", "inverted")
 
 
@@ -36,15 +37,29 @@ def calibration(gpu_pristine_vlm):
 
 
 @pytest.fixture(scope="module")
-def studied(gpu_pristine_vlm, calibration, tmp_path_factory):
+def study_result(gpu_pristine_vlm, calibration, tmp_path_factory):
     import torch
 
     result = pipeline.study(gpu_pristine_vlm, SCHEME, calibration, TARGETS, RunFolder(tmp_path_factory.mktemp("study")),
-                            strategies=STRATEGIES, random_seeds=2, rows=4, scoring_rows=8)
-    print("[gpu study]", {c.strategy: (round(c.seconds, 2), c.peak_bytes) for c in result.sets[0].costs},
-          f"total {result.total_s:.1f}s", flush=True)
+                            strategies=STRATEGIES, format_sets=FORMAT_SETS, random_seeds=2, rows=4, scoring_rows=8)
+    for studied in result.sets:
+        print(f"[gpu study {studied.label}]", {c.strategy: (round(c.seconds, 2), c.peak_bytes) for c in studied.costs}, flush=True)
+    print(f"[gpu study] total {result.total_s:.1f}s", flush=True)
     torch.cuda.empty_cache()
-    return result.sets[0]
+    return result
+
+
+def test_each_format_set_gets_its_own_frontier(study_result):
+    assert [s.formats for s in study_result.sets] == list(FORMAT_SETS)
+    second = {p.strategy for p in study_result.sets[1].points}
+    assert "uniform:w4a16_nvfp4" in second and "uniform:nvfp4" not in second
+    first, other = (next(p for p in s.points if p.strategy == "gradient" and p.target_bits == 6.0) for s in study_result.sets)
+    assert set(first.chosen.values()) <= {"fp8", "nvfp4", NO_QUANT} and set(other.chosen.values()) <= {"fp8", "w4a16_nvfp4", NO_QUANT}
+
+
+@pytest.fixture(scope="module")
+def studied(study_result):
+    return study_result.sets[0]
 
 
 def test_study_on_the_3b_shape_measures_every_strategy(studied):

@@ -132,6 +132,27 @@ def test_uniform_fp8_is_an_fp8_only_runs_measurement(trained_vlm, calibration, s
     assert gradient.fidelity != uniform.fidelity  # negative control: another allocation measures differently
 
 
+def test_kl_div_as_modelopt_solves_it_is_the_kl_div_searchs_own_choice(trained_vlm, calibration, studied):
+    """The kl_div@modelopt row is ModelOpt's threshold search over kl_div's scores: at the search's own target it
+    decides what a kl_div search decides; the kl_div row (the same scores through the LP) is another solver's."""
+    searched = pipeline.search(pipeline.fresh_copy(trained_vlm), SCHEME.with_(method="kl_div"), calibration)
+    own = {g.name: g.chosen for g in searched.manifest.groups}
+    by_row = {p.strategy: p for p in studied.points if p.target_bits == SCHEME.target_bits}
+    assert by_row["kl_div@modelopt"].chosen == own
+    assert by_row["kl_div"].chosen != own  # the solver matters here: the LP spends the budget differently
+
+
+def test_format_sets_parse_and_refuse_before_torch():
+    from vlq.cli.study import format_sets
+    from vlq.runtime.errors import SchemeError
+
+    assert format_sets("fp8+nvfp4, fp8+w4a16_nvfp4") == [("fp8", "nvfp4"), ("fp8", "w4a16_nvfp4")]
+    with pytest.raises(SchemeError, match="repeats a format set"):
+        format_sets("fp8,fp8")
+    with pytest.raises(SchemeError, match="w4a8_awq folds scales into the weights"):
+        format_sets("fp8+nvfp4,w4a8_awq")
+
+
 def test_records_read_back_and_the_tables_show_every_strategy(studied, study_folder):
     loaded = load_study(study_folder.root)
     assert loaded.sets[0].to_dict() == studied.to_dict()

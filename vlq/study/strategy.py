@@ -109,10 +109,10 @@ class StudyContext:
 
 
 class ScoredStrategy:
-    """A strategy that scores each (group, format); solved by the study's LP at every target."""
+    """A strategy that scores each (group, format); solved by the study's LP at every target.  What it is, in one
+    line, lives in :data:`vlq.study.registry.STRATEGY_MODULES` (the CLI reads it without importing strategies)."""
 
     name = ""
-    summary = ""
     scored = True
 
     def scores(self, context: StudyContext) -> GroupScores:
@@ -123,7 +123,6 @@ class BaselineStrategy:
     """A strategy that allocates directly."""
 
     name = ""
-    summary = ""
     scored = False
 
     def allocations(self, context: StudyContext, targets: Sequence[float], *, argument: str = "",

@@ -50,7 +50,6 @@ def ablation_scores(context: StudyContext, *, include_none: bool = False) -> dic
 
 class Ablation(ScoredStrategy):
     name = "ablation"
-    summary = "the measured oracle (one group quantized, KLD on the scoring split)"
 
     def scores(self, context: StudyContext) -> GroupScores:
         start = time.perf_counter()

@@ -9,9 +9,8 @@ from ..strategy import GroupScores, ScoredStrategy, StudyContext
 class ModelOptScores(ScoredStrategy):
     """The scores a ModelOpt search with ``method`` saved (scoring cost: that search's calibration + scoring)."""
 
-    def __init__(self, method: str, summary: str):
+    def __init__(self, method: str):
         self.name = self.method = method
-        self.summary = summary
 
     def scores(self, context: StudyContext) -> GroupScores:
         searched = context.modelopt_search(self.method)
@@ -22,4 +21,4 @@ class ModelOptScores(ScoredStrategy):
                            searched.memory, detail)
 
 
-STRATEGY = ModelOptScores("gradient", "ModelOpt's gradient (Fisher) score, solved by the LP")
+STRATEGY = ModelOptScores("gradient")

@@ -17,7 +17,6 @@ def inverted_scores(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 class Inverted(ScoredStrategy):
     name = "inverted"
-    summary = "gradient's ranking reversed"
 
     def scores(self, context: StudyContext) -> GroupScores:
         gradient = context.scores_of("gradient")

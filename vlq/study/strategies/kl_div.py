@@ -4,4 +4,4 @@ from __future__ import annotations
 
 from .gradient import ModelOptScores
 
-STRATEGY = ModelOptScores("kl_div", "ModelOpt's kl_div score, solved by the LP (and as ModelOpt solves it)")
+STRATEGY = ModelOptScores("kl_div")

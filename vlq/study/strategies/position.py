@@ -17,7 +17,6 @@ def position_choices(groups, k: int, layers: int) -> dict[str, str]:
 
 class Position(BaselineStrategy):
     name = "position"
-    summary = "first and last k layers most precise, the rest cheapest"
 
     def allocations(self, context: StudyContext, targets: Sequence[float], *, argument: str = "",
                     seeds: int = 0) -> tuple[Allocation, ...]:

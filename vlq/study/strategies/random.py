@@ -34,7 +34,6 @@ def random_choices(groups, target: float, rng: _random.Random) -> dict[str, str]
 
 class RandomAllocation(BaselineStrategy):
     name = "random"
-    summary = "seeded random allocations within each target"
 
     def allocations(self, context: StudyContext, targets: Sequence[float], *, argument: str = "",
                     seeds: int = 0) -> tuple[Allocation, ...]:

@@ -11,7 +11,6 @@ from ..strategy import Allocation, BaselineStrategy, StudyContext, candidate_for
 
 class Uniform(BaselineStrategy):
     name = "uniform"
-    summary = "every group in one candidate format"
 
     def allocations(self, context: StudyContext, targets: Sequence[float], *, argument: str = "",
                     seeds: int = 0) -> tuple[Allocation, ...]:

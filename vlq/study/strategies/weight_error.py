@@ -33,7 +33,6 @@ def relative_weight_error(vlm, members) -> float:
 
 class WeightError(ScoredStrategy):
     name = "weight_error"
-    summary = "relative weight error of each format's real quantizer, size-weighted"
 
     def scores(self, context: StudyContext) -> GroupScores:
         start = time.perf_counter()
