@@ -142,6 +142,22 @@ def test_kl_div_as_modelopt_solves_it_is_the_kl_div_searchs_own_choice(trained_v
     assert by_row["kl_div"].chosen != own  # the solver matters here: the LP spends the budget differently
 
 
+def test_every_strategy_module_is_registered_under_its_own_name():
+    from pathlib import Path
+
+    from vlq.study import registry
+
+    modules = {p.stem for p in (Path(registry.__file__).parent / "strategies").glob("*.py") if p.stem != "__init__"}
+    assert modules == {module for module, _ in registry.STRATEGY_MODULES.values()}
+    for name in registry.STRATEGY_MODULES:
+        strategy = registry.get_strategy(name)
+        assert strategy.name == name and strategy.scored == hasattr(strategy, "scores"), name
+    assert set(registry.DEFAULT_STRATEGIES) == set(registry.STRATEGY_MODULES)
+    assert registry.parse_strategies("gradient,uniform:fp8") == ("gradient", "uniform:fp8")
+    with pytest.raises(Exception, match="Unknown strategy 'position:3'"):
+        registry.parse_strategies("position:3")  # only uniform takes an argument
+
+
 def test_format_sets_parse_and_refuse_before_torch():
     from vlq.cli.study import format_sets
     from vlq.runtime.errors import SchemeError
