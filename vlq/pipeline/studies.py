@@ -145,6 +145,9 @@ def _modelopt_search(loaded: LoadedVLM, scheme: Scheme, calibration: Calibration
 
 def _saved_or_scored(name: str, context: StudyContext, where: Path, settings: dict, progress: Progress) -> GroupScores:
     """A strategy's scores: from ``where/scores/<name>.json`` when saved with the same settings, else computed and saved."""
+    strategy = get_strategy(name)
+    if not strategy.saved:  # derived from another strategy's scores: recomputed from them, never stale
+        return strategy.scores(context)
     path = where / "scores" / f"{name}.json"
     if path.exists():
         saved = json.loads(path.read_text())
@@ -152,7 +155,7 @@ def _saved_or_scored(name: str, context: StudyContext, where: Path, settings: di
             progress.stage(f"{name}: scores restored from {path}")
             return GroupScores.from_dict(saved["scores"])
         progress.stage(f"{name}: {path} was scored with other settings; scoring again")
-    scores = get_strategy(name).scores(context)
+    scores = strategy.scores(context)
     atomic_write_text(path, json.dumps({"settings": settings, "scores": scores.to_dict()}, indent=1) + "\n")
     progress.stage(f"{name}: scored {len(scores.scores)} groups in {scores.seconds:.1f}s")
     return scores

@@ -114,6 +114,7 @@ class ScoredStrategy:
 
     name = ""
     scored = True
+    saved = True  # False: derived from another strategy's scores (cheap; never saved, so never stale)
 
     def scores(self, context: StudyContext) -> GroupScores:
         raise NotImplementedError

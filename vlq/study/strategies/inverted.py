@@ -17,6 +17,7 @@ def inverted_scores(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 class Inverted(ScoredStrategy):
     name = "inverted"
+    saved = False
 
     def scores(self, context: StudyContext) -> GroupScores:
         gradient = context.scores_of("gradient")
