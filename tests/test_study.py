@@ -295,7 +295,8 @@ def test_spearman_regret_area_and_quartiles():
     (("--targets", "12", "--strategies", "uniform:int8_sq"), "int8_sq is in none of the format sets"),
     (("--targets", "12", "--random-seeds", "0"), "--random-seeds takes a whole number of at least 1"),
     (("--targets", "6", "--formats", "fp8"), "target_bits=6.0 is infeasible for formats fp8"),
-], ids=["unknown-strategy", "folding-format", "uniform-outside-sets", "zero-seeds", "infeasible-target"])
+    (("--targets", "12", "--method", "kl_div"), "vlq study takes no --method: gradient and kl_div are strategies"),
+], ids=["unknown-strategy", "folding-format", "uniform-outside-sets", "zero-seeds", "infeasible-target", "method"])
 def test_bad_study_input_is_refused_before_torch(args, message, tmp_path):
     from tests.helpers import vlq_cli
 

@@ -80,6 +80,11 @@ def run(args, prepared: Callable, session: Callable) -> int:
     """Validate light, lock the folder, load, calibrate, study, print the frontiers and conclusions."""
     from ..study.registry import parse_strategies, require_arguments_in
 
+    for flag, value, why in (("--method", args.method, "gradient and kl_div are strategies: name them in --strategies"),
+                             ("--bits", args.target_bits, "the targets are --targets"),
+                             ("--kv-cache-fp8", args.kv_cache_fp8, "a study exports nothing")):
+        if value is not None:
+            raise SchemeError(f"vlq study takes no {flag}: {why}.")
     strategies = parse_strategies(args.strategies)
     targets = _targets(args.targets)
     seeds = _count(args.random_seeds, "--random-seeds")
@@ -88,8 +93,7 @@ def run(args, prepared: Callable, session: Callable) -> int:
     sets = format_sets(args.formats)
     if sets is not None:
         args.formats = "+".join(sets[0])  # the base scheme; every set is checked below
-    if args.target_bits is None:
-        args.target_bits = targets[0]  # the base search's target (a device default may not suit the formats)
+    args.target_bits = targets[0]  # the base search's target (a device default may not suit the formats)
     default_out = (lambda scheme: f"runs/study-{','.join('+'.join(s) for s in (sets or [scheme.formats]))}")
     with prepared(args, default_out) as (model, data, scheme, folder):
         require_arguments_in(strategies, sets or [scheme.formats])
