@@ -135,7 +135,8 @@ def cmd_report(args) -> int:
     from ..report.document import write_report
 
     path = write_report(args.out, benchmarks=args.benchmarks or [], manifests=args.manifests or [],
-                        sweeps=args.sweeps or [], baseline=args.baseline, comparisons=args.comparisons or [])
+                        sweeps=args.sweeps or [], baseline=args.baseline, comparisons=args.comparisons or [],
+                        studies=args.studies or [])
     print(f"report written to {path}")
     return 0
 

@@ -10,6 +10,7 @@ import sys
 from ..inputs.requests import TINY_TRAINED
 from ..runtime.errors import VlqError
 from . import commands
+from . import study as study_command
 from .arguments import common_args, model_args, scheme_args
 
 
@@ -58,6 +59,12 @@ def _add_sweep(sub) -> None:
     p.set_defaults(func=commands.cmd_sweep)
 
 
+def _add_study(sub) -> None:
+    from .preparation import prepared, session
+
+    study_command.add_parser(sub, model_args, scheme_args, common_args, func=lambda a: study_command.run(a, prepared, session))
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="Markdown tables and PNG plots from saved benchmarks, manifests and sweeps")
     p.add_argument("--out", default="runs/report", help="output folder (default runs/report; reports/README.md is hand-written)")
@@ -67,6 +74,7 @@ def _add_report(sub) -> None:
     p.add_argument("--sweeps", nargs="*", help="sweep.json files (Pareto curves)")
     p.add_argument("--comparisons", nargs="*", help="comparison.json files of compare-calibration / compare-methods "
                    "(decision agreement beside each scheme's KLD to BF16)")
+    p.add_argument("--studies", nargs="*", help="study folders or study.json files of `vlq study` (frontiers, proxy vs oracle, cost)")
     p.set_defaults(func=commands.cmd_report)
 
 
@@ -128,7 +136,7 @@ def _add_check(sub) -> None:
 
 
 #: One function per command, in the order `vlq --help` lists them.
-_COMMANDS = (_add_run, _add_search, _add_export, _add_sweep, _add_report, _add_compare_calibration, _add_plan,
+_COMMANDS = (_add_run, _add_search, _add_export, _add_sweep, _add_study, _add_report, _add_compare_calibration, _add_plan,
              _add_compare_methods, _add_fidelity, _add_explain, _add_check)
 
 

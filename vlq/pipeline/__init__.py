@@ -27,6 +27,7 @@ _EXPORTS = {
                      "record_fidelity"), "measure"),
     **dict.fromkeys(("run", "measure_run", "serving_skip_reason"), "runs"),
     **dict.fromkeys(("sweep",), "sweeps"),
+    **dict.fromkeys(("study", "RANDOM_SEEDS"), "studies"),
     **dict.fromkeys(("compare_calibration", "compare_methods", "compare_saved_calibrations", "compare_saved_methods",
                      "write_comparison"), "comparisons"),
 }
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # the same names, for readers and type checkers
     from .results import ComparisonRun, Exported, MeasuredRun, MethodComparisonRun, RunOutcome, Searched, Served  # noqa: F401
     from .runs import measure_run, run, serving_skip_reason  # noqa: F401
     from .stages import calibrate, export, fresh_copy, load_model, restore, saved_data_request, search, serve_check  # noqa: F401
+    from .studies import RANDOM_SEEDS, study  # noqa: F401
     from .sweeps import sweep  # noqa: F401
 
 

@@ -23,6 +23,8 @@ MEASURED_ACTIONS = {
     "sweep": "sweep s",
     "search grid": "search grid s",
     "search and fidelity": "search + fidelity s",
+    "ablation scores": "ablation scores s",
+    "study": "study s",
 }
 #: Runs saved before benchmarks said what they measure, whose keys do not tell either.
 UNKNOWN_ACTION = "benchmark"

@@ -25,6 +25,7 @@ def write_report(
     sweeps: list[str | _os.PathLike] = (),
     baseline: str | _os.PathLike | None = None,
     comparisons: list[str | _os.PathLike] = (),
+    studies: list[str | _os.PathLike] = (),
 ) -> _Path:
     """Write ``out_dir/README.md`` with tables and the PNG plots next to it. Returns the Markdown path.
 
@@ -45,6 +46,10 @@ def write_report(
     sections += [_manifest_section(path, out) for path in manifests]
     sections += [_sweep_section(path, out) for path in sweeps]
     sections += [_comparison_section(path, out) for path in comparisons]
+    if studies:
+        from .studies import study_sections
+
+        sections += study_sections(studies, out)
     return atomic_write_text(out / "README.md", "\n\n".join(s for s in sections if s) + "\n")
 
 

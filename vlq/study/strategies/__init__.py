@@ -1,0 +1,1 @@
+"""One module per study strategy, each exposing ``STRATEGY`` (registered in :mod:`vlq.study.registry`)."""
