@@ -22,6 +22,7 @@ from typing import IO, Callable, Iterator
 from ..runtime.errors import SchemeError, VlqError
 from ..inputs.requests import POINT_NAMES, TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
 from ..search.scheme import METHODS, SCHEME_FIELDS, STRATEGIES, Scheme, default_scheme
+from . import recipe as recipe_cli
 
 
 # ------------------------------------------------------------------------------------------------
@@ -32,6 +33,7 @@ from ..search.scheme import METHODS, SCHEME_FIELDS, STRATEGIES, Scheme, default_
 def _scheme_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheme (default: formats vLLM serves on the device: fp8 at 12 bits on CPU, fp8+nvfp4 at 6 on CUDA)")
     g.add_argument("--scheme", help="YAML scheme file (other scheme flags override its fields)")
+    recipe_cli.add_recipe_option(g)
     g.add_argument("--formats", help="candidate formats joined by '+', e.g. fp8+nvfp4 (`vlq explain` lists them)")
     g.add_argument("--bits", type=float, dest="target_bits", help="target bits per LM weight (16 = no compression)")
     g.add_argument("--method", choices=METHODS)
@@ -91,7 +93,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _scheme(args, device: str, *, full_size: bool):
-    """The scheme the flags ask for, on top of the device's default (or the --scheme file)."""
+    """The scheme the flags ask for, on top of the device's default (or the --scheme file, or the --recipe)."""
+    if getattr(args, "recipe", None):
+        return recipe_cli.recipe_scheme_from_args(args, device, full_size=full_size)
     base = Scheme.from_yaml(args.scheme).to_dict() if args.scheme else default_scheme(device, full_size=full_size).to_dict()
     for key in SCHEME_FIELDS:  # the flags' dests are the scheme's field names
         value = getattr(args, key, None)
@@ -698,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="BF16 checkpoint to compare greedy outputs against")
     _common(p)
     p.set_defaults(func=cmd_check)
+    recipe_cli.add_parser(sub)
     return parser
 
 
