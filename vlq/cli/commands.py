@@ -22,7 +22,7 @@ from typing import IO, Callable, Iterator
 from ..runtime.errors import SchemeError, VlqError
 from ..inputs.requests import POINT_NAMES, TINY, TINY_TRAINED, DataRequest, ModelRequest, RunFolder
 from ..search.scheme import METHODS, SCHEME_FIELDS, STRATEGIES, Scheme, default_scheme
-from . import recipe as recipe_cli
+from . import evaluate as evaluate_cli, recipe as recipe_cli
 
 
 # ------------------------------------------------------------------------------------------------
@@ -703,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_check)
     recipe_cli.add_parser(sub)
+    evaluate_cli.add_parser(sub)
     return parser
 
 

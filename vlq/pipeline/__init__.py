@@ -27,6 +27,7 @@ _EXPORTS = {
                      "record_fidelity"), "measure"),
     **dict.fromkeys(("run", "measure_run", "serving_skip_reason"), "runs"),
     **dict.fromkeys(("sweep",), "sweeps"),
+    **dict.fromkeys(("evaluate_run", "task_accuracy", "EvaluatedRun"), "evaluate"),
     **dict.fromkeys(("compare_calibration", "compare_methods", "compare_saved_calibrations", "compare_saved_methods",
                      "write_comparison"), "comparisons"),
 }
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # the same names, for readers and type checkers
     from .runs import measure_run, run, serving_skip_reason  # noqa: F401
     from .stages import calibrate, export, fresh_copy, load_model, restore, saved_data_request, search, serve_check  # noqa: F401
     from .sweeps import sweep  # noqa: F401
+    from .evaluate import EvaluatedRun, evaluate_run, task_accuracy  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
