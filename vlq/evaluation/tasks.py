@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..data.generated_text import _CODE_WORDS, _NUMBER_WORDS
-from ..data.heldout import HELDOUT_SEED_BASE
 from ..runtime.cache import default_cache_dir
 from ..runtime.errors import VlqError
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 CHOICES = 4
+#: Held-out seeds start here (vlq.data.heldout.HELDOUT_SEED_BASE; importing it would import torch, and the CLI
+#: names the shipped tasks before any heavy import); tests/test_evaluation.py pins the two equal.
+HELDOUT_SEED_BASE = 2**32
 
 
 def _multiple_choice(rng, prompt: str, answer: str, pool) -> dict:
@@ -38,6 +39,8 @@ def sequence_rows(items: int, seed: int) -> list[dict]:
     """Rows of ``vlq_sequences``: continue a pattern the generated training text has (copy a code word list,
     count by a step, number words in order), four choices each."""
     import numpy as np
+
+    from ..data.generated_text import _CODE_WORDS, _NUMBER_WORDS
 
     rng = np.random.default_rng(seed)
     rows = []

@@ -108,10 +108,11 @@ def evaluate_run(folder: RunFolder, loaded: LoadedVLM, points: Sequence[str] = (
             with weights_quantized_once(loaded.vlm):
                 quantized = scored(point, loaded.vlm)
         measured += task_accuracy(base, quantized, point, model_source=saved.model_source)
+    order = {p: i for i, p in enumerate(asked)}
+    measured.sort(key=lambda a: order[a.measurement_point])
     with writing(folder) as staged:
         current = staged.manifest if staged.manifest.exists() else folder.manifest  # restore may have rewritten it
         manifest = Manifest.load(current).with_accuracy(*saved.accuracy).with_accuracy(*measured)
         manifest.save(staged.manifest)
     progress.stage(f"task accuracy recorded in {folder.manifest}")
-    order = {p: i for i, p in enumerate(asked)}
-    return EvaluatedRun(folder, manifest, base, tuple(sorted(measured, key=lambda a: order[a.measurement_point])), seconds)
+    return EvaluatedRun(folder, manifest, base, tuple(measured), seconds)
