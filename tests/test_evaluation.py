@@ -185,3 +185,37 @@ def test_cli_refuses_bad_eval_input_before_heavy_imports(tmp_path, runs):
 def test_scores_are_deterministic(trained, base):
     assert score_tasks(trained.vlm, trained.tokenizer, [TASK], limit=LIMIT) == (base,)
     assert torch.is_grad_enabled()
+
+
+# ---- point c: vLLM (slow: an engine per checkpoint) -------------------------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_served_point_c_recovers_and_a_broken_scale_falls_toward_chance(runs, trained, base, tmp_path):
+    """vLLM's CPU build serving the FP8 export scores within noise of BF16; the same export with every weight scale
+    x64 on disk, served, falls to chance (the control that c is measured on what vLLM loaded)."""
+    from safetensors.torch import load_file, save_file
+
+    from vlq.evaluation.served import served_lm
+
+    folder, _ = runs["8"]
+    evaluated = pipeline.evaluate_run(pipeline_folder(folder), pipeline.fresh_copy(trained), ["served"], [TASK], limit=LIMIT)
+    (served,) = evaluated.accuracy
+    assert served.measurement_point == "vllm" and abs(served.recovery - 1) < 3 * served.recovery_stderr, served
+    assert ("vlq_sequences", "vllm") in {(a.task, a.measurement_point) for a in Manifest.load(folder / "manifest.json").accuracy}
+    broken = tmp_path / "broken"
+    shutil.copytree(folder / "checkpoint", broken)
+    tensors = load_file(broken / "model.safetensors")
+    for key in [k for k in tensors if k.endswith(".weight_scale")]:
+        tensors[key] = (tensors[key].float() * 64).to(tensors[key].dtype)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with served_lm(broken, trained.tokenizer, trained.vocab_size) as lm:
+        (score,) = score_tasks(None, trained.tokenizer, [TASK], limit=LIMIT, lm=lm)
+    assert score.value < base.value - 4 * base.stderr and abs(score.value - SHIPPED_TASKS[TASK].chance) < 2 * score.stderr, score
+
+
+def pipeline_folder(path):
+    from vlq.inputs.requests import RunFolder
+
+    return RunFolder(path)

@@ -99,7 +99,7 @@ def evaluate_run(folder: RunFolder, loaded: LoadedVLM, points: Sequence[str] = (
         elif point == "vllm":
             from ..evaluation.served import served_lm
 
-            with served_lm(folder.checkpoint, loaded.tokenizer) as lm:
+            with served_lm(folder.checkpoint, loaded.tokenizer, loaded.vocab_size) as lm:
                 quantized = scored(point, None, lm=lm)
         else:
             calibration = calibrate(loaded, saved.scheme, saved_data_request(saved), progress=progress)
