@@ -62,6 +62,24 @@ def sequence_rows(items: int, seed: int) -> list[dict]:
     return rows
 
 
+def image_of(seed: int):
+    """The generated image of an image+text row: the first sample of ``seed`` (always a caption)."""
+    from ..data.calibration import generated_image_text_samples
+
+    return generated_image_text_samples(1, seed=seed)[0]
+
+
+def color_rows(items: int, seed: int) -> list[dict]:
+    """Rows of ``vlq_colors``: the background colour of a generated image (one seed per row; the task's
+    ``doc_to_image`` draws it again from the seed), answered as the tiny model learned to."""
+    rows = []
+    for i in range(items):
+        caption = image_of(seed + i)["text"]  # "A {shape colour} {shape} on a {background colour} background."
+        background = caption.rstrip(".").split()[-2]
+        rows.append({"seed": seed + i, "question": "What color is the background?", "answer": f"The background is {background}"})
+    return rows
+
+
 @dataclass(frozen=True)
 class ShippedTask:
     name: str  # the lm-eval task name
@@ -88,9 +106,23 @@ SHIPPED_TASKS: dict[str, ShippedTask] = {
     t.name: t for t in (
         ShippedTask("vlq_sequences", "text", 1 / CHOICES, 300, HELDOUT_SEED_BASE + 6, sequence_rows,
                     "continue a generated pattern (copy a code word, count by a step, number words): 4 choices"),
+        # 8 colours (vlq.data.calibration's generated images): a uniform guess among them is right 1 time in 8
+        ShippedTask("vlq_colors", "image_text", 1 / 8, 100, HELDOUT_SEED_BASE + 1000, color_rows,
+                    "the background colour of a generated image, generated answer (exact match)"),
     )
 }
 DEFAULT_TASKS = ("vlq_sequences",)
+
+
+def is_image_task(name: str, extra_dir: str | Path | None = None) -> bool:
+    """Whether task ``name`` shows images (its YAML has a ``doc_to_image``): lm-eval's multimodal model runs it."""
+    if name in SHIPPED_TASKS:
+        return SHIPPED_TASKS[name].kind == "image_text"
+    for path in Path(extra_dir).rglob("*.y*ml") if extra_dir is not None else ():
+        text = path.read_text(errors="replace")
+        if path.stem == name or name in _declared_names(path):
+            return "doc_to_image" in text
+    return False
 
 
 def write_shipped(task: ShippedTask, folder: Path = TASKS_DIR) -> Path:

@@ -17,7 +17,7 @@ from typing import Sequence
 from ..data.models import LoadedVLM
 from ..evaluation.results import TaskAccuracy, TaskScore
 from ..evaluation.scoring import score_tasks
-from ..evaluation.tasks import DEFAULT_TASKS, SHIPPED_TASKS
+from ..evaluation.tasks import DEFAULT_TASKS, SHIPPED_TASKS, is_image_task
 from ..export.export import unify_fused_scales
 from ..fidelity.quantized_weights import weights_quantized_once
 from ..inputs.requests import POINT_NAMES, RunFolder
@@ -76,10 +76,11 @@ def evaluate_run(folder: RunFolder, loaded: LoadedVLM, points: Sequence[str] = (
                                "evaluate --point checkpoint instead.")
     seconds: dict[str, float] = {}
 
-    def scored(label: str, model, **kwargs) -> tuple[TaskScore, ...]:
+    def scored(label: str, model, names=tasks, **kwargs) -> tuple[TaskScore, ...]:
         start = time.perf_counter()
-        with progress.bar(f"lm-eval {', '.join(tasks)} ({label})"):
-            result = score_tasks(model, loaded.tokenizer, tasks, tasks_dir=tasks_dir, limit=limit, **kwargs)
+        with progress.bar(f"lm-eval {', '.join(names)} ({label})"):
+            result = score_tasks(model, loaded.tokenizer, names, tasks_dir=tasks_dir, limit=limit, processor=loaded.processor,
+                                 **kwargs)
         seconds[label] = time.perf_counter() - start
         return result
 
@@ -99,8 +100,14 @@ def evaluate_run(folder: RunFolder, loaded: LoadedVLM, points: Sequence[str] = (
         elif point == "vllm":
             from ..evaluation.served import served_lm
 
+            served = [t for t in tasks if not is_image_task(t, tasks_dir)]
+            if len(served) < len(tasks):
+                progress.stage(f"note: point c scores text tasks only (vlq's vLLM model answers loglikelihood requests); "
+                               f"{', '.join(t for t in tasks if t not in served)} not measured there")
+            if not served:
+                continue
             with served_lm(folder.checkpoint, loaded.tokenizer, loaded.vocab_size) as lm:
-                quantized = scored(point, None, lm=lm)
+                quantized = scored(point, None, names=served, lm=lm)
         else:
             calibration = calibrate(loaded, saved.scheme, saved_data_request(saved), progress=progress)
             restore(folder, loaded, calibration=calibration, progress=progress)
