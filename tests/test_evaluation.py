@@ -73,7 +73,7 @@ def test_shipped_tasks_use_held_out_seeds():
 
 
 def test_unknown_task_refused_naming_the_shipped_ones(tmp_path):
-    with pytest.raises(VlqError, match=rf"Unknown task 'nosuch': not shipped \({TASK}\)"):
+    with pytest.raises(VlqError, match=rf"Unknown task 'nosuch': not shipped \({TASK}, vlq_colors\)"):
         require_tasks(["nosuch"], None)
     (tmp_path / "mine.yaml").write_text("task: my_task\ndataset_path: json\n")
     assert require_tasks(["my_task", TASK], tmp_path) == ("my_task", TASK)
@@ -247,3 +247,20 @@ def test_image_task_beats_chance_and_needs_the_image(trained):
     finally:
         shipped.image_of = original
     assert blind.value < score.value - 4 * score.stderr, (blind, score)
+
+
+def test_report_tabulates_and_plots_accuracy(runs, tmp_path):
+    from vlq.report.tables import write_report
+
+    with_accuracy, without = runs["8"][0] / "manifest.json", tmp_path / "plain" / "manifest.json"
+    without.parent.mkdir()
+    manifest = Manifest.load(with_accuracy)
+    import dataclasses
+
+    dataclasses.replace(manifest, accuracy=()).save(without)
+    report = write_report(tmp_path / "report", manifests=[str(with_accuracy), str(without)]).read_text()
+    assert report.count("## Task accuracy") == 1 and "| b8: fp8-8b-gradient-extract | vlq_sequences | acc" in report
+    assert "plain:" not in report.split("## Task accuracy")[1]  # a manifest without accuracy adds no row
+    assert (tmp_path / "report" / "accuracy.png").stat().st_size > 0
+    only_plain = write_report(tmp_path / "report2", manifests=[str(without)]).read_text()
+    assert "## Task accuracy" not in only_plain and not (tmp_path / "report2" / "accuracy.png").exists()

@@ -28,7 +28,7 @@ def accuracy_table(results: Sequence[TaskAccuracy], *, with_model: bool = False)
                _pm(a.base, a.base_stderr), _pm(a.quantized, a.quantized_stderr), _pm(a.recovery, a.recovery_stderr),
                "" if a.chance is None else f"{a.chance:.2f}"]
         rows.append(([a.model_source] if with_model else []) + row)
-    headers = (["model"] if with_model else []) + ["task", "metric", "point", "samples", "BF16", "quantized", "recovery", "chance"]
+    headers = (["run"] if with_model else []) + ["task", "metric", "point", "samples", "BF16", "quantized", "recovery", "chance"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
@@ -56,6 +56,7 @@ def accuracy_plot(named: Sequence[tuple[str, Sequence[TaskAccuracy]]], path: str
         ax.axhline(0.95, color="grey", linestyle="--", linewidth=1)
         ax.axhline(1.0, color="black", linewidth=0.5)
         ax.set_xticks(range(len(named)), [name for name, _ in named], rotation=20, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(named) - 0.5)
         ax.set_title(task)
         ax.set_ylabel("recovery (quantized / BF16)")
         ax.legend(fontsize=7)
@@ -64,3 +65,28 @@ def accuracy_plot(named: Sequence[tuple[str, Sequence[TaskAccuracy]]], path: str
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def accuracy_sections(manifests: Sequence[str | Path], out: str | Path) -> list[str]:
+    """`vlq report`'s task-accuracy section: one table over every manifest that records accuracy, and the
+    recovery plot (empty when none does)."""
+    from ..manifest.manifest import Manifest
+
+    named = []
+    for path in manifests:
+        manifest = Manifest.load(path)
+        if manifest.accuracy:
+            named.append((f"{Path(path).parent.name or 'run'}: {manifest.scheme.id}", manifest.accuracy))
+    if not named:
+        return []
+    rows = [a for _, results in named for a in results]
+    table = accuracy_table([_with_run(a, name) for name, results in named for a in results], with_model=True)
+    png = accuracy_plot(named, Path(out) / "accuracy.png")
+    return [f"## Task accuracy (lm-eval; recovery = quantized / BF16 ± standard error; {len(rows)} rows)\n\n{table}\n\n"
+            f"![recovery]({png.name})"]
+
+
+def _with_run(result: TaskAccuracy, name: str) -> TaskAccuracy:
+    import dataclasses
+
+    return dataclasses.replace(result, model_source=name)

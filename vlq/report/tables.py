@@ -513,6 +513,7 @@ def write_report(
     """
     from ..runtime.errors import VlqError
     from ..runtime.files import atomic_write_text
+    from .accuracy import accuracy_sections
 
     def read(path, flag):
         """Every benchmark file is read before anything is written: a bad one leaves no half report."""
@@ -575,6 +576,7 @@ def write_report(
         sections.append(f"## Per-layer formats: {manifest.scheme.id}\n\n{layer_table(manifest)}\n\n![format map]({png.name})")
         if manifest.fidelity:
             sections.append(f"### Fidelity to BF16: {manifest.scheme.id}\n\n{fidelity_table(manifest.fidelity)}")
+    sections += accuracy_sections(manifests, out)
     for path in sweeps:
         sweep = _json.loads(_Path(path).read_text())
         png = plot_pareto(sweep, out / f"pareto_{_Path(path).parent.name or 'sweep'}.png")
