@@ -105,6 +105,7 @@ MEASURED_ACTIONS = {
     "sweep": "sweep s",
     "search grid": "search grid s",
     "search and fidelity": "search + fidelity s",
+    "task accuracy": "lm-eval s",
 }
 #: Runs saved before benchmarks said what they measure, whose keys do not tell either.
 UNKNOWN_ACTION = "benchmark"
