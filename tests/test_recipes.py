@@ -161,3 +161,9 @@ def test_round_trip_control_another_target_changes_the_decisions(round_trip, tmp
     assert lower.code == 0, lower.stderr
     a, c = Manifest.load(root / "a" / "manifest.json"), Manifest.load(tmp_path / "c" / "manifest.json")
     assert [g.chosen for g in a.groups] != [g.chosen for g in c.groups]
+
+
+def test_recipe_out_refuses_a_folder_without_manifest_before_heavy_imports(tmp_path):
+    refused = vlq_cli("recipe", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.error_lines) == 1 and "has no manifest.json" in refused.error_lines[0]
+    assert refused.heavy_imports == ()
