@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..inputs.requests import RunFolder
@@ -43,6 +44,10 @@ def recipe_scheme_from_args(args, device: str, *, full_size: bool):
              if getattr(args, key, None) is not None and getattr(args, key) != "auto"}
     scheme = recipe_scheme(recipe, default_scheme(device, full_size=full_size), flags,
                            images=getattr(args, "images", None) is not None)
+    targets = getattr(args, "targets", None)
+    if targets:  # a sweep decides its own targets from the one search
+        scheme = replace(scheme, recipe=replace(scheme.recipe, differences=scheme.recipe.differences + (
+            f"--targets {targets} replace the recipe's effective_bits {recipe.target_bits:g}",)))
     shown = args.__dict__.setdefault("_recipe_notes_shown", set())
     for line in scheme.recipe.differences:
         if line not in shown:
