@@ -167,3 +167,22 @@ def test_recipe_out_refuses_a_folder_without_manifest_before_heavy_imports(tmp_p
     refused = vlq_cli("recipe", str(tmp_path / "nothing"), cwd=tmp_path)
     assert refused.returncode == 2 and len(refused.error_lines) == 1 and "has no manifest.json" in refused.error_lines[0]
     assert refused.heavy_imports == ()
+
+
+def test_module_search_spaces_carry_over(round_trip, tmp_path):
+    """A recipe that lets every down_proj choose FP8 only (no BF16) gets exactly that; the shipped recipe's own
+    search (the round trip's first run) is the control: there some down_proj chose otherwise."""
+    root, _, _, _ = round_trip
+    text = (root / "a" / "recipe.yaml").read_text()
+    assert "  cost_excluded_layers:" in text
+    space = ("  module_search_spaces:\n  - module_name_patterns: ['*mlp.down_proj']\n    candidate_formats:\n"
+             "    - $import: fp8\n    allow_no_quant: false\n")
+    (tmp_path / "spaces.yaml").write_text(text.replace("  cost_excluded_layers:", space + "  cost_excluded_layers:"))
+    searched = run_vlq("search", "--recipe", str(tmp_path / "spaces.yaml"), "--model", "tiny-trained", "--out", str(tmp_path / "s"))
+    assert searched.code == 0, searched.stderr
+    manifest = Manifest.load(tmp_path / "s" / "manifest.json")
+    assert [(s.patterns, s.formats, s.allow_no_quant) for s in manifest.scheme.search_spaces] == [(("*mlp.down_proj",), ("fp8",), False)]
+    down = {g.name: g.chosen for g in manifest.groups if g.name.endswith("down_proj")}
+    assert len(down) == 4 and set(down.values()) == {"fp8"}, down
+    control = Manifest.load(root / "a" / "manifest.json")
+    assert {g.chosen for g in control.groups if g.name.endswith("down_proj")} != {"fp8"}
