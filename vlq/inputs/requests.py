@@ -69,6 +69,7 @@ class RunFolder:
     CHECKPOINT = "checkpoint"
     LOG = "log.txt"
     SWEEP = "sweep.json"
+    RECIPE = "recipe.yaml"  # `vlq recipe RUN`: the ModelOpt AutoQuantize recipe reproducing the search
     LOCK = ".vlq.lock"
     COMMIT = ".vlq.commit"
     STAGING_PREFIX = ".vlq.staging-"
@@ -92,6 +93,10 @@ class RunFolder:
     @property
     def log(self) -> Path:
         return self.root / self.LOG
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / self.RECIPE
 
     @property
     def sweep(self) -> Path:

@@ -21,6 +21,7 @@ from ..checks.check import Check
 from ..checks.registry import spec_named
 from ..runtime.errors import ManifestMismatch
 from ..fidelity.metrics import FidelityMetrics
+from ..evaluation.results import TaskAccuracy
 from ..formats.registry import FORMATS, NO_QUANT
 from ..search.scheme import Scheme
 from ..formats.signatures import live_signature
@@ -77,6 +78,8 @@ class Manifest:
     fidelity: tuple[FidelityMetrics, ...] = field(default=(), compare=False)
     #: candidate formats removed from groups before the search (layer shapes outside their blocks), with why
     format_exclusions: tuple[FormatExclusion, ...] = ()
+    #: lm-eval task accuracy, BF16 against quantized (one entry per task, metric and measurement point)
+    accuracy: tuple[TaskAccuracy, ...] = field(default=(), compare=False)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -111,6 +114,12 @@ class Manifest:
         """A copy that also records ``metrics`` (an entry for the same data kind and point is replaced)."""
         kept = [m for m in self.fidelity if (m.data_kind, m.measurement_point) not in {(n.data_kind, n.measurement_point) for n in metrics}]
         return dataclasses.replace(self, fidelity=tuple(kept) + tuple(metrics))
+
+    def with_accuracy(self, *results: TaskAccuracy) -> "Manifest":
+        """A copy that also records ``results`` (an entry for the same task, metric and point is replaced)."""
+        key = (lambda a: (a.task, a.metric, a.measurement_point))
+        new = {key(a) for a in results}
+        return dataclasses.replace(self, accuracy=tuple(a for a in self.accuracy if key(a) not in new) + tuple(results))
 
     # -- views ---------------------------------------------------------------------------------
     def group(self, name: str) -> ManifestGroup:
@@ -150,6 +159,7 @@ class Manifest:
             "extra": self.extra,
             "fidelity": [m.to_dict() for m in self.fidelity],
             "format_exclusions": [e.to_dict() for e in self.format_exclusions],
+            **({"accuracy": [a.to_dict() for a in self.accuracy]} if self.accuracy else {}),
         }
 
     @classmethod
@@ -174,6 +184,7 @@ class Manifest:
             extra=dict(data.get("extra", {})),
             fidelity=tuple(FidelityMetrics.from_dict(m) for m in data.get("fidelity", ())),
             format_exclusions=tuple(FormatExclusion.from_dict(e) for e in data.get("format_exclusions", ())),
+            accuracy=tuple(TaskAccuracy.from_dict(a) for a in data.get("accuracy", ())),
         )
 
     def to_json(self) -> str:

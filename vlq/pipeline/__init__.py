@@ -28,6 +28,7 @@ _EXPORTS = {
     **dict.fromkeys(("run", "measure_run", "serving_skip_reason"), "runs"),
     **dict.fromkeys(("sweep",), "sweeps"),
     **dict.fromkeys(("study", "RANDOM_SEEDS"), "studies"),
+    **dict.fromkeys(("evaluate_run", "task_accuracy", "EvaluatedRun"), "evaluate"),
     **dict.fromkeys(("compare_calibration", "compare_methods", "compare_saved_calibrations", "compare_saved_methods",
                      "write_comparison"), "comparisons"),
 }
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # the same names, for readers and type checkers
     from .stages import calibrate, export, fresh_copy, load_model, restore, saved_data_request, search, serve_check  # noqa: F401
     from .studies import RANDOM_SEEDS, study  # noqa: F401
     from .sweeps import sweep  # noqa: F401
+    from .evaluate import EvaluatedRun, evaluate_run, task_accuracy  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -268,7 +268,8 @@ def restore(
                            resume_from=folder.search_state, progress=progress)
         if searched.manifest.groups != saved.groups:
             raise ManifestMismatch("The restored search decided differently from the saved manifest; the search state does not match it.")
-        # the same decisions: the fidelity the saved manifest recorded still describes them
+        # the same decisions: the fidelity and task accuracy the saved manifest recorded still describe them
+        searched = dataclasses.replace(searched, manifest=dataclasses.replace(searched.manifest, accuracy=saved.accuracy))
         return record_fidelity(searched, saved.fidelity, folder)
 
 

@@ -25,6 +25,7 @@ MEASURED_ACTIONS = {
     "search and fidelity": "search + fidelity s",
     "ablation scores": "ablation scores s",
     "study": "study s",
+    "task accuracy": "lm-eval s",
 }
 #: Runs saved before benchmarks said what they measure, whose keys do not tell either.
 UNKNOWN_ACTION = "benchmark"

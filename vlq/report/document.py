@@ -44,6 +44,10 @@ def write_report(
     if base_rows is not None and all_rows:
         sections.append(_baseline_section(runs, all_rows, base_rows, _Path(baseline), out))
     sections += [_manifest_section(path, out) for path in manifests]
+    if manifests:
+        from .accuracy import accuracy_sections
+
+        sections += accuracy_sections(manifests, out)
     sections += [_sweep_section(path, out) for path in sweeps]
     sections += [_comparison_section(path, out) for path in comparisons]
     if studies:

@@ -33,6 +33,39 @@ LOSS_CHUNK_TOKENS = 256
 
 
 @dataclass(frozen=True)
+class SearchSpace:
+    """A ModelOpt ``module_search_spaces`` entry a recipe brought: the groups matching ``patterns`` choose from
+    ``formats`` (vlq names) only, and from no-quant too when ``allow_no_quant``."""
+
+    patterns: tuple[str, ...]
+    formats: tuple[str, ...]
+    allow_no_quant: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "patterns", tuple(self.patterns))
+        object.__setattr__(self, "formats", tuple(get_format(f).name for f in self.formats))
+        if not self.patterns or not self.formats:
+            raise SchemeError(f"A search space needs module name patterns and formats; got {self.patterns} / {self.formats}.")
+
+    def to_modelopt(self) -> dict[str, Any]:
+        return {"module_name_patterns": list(self.patterns),
+                "quantization_formats": [FORMATS[f].modelopt_config for f in self.formats],
+                "allow_no_quant": self.allow_no_quant}
+
+
+@dataclass(frozen=True)
+class RecipeOrigin:
+    """The ModelOpt AutoQuantize recipe a scheme was read from, and how vlq's search differs from it."""
+
+    source: str  # the file or shipped name as given
+    description: str = ""
+    differences: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "differences", tuple(self.differences))
+
+
+@dataclass(frozen=True)
 class Scheme:
     """What an LM-only AutoQuant search is asked to do.
 
@@ -54,6 +87,12 @@ class Scheme:
     # off keeps every layer's activations and output differences for the backward pass: faster,
     # more memory (vlq.search.plan decides when it fits).
     gradient_checkpointing: bool = True
+    # From a ModelOpt recipe (vlq.recipes): more modules kept out of the search (fnmatch patterns on the
+    # searched module's names) or out of the bit budget, per-module candidate sets, and the recipe itself.
+    disabled_layers: tuple[str, ...] = ()
+    cost_excluded_layers: tuple[str, ...] = ()
+    search_spaces: tuple[SearchSpace, ...] = ()
+    recipe: RecipeOrigin | None = None
     version: int = SCHEME_VERSION
 
     def __post_init__(self):
@@ -66,6 +105,12 @@ class Scheme:
         if len(set(formats)) != len(formats):
             raise SchemeError(f"Formats repeat in {formats}; list each format once.")
         object.__setattr__(self, "formats", formats)
+        object.__setattr__(self, "disabled_layers", tuple(self.disabled_layers))
+        object.__setattr__(self, "cost_excluded_layers", tuple(self.cost_excluded_layers))
+        object.__setattr__(self, "search_spaces", tuple(s if isinstance(s, SearchSpace) else SearchSpace(**s)
+                                                        for s in self.search_spaces))
+        if isinstance(self.recipe, dict):
+            object.__setattr__(self, "recipe", RecipeOrigin(**self.recipe))
         if self.version != SCHEME_VERSION:
             raise SchemeError(f"Scheme version {self.version} is not supported; this vlq reads version {SCHEME_VERSION}.")
         if self.method not in METHODS:
@@ -143,6 +188,11 @@ class Scheme:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["formats"] = list(self.formats)
+        for key in _RECIPE_FIELDS:  # written only when a recipe set them: older readers keep reading the rest
+            if data[key]:
+                data[key] = _lists(data[key])
+            else:
+                del data[key]
         return data
 
     @classmethod
@@ -187,8 +237,19 @@ class Scheme:
         return replace(self, **changes)
 
 
-#: The scheme's YAML keys (and the CLI flags' dests): its field names, the version aside.
-SCHEME_FIELDS = tuple(f.name for f in fields(Scheme) if f.name not in ("version", "gradient_checkpointing"))
+def _lists(value):
+    """``value`` with every tuple a list (YAML and JSON write lists)."""
+    if isinstance(value, (tuple, list)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+#: Fields a ModelOpt recipe fills (vlq.recipes); no CLI flag sets them.
+_RECIPE_FIELDS = ("disabled_layers", "cost_excluded_layers", "search_spaces", "recipe")
+#: The scheme's YAML keys (and the CLI flags' dests): its field names, the version and recipe fields aside.
+SCHEME_FIELDS = tuple(f.name for f in fields(Scheme) if f.name not in ("version", "gradient_checkpointing", *_RECIPE_FIELDS))
 
 #: Measured recommendation for full-size models (reports/README.md: 16+16 steps x 512 tokens kept
 #: about 97% of the 128+128 reference decisions on an H200); the tiny model keeps its seconds-long defaults.

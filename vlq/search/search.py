@@ -235,7 +235,10 @@ def _search_target(loaded: LoadedVLM, scheme: Scheme, plan: FormatPlan, *, disab
         disabled = patterns if disable_vision else ()
         excluded = patterns if exclude_cost else ()
     search_spaces, unfit = plan.search_spaces(lambda name: name[len(prefix) + 1:] if prefix else name)
-    return _SearchTarget(model, prefix, disabled + tuple(unfit), excluded, search_spaces)
+    # a recipe's patterns and search spaces after vlq's own: the shape rules and the LM-only restriction hold first
+    search_spaces += [space.to_modelopt() for space in scheme.search_spaces]
+    return _SearchTarget(model, prefix, disabled + tuple(unfit) + scheme.disabled_layers,
+                         excluded + scheme.cost_excluded_layers, search_spaces)
 
 
 class _SearchCalls:

@@ -97,6 +97,10 @@ def search_settings(loaded, scheme, calibration) -> dict[str, Any]:
             "seq_len": calibration.seq_len,
             "digest": calibration_digest(calibration, steps),
         },
+        # a recipe's exclusions change what is scored; absent (as in older sidecars) when there are none
+        **{key: value for key, value in (("disabled_layers", list(scheme.disabled_layers)),
+                                         ("cost_excluded_layers", list(scheme.cost_excluded_layers)),
+                                         ("search_spaces", [s.to_modelopt() for s in scheme.search_spaces])) if value},
     }
 
 
@@ -138,7 +142,8 @@ def _weights_differ(saved: list, now: list) -> str | None:
 def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Every setting in which ``saved`` and ``now`` differ, as ``name: saved X, now Y`` lines."""
     diffs = []
-    for key in ("formats", "method", "strategy", "num_calib_steps", "num_score_steps"):
+    for key in ("formats", "method", "strategy", "num_calib_steps", "num_score_steps", "disabled_layers",
+                "cost_excluded_layers", "search_spaces"):
         if saved.get(key) != now.get(key):
             fmt = (lambda v: "+".join(v) if isinstance(v, list) else repr(v))
             diffs.append(f"{key}: saved {fmt(saved.get(key))}, now {fmt(now.get(key))}")
