@@ -14,7 +14,7 @@ import torch
 
 from tests.helpers import vlq_cli
 from vlq import pipeline
-from vlq.cli.commands import main
+from vlq.cli import main
 from vlq.data.models import fingerprint_parameters, load_vlm
 from vlq.evaluation.results import TaskAccuracy, TaskScore
 from vlq.evaluation.scoring import score_tasks

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.helpers import vlq_cli
-from vlq.cli.commands import main
+from vlq.cli import main
 from vlq.manifest.manifest import Manifest
 from vlq.recipes.names import resolve_recipe, shipped_recipe_names
 from vlq.recipes.reading import differences, read_recipe, recipe_scheme

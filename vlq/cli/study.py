@@ -1,6 +1,6 @@
 """``vlq study``: parse, validate (before any heavy import), call :func:`vlq.pipeline.study`, print.
 
-Hooked into :mod:`vlq.cli.commands` by one call: ``add_parser`` is handed that module's shared argument groups and
+Hooked into :mod:`vlq.cli.parser` by one call: ``add_parser`` is handed the shared argument groups and
 the command function, so this module imports nothing from it.
 """
 
