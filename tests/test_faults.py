@@ -84,10 +84,10 @@ def test_block_sizes_are_modelopts(fmt):
 
 
 def _shape_table() -> list:
-    """tests/matrix/format_shapes.yaml ``shapes``: (in_features, out_features) -> the formats whose shape rules it meets."""
+    """tests/matrix/formats.yaml ``shapes``: (in_features, out_features) -> the formats whose shape rules it meets."""
     import yaml
 
-    entries = yaml.safe_load((Path(__file__).parent / "matrix" / "format_shapes.yaml").read_text())["shapes"]
+    entries = yaml.safe_load((Path(__file__).parent / "matrix" / "formats.yaml").read_text())["shapes"]
     return [pytest.param((e["in"], e["out"]), set(e["fits"]), id=e["id"]) for e in entries]
 
 
@@ -191,10 +191,10 @@ def test_unreachable_target_is_refused_before_the_search_naming_the_layers(one_l
 
 
 def _odd_shapes() -> list:
-    """tests/matrix/format_shapes.yaml ``models``: a one-layer model's shape -> the formats its layers rule out."""
+    """tests/matrix/formats.yaml ``models``: a one-layer model's shape -> the formats its layers rule out."""
     import yaml
 
-    entries = yaml.safe_load((Path(__file__).parent / "matrix" / "format_shapes.yaml").read_text())["models"]
+    entries = yaml.safe_load((Path(__file__).parent / "matrix" / "formats.yaml").read_text())["models"]
     return [pytest.param({k: v for k, v in e.items() if k not in ("id", "removed")} | {"num_hidden_layers": 1},
                          set(e["removed"]), id=e["id"]) for e in entries]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -354,7 +355,12 @@ def test_second_search_on_quantized_model_refused(fresh_vlm, calibration):
 
 
 def test_format_table_is_complete():
-    assert set(FORMATS) == {"fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8"}
+    """Every module of the catalog registers one format under its own name, and nothing else is registered."""
+    import pkgutil
+
+    from vlq.formats import catalog
+
+    assert set(FORMATS) == {m.name for m in pkgutil.iter_modules(catalog.__path__)}
 
 
 def test_in_place_redecisions_refused_where_a_format_folds_weights(variants):
@@ -627,15 +633,15 @@ def test_phases_add_up_with_no_extension_phase_on_cpu(variant):
 
 # What each format calls on CUDA (ModelOpt 0.47's tensor_quant dispatch); the second set is for a GPU
 # without ModelOpt's Triton FP4 kernel, where NVFP4's dynamic blocks go to the MX extension.
-_EXTENSIONS_BY_FORMAT = {
-    "fp8": ({"modelopt_cuda_ext_fp8"}, {"modelopt_cuda_ext_fp8"}),
-    "int4_awq": ({"modelopt_cuda_ext"}, {"modelopt_cuda_ext"}),
-    "w4a8_awq": ({"modelopt_cuda_ext", "modelopt_cuda_ext_fp8"}, {"modelopt_cuda_ext", "modelopt_cuda_ext_fp8"}),
-    "int8_sq": ({"modelopt_cuda_ext"}, {"modelopt_cuda_ext"}),
-    "nvfp4": (set(), {"modelopt_cuda_ext_mx"}),
-    "w4a16_nvfp4": (set(), {"modelopt_cuda_ext_mx"}),
-    "mxfp8": ({"modelopt_cuda_ext_mx"}, {"modelopt_cuda_ext_mx"}),
-}
+def _extensions_by_format() -> dict[str, tuple[set, set]]:
+    """tests/matrix/formats.yaml ``cuda_extensions``: format -> (extensions with Triton FP4, without)."""
+    import yaml
+
+    table = yaml.safe_load((Path(__file__).parent / "matrix" / "formats.yaml").read_text())["cuda_extensions"]
+    return {name: (set(e["with_triton"]), set(e["without_triton"])) for name, e in table.items()}
+
+
+_EXTENSIONS_BY_FORMAT = _extensions_by_format()
 
 
 def test_each_format_names_the_cuda_extensions_it_calls():
