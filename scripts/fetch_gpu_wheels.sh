@@ -16,4 +16,15 @@ wheels=(
 )
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d "$dest" "${wheels[@]}"
-ls -la "$dest"
+# lm-eval 0.4.13 and the distributions its import and a local-file task load (traced on CPU), for `vlq eval`
+# on the runner; scripts/gpu_setup.sh installs only those the runner lacks.
+eval_wheels=(
+  lm_eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 fsspec==2026.9.0
+  pandas==3.1.1 python-dateutil==2.9.0.post0 pytz==2026.6 tzdata==2026.6 six==1.17.0 aiohttp==3.14.5
+  aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 multidict==7.2.1 propcache==0.5.4 yarl==1.25.1
+  attrs==26.1.0 portalocker==4.4.2 lxml==6.2.0 colorama==0.4.6 chardet==6.0.0.post1 more-itertools==11.2.1
+)
+mkdir -p "$dest/eval"
+python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${platforms[@]}" -d "$dest/eval" "${eval_wheels[@]}"
+ls -la "$dest" "$dest/eval"

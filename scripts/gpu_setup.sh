@@ -7,6 +7,24 @@ site=${VLQ_SITE:-/tmp/site}
 if ! PYTHONPATH=$site python3 -c "import modelopt" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
 fi
+# lm-eval and what it needs beyond the runner's own packages (.whl/eval, for `vlq eval` and the accuracy
+# benchmark): only distributions the runner lacks, so its numpy/pyarrow/fsspec are never shadowed.
+if [ -d .whl/eval ] && ! PYTHONPATH=$site python3 -c "import lm_eval" 2>/dev/null; then
+  missing=$(python3 - <<'PY'
+import glob, importlib.metadata as md, os, re
+for wheel in sorted(glob.glob(".whl/eval/*.whl")):
+    dist = os.path.basename(wheel).split("-")[0]
+    try:
+        md.version(dist)
+    except md.PackageNotFoundError:
+        try:
+            md.version(re.sub(r"[-_.]+", "-", dist))
+        except md.PackageNotFoundError:
+            print(wheel)
+PY
+)
+  [ -z "$missing" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" $missing
+fi
 export PYTHONPATH=$site:$PWD
 export PYTHONUNBUFFERED=1
 if [ -n "${VLQ_EXTENSIONS_DIR:-}" ]; then
