@@ -34,6 +34,12 @@ TINY_SCHEME = Scheme(formats=("fp8",), target_bits=12.0, num_calib_steps=4, num_
 TINY_TARGETS = (14.0, 12.0, 10.0, 9.0)
 
 
+def _planned(pristine) -> Scheme:
+    """The scheme a user's ``vlq study --device cuda`` runs: the requested 16+16 rows, batched by the memory plan
+    (2026-12-03 the study benchmark ran them at batch 1, and ModelOpt's kl_div took 16 x 23.8 s)."""
+    return plan_search(model_config(pristine.source), GPU_SCHEME, name="3b", gpus=visible_gpus(), auto_batch=True).scheme
+
+
 def _ablation_breakdown(searched, pristine, scoring) -> dict:
     """Where an ablation pair's time goes: the oracle's own path (:func:`kld_from_layer`) re-running every layer
     against only the last one, on the searched model with nothing quantized (ModelOpt's wrappers in place) and on
@@ -73,10 +79,11 @@ def test_ablation_scores_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm):
     import torch
 
     pristine = gpu_pristine_vlm
-    calibration = pipeline.calibrate(pristine, GPU_SCHEME)
-    evaluation = pipeline.fidelity_references(pristine, GPU_SCHEME, calibration=calibration, rows=16, kinds=("text",))
-    scoring = scoring_batches(pristine, GPU_SCHEME, DataRequest(), calibration, evaluation, 16)
-    searched = pipeline.search(pipeline.fresh_copy(pristine), GPU_SCHEME, calibration)
+    scheme = _planned(pristine)  # the base search only; the oracle's cost does not depend on its batching
+    calibration = pipeline.calibrate(pristine, scheme)
+    evaluation = pipeline.fidelity_references(pristine, scheme, calibration=calibration, rows=16, kinds=("text",))
+    scoring = scoring_batches(pristine, scheme, DataRequest(), calibration, evaluation, 16)
+    searched = pipeline.search(pipeline.fresh_copy(pristine), scheme, calibration)
     context = StudyContext(searched.loaded, searched.result, searched.result.lm_groups(), GPU_SCHEME.formats, scoring,
                            modelopt_search=None, scores_of=None)
     torch.cuda.synchronize()
@@ -126,10 +133,7 @@ def _study(benchmark, record_benchmark, pristine, scheme, targets, tmp_path, var
 def test_default_study_3b_gpu(benchmark, record_benchmark, gpu_pristine_vlm, tmp_path):
     import torch
 
-    # the search a user's `vlq study --device cuda` runs: the requested 16+16 rows, batched by the memory plan
-    # (2026-12-03 this benchmark ran them at batch 1: ModelOpt's kl_div then took 16 x 23.8 s)
-    planned = plan_search(model_config(gpu_pristine_vlm.source), GPU_SCHEME, name="3b", gpus=visible_gpus(),
-                          auto_batch=True).scheme
+    planned = _planned(gpu_pristine_vlm)
     _study(benchmark, record_benchmark, gpu_pristine_vlm, planned, GPU_TARGETS, tmp_path,
            f"study-default-fp8+nvfp4-3b-4-targets-batch{planned.batch_size}", 240.0)
     torch.cuda.empty_cache()
